@@ -1,0 +1,29 @@
+//! CPU kernels that candle 0.11 lacks, as candle custom ops with their backward.
+//!
+//! - [`atan`]: elementwise arctangent (candle has no `atan`); CS-Flow's soft clamp needs it.
+//! - [`bilinear_resize`]: bilinear resampling with `align_corners = false`, exactly as PyTorch's
+//!   `F.interpolate(mode="bilinear")`; candle's own upsampling has no backward.
+//!
+//! The ops know nothing of CS-Flow. They take f32 tensors of any layout (made contiguous first).
+
+mod atan;
+mod bilinear;
+
+pub use atan::atan;
+pub use bilinear::{bilinear_resize, bilinear_up2};
+
+use candle_core::{CpuStorage, Layout, Result};
+
+/// The contiguous f32 data behind a custom op's argument.
+fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
+    let data = storage.as_slice::<f32>().map_err(|_| {
+        candle_core::Error::Msg(format!("{op}: only f32 tensors are supported"))
+    })?;
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: argument must be contiguous"),
+    }
+}
+
+/// Elements per rayon task: small enough to spread work, large enough to amortise scheduling.
+const CHUNK: usize = 1 << 14;

@@ -1,0 +1,178 @@
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::config::{FlowConfig, N_SCALES};
+use super::coupling::Coupling;
+use super::permutation::{block_permutations, inverse, Mt19937};
+use crate::{Error, Result};
+
+/// Named parameters, keyed by the authors' state_dict names.
+pub type ParamMap = BTreeMap<String, Tensor>;
+
+/// What the flow returns for a batch.
+#[derive(Debug)]
+pub struct FlowOutput {
+    /// The latent maps per scale, [B, C, h_i, w_i].
+    pub z: [Tensor; 3],
+    /// log |det J| per sample and scale, [B, 3].
+    pub logdet: Tensor,
+}
+
+/// The whole flow: per block a fixed channel permutation per scale, then a coupling layer.
+#[derive(Clone, Debug)]
+pub struct CsFlow {
+    pub config: FlowConfig,
+    blocks: Vec<Coupling>,
+    perms: Vec<[Tensor; 3]>,
+    inv_perms: Vec<[Tensor; 3]>,
+}
+
+fn index_tensors(p: &[Vec<usize>], device: &Device) -> Result<[Tensor; 3]> {
+    let t = |v: &Vec<usize>| {
+        let v: Vec<u32> = v.iter().map(|&i| i as u32).collect();
+        Tensor::from_vec(v.clone(), v.len(), device)
+    };
+    Ok([t(&p[0])?, t(&p[1])?, t(&p[2])?])
+}
+
+impl CsFlow {
+    /// Builds the flow from named parameters, checking every name and shape against the config.
+    pub fn new(config: FlowConfig, params: &ParamMap) -> Result<Self> {
+        config.validate()?;
+        for (name, shape) in config.param_shapes() {
+            let t = params.get(&name).ok_or_else(|| Error::Invalid(format!("missing parameter `{name}`")))?;
+            if t.dims() != shape.as_slice() {
+                return Err(Error::Invalid(format!(
+                    "parameter `{name}` has shape {:?}, expected {shape:?}",
+                    t.dims()
+                )));
+            }
+            if t.dtype() != DType::F32 {
+                return Err(Error::Invalid(format!("parameter `{name}` must be f32, is {:?}", t.dtype())));
+            }
+        }
+        let device = params.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+        let mut blocks = Vec::new();
+        let (mut perms, mut inv_perms) = (Vec::new(), Vec::new());
+        for b in 0..config.n_blocks() {
+            let prefix = format!("module_list.{}", FlowConfig::module_index(b));
+            blocks.push(Coupling::load(params, &prefix, config.clamp)?);
+            let p = block_permutations(config.channels, b, N_SCALES);
+            let inv: Vec<Vec<usize>> = p.iter().map(|p| inverse(p)).collect();
+            perms.push(index_tensors(&p, &device)?);
+            inv_perms.push(index_tensors(&inv, &device)?);
+        }
+        Ok(Self { config, blocks, perms, inv_perms })
+    }
+
+    /// Fresh parameters with PyTorch's default `Conv2d` ranges (uniform in +-1/sqrt(fan_in) for weights and
+    /// biases) and all gammas 0, so the untrained flow is the identity. Seeded and reproducible.
+    pub fn init_params(config: &FlowConfig, seed: u64, device: &Device) -> Result<ParamMap> {
+        let mut rng = Mt19937::new((seed ^ (seed >> 32)) as u32);
+        let mut params = ParamMap::new();
+        let shapes = config.param_shapes();
+        for (name, shape) in &shapes {
+            let n: usize = shape.iter().product();
+            let data: Vec<f32> = if name.contains(".gamma") {
+                vec![0.0; n]
+            } else {
+                let wshape = if name.ends_with(".bias") {
+                    &shapes.iter().find(|(w, _)| *w == name.replace(".bias", ".weight")).expect("weight of bias").1
+                } else {
+                    shape
+                };
+                let bound = 1.0 / ((wshape[1] * wshape[2] * wshape[3]) as f64).sqrt();
+                (0..n).map(|_| ((rng.next_u32() as f64 / 4_294_967_296.0 * 2.0 - 1.0) * bound) as f32).collect()
+            };
+            params.insert(name.clone(), Tensor::from_vec(data, shape.as_slice(), device)?);
+        }
+        Ok(params)
+    }
+
+    /// Reads the config that a parameter set implies (the authors' state_dict carries no config): channels,
+    /// hidden width and per-block kernel sizes from the tensors; the clamp is the authors' 3.
+    pub fn config_from_params(params: &ParamMap) -> Result<FlowConfig> {
+        let mut kernel_sizes = Vec::new();
+        let (mut channels, mut hidden) = (0, 0);
+        for b in 0.. {
+            let name = format!("module_list.{}.s1.conv_scale0_0.weight", FlowConfig::module_index(b));
+            let Some(w) = params.get(&name) else { break };
+            let d = w.dims();
+            if d.len() != 4 {
+                return Err(Error::Invalid(format!("parameter `{name}` has shape {d:?}, expected 4 dimensions")));
+            }
+            if b == 0 {
+                (hidden, channels) = (d[0], d[1] * 2);
+            }
+            kernel_sizes.push(d[2]);
+        }
+        if kernel_sizes.is_empty() {
+            return Err(Error::Invalid(
+                "no CS-Flow coupling block found (expected `module_list.4.s1.conv_scale0_0.weight`)".into(),
+            ));
+        }
+        Ok(FlowConfig { channels, hidden, kernel_sizes, clamp: 3.0 })
+    }
+
+    /// Checks that `x` is three [B, C, h, w] maps with scale i twice the size of scale i + 1.
+    pub fn check_input(&self, x: &[Tensor; 3]) -> Result<()> {
+        let dims: Vec<&[usize]> = x.iter().map(|t| t.dims()).collect();
+        let bad = || Error::Invalid(format!(
+            "flow input must be 3 maps [B, {}, h, w] with each scale half the size of the previous one, got {dims:?}",
+            self.config.channels
+        ));
+        for (i, d) in dims.iter().enumerate() {
+            if d.len() != 4 || d[1] != self.config.channels || d[0] != dims[0][0] || d[2] == 0 || d[3] == 0 {
+                return Err(bad());
+            }
+            if i > 0 && (dims[i - 1][2] != 2 * d[2] || dims[i - 1][3] != 2 * d[3]) {
+                return Err(bad());
+            }
+        }
+        Ok(())
+    }
+
+    pub fn forward(&self, x: &[Tensor; 3]) -> Result<FlowOutput> {
+        self.check_input(x)?;
+        let mut x = x.clone();
+        let mut logdet: Option<Tensor> = None;
+        for (block, perm) in self.blocks.iter().zip(&self.perms) {
+            let permuted = [x[0].index_select(&perm[0], 1)?, x[1].index_select(&perm[1], 1)?, x[2].index_select(&perm[2], 1)?];
+            let (y, jac) = block.forward(&permuted)?;
+            logdet = Some(match logdet {
+                None => jac,
+                Some(l) => (l + jac)?,
+            });
+            x = y;
+        }
+        Ok(FlowOutput { z: x, logdet: logdet.expect("at least one block") })
+    }
+
+    /// Maps latents back to features: inverse(forward(x)) = x.
+    pub fn inverse(&self, z: &[Tensor; 3]) -> Result<[Tensor; 3]> {
+        self.check_input(z)?;
+        let mut y = z.clone();
+        for (block, inv) in self.blocks.iter().zip(&self.inv_perms).rev() {
+            let x = block.inverse(&y)?;
+            y = [x[0].index_select(&inv[0], 1)?, x[1].index_select(&inv[1], 1)?, x[2].index_select(&inv[2], 1)?];
+        }
+        Ok(y)
+    }
+}
+
+/// z of all scales flattened per sample: [B, D].
+pub fn flatten_z(z: &[Tensor; 3]) -> Result<Tensor> {
+    let flat: Vec<Tensor> = z.iter().map(|t| t.flatten_from(1)).collect::<candle_core::Result<_>>()?;
+    Ok(Tensor::cat(&flat, 1)?)
+}
+
+impl FlowOutput {
+    /// The training loss: mean over the batch of 0.5 * sum(z^2) - sum of log-dets, divided by D.
+    pub fn loss(&self) -> Result<Tensor> {
+        let flat = flatten_z(&self.z)?;
+        let d = flat.dim(1)? as f64;
+        let nll = ((flat.sqr()?.sum(1)? * 0.5)? - self.logdet.sum(1)?)?;
+        Ok((nll.mean_all()? / d)?)
+    }
+}

@@ -1,0 +1,97 @@
+use candle_core::Tensor;
+use csflow_kernels::bilinear_up2;
+
+use super::model::ParamMap;
+use crate::{Error, Result};
+
+/// The ten convolutions of one subnet, by their names in the authors' state_dict.
+pub(crate) const CONVS: [&str; 10] = [
+    "conv_scale0_0",
+    "conv_scale1_0",
+    "conv_scale2_0",
+    "conv_scale0_1",
+    "conv_scale1_1",
+    "conv_scale2_1",
+    "up_conv10",
+    "up_conv21",
+    "down_conv01",
+    "down_conv12",
+];
+
+const LEAKY_SLOPE: f64 = 0.1;
+
+/// A 2-d convolution with bias and zero padding k/2 (PyTorch `nn.Conv2d(.., padding=k // 2)`).
+#[derive(Clone, Debug)]
+pub struct Conv2d {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+}
+
+impl Conv2d {
+    fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
+        Ok(Self { weight: get(params, &format!("{prefix}.weight"))?, bias: get(params, &format!("{prefix}.bias"))?, stride })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let k = self.weight.dim(2)?;
+        let y = x.conv2d(&self.weight, k / 2, self.stride, 1, 1)?;
+        let c = self.bias.dim(0)?;
+        Ok(y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+    }
+}
+
+pub(crate) fn get(params: &ParamMap, name: &str) -> Result<Tensor> {
+    params.get(name).cloned().ok_or_else(|| Error::Invalid(format!("missing parameter `{name}`")))
+}
+
+fn leaky_relu(x: &Tensor) -> Result<Tensor> {
+    Ok(x.maximum(&(x * LEAKY_SLOPE)?)?)
+}
+
+/// The CS-Flow subnet: per-scale convolutions plus up/down convolutions that exchange information between
+/// neighbouring scales, scaled by learned gammas that start at 0 so the flow starts as the identity.
+#[derive(Clone, Debug)]
+pub struct CrossConvolutions {
+    pub gamma: [Tensor; 3],
+    pub conv_in: [Conv2d; 3],
+    pub conv_out: [Conv2d; 3],
+    pub up_conv10: Conv2d,
+    pub up_conv21: Conv2d,
+    pub down_conv01: Conv2d,
+    pub down_conv12: Conv2d,
+}
+
+impl CrossConvolutions {
+    /// Loads the subnet whose parameters start with `prefix` (e.g. `module_list.4.s1`).
+    pub fn load(params: &ParamMap, prefix: &str) -> Result<Self> {
+        let conv = |n: &str, stride| Conv2d::load(params, &format!("{prefix}.{n}"), stride);
+        let gamma = |i: usize| get(params, &format!("{prefix}.gamma{i}"));
+        Ok(Self {
+            gamma: [gamma(0)?, gamma(1)?, gamma(2)?],
+            conv_in: [conv("conv_scale0_0", 1)?, conv("conv_scale1_0", 1)?, conv("conv_scale2_0", 1)?],
+            conv_out: [conv("conv_scale0_1", 1)?, conv("conv_scale1_1", 1)?, conv("conv_scale2_1", 1)?],
+            up_conv10: conv("up_conv10", 1)?,
+            up_conv21: conv("up_conv21", 1)?,
+            down_conv01: conv("down_conv01", 2)?,
+            down_conv12: conv("down_conv12", 2)?,
+        })
+    }
+
+    pub fn forward(&self, x: &[Tensor; 3]) -> Result<[Tensor; 3]> {
+        let h = [
+            leaky_relu(&self.conv_in[0].forward(&x[0])?)?,
+            leaky_relu(&self.conv_in[1].forward(&x[1])?)?,
+            leaky_relu(&self.conv_in[2].forward(&x[2])?)?,
+        ];
+        let o0 = (self.conv_out[0].forward(&h[0])? + self.up_conv10.forward(&bilinear_up2(&h[1])?)?)?;
+        let o1 = ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
+            + self.up_conv21.forward(&bilinear_up2(&h[2])?)?)?;
+        let o2 = (self.conv_out[2].forward(&h[2])? + self.down_conv12.forward(&h[1])?)?;
+        Ok([
+            o0.broadcast_mul(&self.gamma[0])?,
+            o1.broadcast_mul(&self.gamma[1])?,
+            o2.broadcast_mul(&self.gamma[2])?,
+        ])
+    }
+}

@@ -1,0 +1,12 @@
+//! csflow: CS-Flow image defect detection (Rudolph et al., WACV 2022) in Rust.
+//!
+//! The library holds all logic: the flow ([`flow`]), its training ([`train`]), scores and anomaly maps
+//! ([`score`]) and the files csflow reads and writes ([`io`]). Binaries only parse arguments and print.
+
+pub mod error;
+pub mod flow;
+pub mod io;
+pub mod score;
+pub mod train;
+
+pub use error::{Error, Result};

@@ -1,0 +1,120 @@
+use candle_core::backprop::GradStore;
+use candle_core::{Tensor, Var};
+use rayon::prelude::*;
+
+use crate::Result;
+
+/// Adam exactly as `torch.optim.Adam` (L2 weight decay added to the gradient, not AdamW), preceded by
+/// `clip_grad_norm_` over all parameters together.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct AdamConfig {
+    pub lr: f64,
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Global L2 norm the gradients are clipped to before each step; `None` disables clipping.
+    pub max_grad_norm: Option<f64>,
+}
+
+impl AdamConfig {
+    /// The authors' settings (betas 0.9/0.999, eps 1e-4, weight decay 1e-5, clip 1.0) at learning rate `lr`.
+    pub fn paper(lr: f64) -> Self {
+        Self { lr, beta1: 0.9, beta2: 0.999, eps: 1e-4, weight_decay: 1e-5, max_grad_norm: Some(1.0) }
+    }
+}
+
+struct Moments {
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+pub struct Adam {
+    pub config: AdamConfig,
+    vars: Vec<Var>,
+    moments: Vec<Moments>,
+    steps: u64,
+}
+
+/// `torch.lerp`: self + w * (end - self), switching to the other form for w >= 0.5 as PyTorch does.
+fn lerp(start: f32, end: f32, w: f32) -> f32 {
+    if w.abs() < 0.5 {
+        start + w * (end - start)
+    } else {
+        end - (end - start) * (1.0 - w)
+    }
+}
+
+impl Adam {
+    pub fn new(config: AdamConfig, vars: Vec<Var>) -> Self {
+        let moments = vars
+            .iter()
+            .map(|v| {
+                let n = v.elem_count();
+                Moments { m: vec![0.0; n], v: vec![0.0; n] }
+            })
+            .collect();
+        Self { config, vars, moments, steps: 0 }
+    }
+
+    pub fn steps(&self) -> u64 {
+        self.steps
+    }
+
+    /// Back-propagates `loss` and takes one step; returns the gradient norm before clipping.
+    pub fn backward_step(&mut self, loss: &Tensor) -> Result<f64> {
+        let grads = loss.backward()?;
+        self.step(&grads)
+    }
+
+    /// One optimizer step from computed gradients; returns the global gradient norm before clipping.
+    /// Parameters without a gradient are left alone, as PyTorch does.
+    pub fn step(&mut self, grads: &GradStore) -> Result<f64> {
+        let mut gs: Vec<Option<Vec<f32>>> = Vec::with_capacity(self.vars.len());
+        for v in &self.vars {
+            gs.push(match grads.get(v.as_tensor()) {
+                Some(g) => Some(g.flatten_all()?.to_vec1::<f32>()?),
+                None => None,
+            });
+        }
+        // clip_grad_norm_: per-tensor norms, then the norm of those norms.
+        let norms: Vec<f64> = gs
+            .par_iter()
+            .map(|g| g.as_ref().map_or(0.0, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()))
+            .collect();
+        let total = norms.iter().sum::<f64>().sqrt();
+        let coef = match self.config.max_grad_norm {
+            Some(max) => ((max as f32) / (total as f32 + 1e-6)).min(1.0),
+            None => 1.0,
+        };
+
+        self.steps += 1;
+        let c = &self.config;
+        let t = self.steps as f64;
+        let bc1 = 1.0 - c.beta1.powf(t);
+        let bc2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
+        let step_size = (c.lr / bc1) as f32;
+        let (b2, wd, eps) = (c.beta2 as f32, c.weight_decay as f32, c.eps as f32);
+        let (one_minus_b1, one_minus_b2, bc2_sqrt) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, bc2_sqrt as f32);
+
+        for ((var, mom), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(gs) {
+            let Some(mut g) = g else { continue };
+            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
+            const CHUNK: usize = 1 << 15;
+            p.par_chunks_mut(CHUNK)
+                .zip(g.par_chunks_mut(CHUNK))
+                .zip(mom.m.par_chunks_mut(CHUNK).zip(mom.v.par_chunks_mut(CHUNK)))
+                .for_each(|((p, g), (m, v))| {
+                    for i in 0..p.len() {
+                        let grad = g[i] * coef + wd * p[i];
+                        m[i] = lerp(m[i], grad, one_minus_b1);
+                        v[i] = v[i] * b2 + one_minus_b2 * grad * grad;
+                        let denom = v[i].sqrt() / bc2_sqrt + eps;
+                        p[i] += -step_size * m[i] / denom;
+                    }
+                });
+            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+        }
+        Ok(total)
+    }
+}

@@ -1,0 +1,129 @@
+//! The flow against the PyTorch reference (reference/make_fixtures.py): forward, log-det, loss, scores, maps,
+//! every gradient, and the parameters after three clipped Adam steps.
+mod common;
+
+use candle_core::{Tensor, Var};
+use common::*;
+use csflow::flow::{CsFlow, FlowConfig, ParamMap};
+use csflow::score::{anomaly_map, image_scores, scale_maps, MapMode};
+use csflow::train::{Adam, AdamConfig};
+
+struct Case {
+    fx: Fixture,
+    vars: Vec<(String, Var)>,
+    flow: CsFlow,
+    x: [Tensor; 3],
+}
+
+fn case(name: &str) -> Case {
+    let fx = Fixture::load(name);
+    let config = FlowConfig::new(fx.meta_usize("c"), fx.meta_usize("hidden"));
+    let params = formula_params(&config, fx.meta_usize("seed") as u64);
+    let vars: Vec<(String, Var)> = params.iter().map(|(n, t)| (n.clone(), Var::from_tensor(t).unwrap())).collect();
+    let tracked: ParamMap = vars.iter().map(|(n, v)| (n.clone(), v.as_tensor().clone())).collect();
+    let flow = CsFlow::new(config, &tracked).unwrap();
+    let x = [fx.t("x0").clone(), fx.t("x1").clone(), fx.t("x2").clone()];
+    Case { fx, vars, flow, x }
+}
+
+fn check(what: &str, err: f64, tol: f64) {
+    println!("{what}: max rel err {err:.3e}");
+    assert!(err <= tol, "{what}: relative error {err:.3e} above {tol:.0e}");
+}
+
+fn forward_checks(c: &Case, full: bool) {
+    let out = c.flow.forward(&c.x).unwrap();
+    for i in 0..3 {
+        check(&format!("z{i}"), rel_err(&out.z[i], c.fx.t(&format!("z{i}"))), 1e-5);
+    }
+    check("logdet", rel_err(&out.logdet, c.fx.t("logdet")), 1e-5);
+    let loss = out.loss().unwrap();
+    check("loss", rel_err(&loss.reshape(1).unwrap(), c.fx.t("loss")), 1e-5);
+    check("score", rel_err(&image_scores(&out).unwrap(), c.fx.t("score")), 1e-5);
+    let maps = scale_maps(&out).unwrap();
+    for i in 0..3 {
+        check(&format!("map{i}"), rel_err(&maps[i], c.fx.t(&format!("map{i}"))), 1e-5);
+    }
+    let size: Vec<usize> = c.fx.meta_json("image_size");
+    let up = anomaly_map(&out, MapMode::Scale0, size[0], size[1]).unwrap();
+    check("map_up0", rel_err(&up, c.fx.t("map_up0")), 1e-5);
+    let prod = anomaly_map(&out, MapMode::Product, size[0], size[1]).unwrap();
+    check("map_prod", rel_err(&prod, c.fx.t("map_prod")), 1e-5);
+
+    let grads = loss.backward().unwrap();
+    let mut worst = 0f64;
+    for (name, var) in &c.vars {
+        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let err = if full {
+            rel_err(g, c.fx.t(&format!("grad.{name}")))
+        } else {
+            let g = to_vec(g);
+            let idx = sample_index(name, g.len());
+            let picked: Vec<f32> = idx.iter().map(|&i| g[i]).collect();
+            let norm = g.iter().map(|&v| (v as f64).powi(2)).sum::<f64>().sqrt() as f32;
+            rel_err_vec(&picked, &to_vec(c.fx.t(&format!("gradsample.{name}"))))
+                .max(rel_err_vec(&[norm], &to_vec(c.fx.t(&format!("gradnorm.{name}")))))
+        };
+        assert!(err <= 1e-4, "gradient of {name}: relative error {err:.3e}");
+        worst = worst.max(err);
+    }
+    check("gradients (worst tensor)", worst, 1e-4);
+}
+
+fn adam_checks(c: &Case, full: bool) {
+    let mut adam = Adam::new(AdamConfig::paper(2e-4), c.vars.iter().map(|(_, v)| v.clone()).collect());
+    let losses = to_vec(c.fx.t("step_losses"));
+    let norms = to_vec(c.fx.t("step_gradnorms"));
+    for step in 0..3 {
+        let loss = c.flow.forward(&c.x).unwrap().loss().unwrap();
+        let l: f32 = loss.to_scalar().unwrap();
+        let norm = adam.backward_step(&loss).unwrap();
+        check(&format!("step {step} loss"), rel_err_vec(&[l], &losses[step..=step]), 1e-5);
+        check(&format!("step {step} grad norm"), rel_err_vec(&[norm as f32], &norms[step..=step]), 1e-4);
+    }
+    let mut worst = 0f64;
+    for (name, var) in &c.vars {
+        let err = if full {
+            rel_err(var.as_tensor(), c.fx.t(&format!("after.{name}")))
+        } else {
+            let v = to_vec(var.as_tensor());
+            let picked: Vec<f32> = sample_index(name, v.len()).iter().map(|&i| v[i]).collect();
+            rel_err_vec(&picked, &to_vec(c.fx.t(&format!("aftersample.{name}"))))
+        };
+        assert!(err <= 1e-4, "{name} after 3 steps: relative error {err:.3e}");
+        worst = worst.max(err);
+    }
+    check("parameters after 3 Adam steps (worst tensor)", worst, 1e-4);
+}
+
+#[test]
+fn small_forward_backward() {
+    forward_checks(&case("flow_small.safetensors"), true);
+}
+
+#[test]
+fn small_three_adam_steps() {
+    adam_checks(&case("flow_small.safetensors"), true);
+}
+
+#[test]
+fn paper_maps_forward_backward() {
+    forward_checks(&case("flow_paper_maps.safetensors"), false);
+}
+
+#[test]
+fn paper_maps_three_adam_steps_with_clipping() {
+    let c = case("flow_paper_maps.safetensors");
+    assert!(to_vec(c.fx.t("step_gradnorms"))[0] > 1.0, "this fixture must exercise clipping");
+    adam_checks(&c, false);
+}
+
+#[test]
+fn inverse_undoes_forward() {
+    let c = case("flow_paper_maps.safetensors");
+    let out = c.flow.forward(&c.x).unwrap();
+    let back = c.flow.inverse(&out.z).unwrap();
+    for i in 0..3 {
+        check(&format!("inverse scale {i}"), rel_err(&back[i], &c.x[i]), 1e-5);
+    }
+}
