@@ -95,10 +95,12 @@ def flow_case(name, c, hidden, maps, batch, seed, full, image_size, input_scale=
 
 def training_case():
     """Features files and the scores that `csflow fit --init` then `csflow predict` must reproduce."""
-    c, hidden, maps, seed = 16, 32, [8, 4, 2], 7
+    c, hidden, maps, seed = 16, 16, [8, 4, 2], 7
     n_train, n_test, epochs, batch, lr, shuffle_seed = 10, 6, 4, 4, 1e-3, 3
     flow = ref.Flow(c, hidden)
     flow.load_state_dict(ref.formula_state(flow, seed))
+    # The starting weights as the authors' code would export them: a bare state_dict, no csflow metadata.
+    save_file({k: np32(v) for k, v in flow.state_dict().items()}, os.path.join(OUT, "training_init.safetensors"))
     g = torch.Generator().manual_seed(123)
     train = [torch.randn(n_train, c, m, m, generator=g) for m in maps]
     test = [torch.randn(n_test, c, m, m, generator=g) for m in maps]

@@ -1,1 +1,44 @@
-fn main(){}
+//! The `csflow` command: parses arguments, calls the library, prints.
+
+mod demo;
+mod fit;
+mod predict;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "csflow", version, about = "CS-Flow image defect detection (WACV 2022), in Rust")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Train a flow on good samples' features.
+    Fit(fit::FitArgs),
+    /// Score samples with a trained model: one JSON line per sample.
+    Predict(predict::PredictArgs),
+    /// Show a model file's configuration and statistics.
+    Info(predict::InfoArgs),
+    /// Write a small synthetic features data set (train: good; test: good and defective) for trying csflow.
+    DemoFeatures(demo::DemoArgs),
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Fit(a) => fit::run(a),
+        Command::Predict(a) => predict::run(a),
+        Command::Info(a) => predict::info(a),
+        Command::DemoFeatures(a) => demo::run(a),
+    };
+    if let Err(e) = result {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,1 +1,36 @@
-//! files
+//! Files csflow reads and writes (SPEC 2). Every write is atomic: a temporary file in the same folder,
+//! then a rename, so a crash never leaves a half-written model or cache.
+
+mod features_file;
+mod model_file;
+mod st;
+
+pub use features_file::{load_features, save_features, FeatureSet};
+pub use model_file::{load_model, save_model, ModelFile, ModelMeta, ScoreStats, FORMAT_VERSION};
+pub use st::{read_safetensors, write_safetensors};
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::{Error, Result};
+
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let name = path.file_name().ok_or_else(|| Error::Invalid(format!("{}: not a file name", path.display())))?;
+    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
+    let result = (|| -> std::io::Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if let Err(e) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(Error::io(path, e));
+    }
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! The `csflow` binary end to end, against the PyTorch reference's training run
+//! (reference/make_fixtures.py, `training_case`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use candle_core::Device;
+
+fn fixtures() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../csflow/tests/fixtures")
+}
+
+fn csflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_csflow")).args(args).output().expect("runs csflow")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn fit_from_authors_weights_then_predict_equals_pytorch() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model.safetensors");
+    let out = csflow(&[
+        "fit", "--features", s(&f.join("train_features.safetensors")), "--init", s(&f.join("training_init.safetensors")),
+        "--epochs", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "-o", s(&model),
+    ]);
+    assert!(out.status.success(), "fit failed: {}", String::from_utf8_lossy(&out.stderr));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let expected = candle_core::safetensors::load(f.join("training_expected.safetensors"), &Device::Cpu).unwrap();
+    let losses: Vec<f32> = expected["epoch_losses"].to_vec1().unwrap();
+    for (e, l) in losses.iter().enumerate() {
+        let line = stderr.lines().find(|x| x.starts_with(&format!("epoch {:>4}", e + 1))).expect("epoch line");
+        let got: f64 = line.split_whitespace().last().unwrap().parse().unwrap();
+        assert!((got - *l as f64).abs() <= 1e-5 * l.abs() as f64 + 1e-6, "epoch {e}: loss {got} vs {l}");
+    }
+
+    let out = csflow(&["predict", "--model", s(&model), "--features", s(&f.join("test_features.safetensors"))]);
+    assert!(out.status.success(), "predict failed: {}", String::from_utf8_lossy(&out.stderr));
+    let want: Vec<f32> = expected["score"].to_vec1().unwrap();
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), want.len());
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    for (i, (line, w)) in lines.iter().zip(&want).enumerate() {
+        assert_eq!(line["path"], format!("test/{i:03}.png"));
+        assert_eq!(line["label"], if i < 3 { 0 } else { 1 });
+        let got = line["score"].as_f64().unwrap();
+        let err = (got - *w as f64).abs() / scale;
+        println!("sample {i}: csflow {got:.7} pytorch {w:.7} rel err {err:.2e}");
+        assert!(err <= 1e-5, "sample {i}: score {got} vs PyTorch {w}");
+    }
+}
+
+#[test]
+fn bad_files_get_clear_errors() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    let out = csflow(&["predict", "--model", s(&junk), "--features", s(&f.join("test_features.safetensors"))]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("junk.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+
+    // A features file given as the model: it has no flow tensors.
+    let feats = f.join("test_features.safetensors");
+    let out = csflow(&["predict", "--model", s(&feats), "--features", s(&feats)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("test_features.safetensors") && err.contains("no CS-Flow coupling block"), "{err}");
+
+    // A model file given as features.
+    let init = f.join("training_init.safetensors");
+    let out = csflow(&["predict", "--model", s(&init), "--features", s(&init)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("training_init.safetensors") && err.contains("no tensor `scale_0`"), "{err}");
+
+    let missing = dir.path().join("nope.safetensors");
+    let out = csflow(&["predict", "--model", s(&init), "--features", s(&missing)]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope.safetensors") && err.contains("No such file"), "{err}");
+}
+
+#[test]
+fn channel_mismatch_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = csflow(&["demo-features", "--out", s(dir.path()), "--train", "4", "--test", "2", "--channels", "8", "--map", "8"]);
+    assert!(out.status.success());
+    let init = fixtures().join("training_init.safetensors");
+    let feats = dir.path().join("test.safetensors");
+    let out = csflow(&["predict", "--model", s(&init), "--features", s(&feats)]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("test.safetensors") && err.contains("[B, 16, h, w]"), "{err}");
+}

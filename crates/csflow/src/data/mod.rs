@@ -1,0 +1,3 @@
+//! Data sets the flow trains and is tested on.
+
+pub mod toy;

@@ -1,0 +1,125 @@
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use candle_core::Tensor;
+
+use super::{read_safetensors, write_safetensors};
+use crate::flow::{CsFlow, FlowConfig, ParamMap};
+use crate::train::TrainConfig;
+use crate::{Error, Result};
+
+/// Version of the `csflow` metadata entry; bumped when its meaning changes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The metadata key under which csflow stores [`ModelMeta`] as JSON.
+const META_KEY: &str = "csflow";
+
+/// Statistics of good images' scores, for thresholds and normalised scores.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct ScoreStats {
+    pub count: usize,
+    pub mean: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl ScoreStats {
+    pub fn from_scores(scores: &[f32]) -> Option<Self> {
+        if scores.is_empty() {
+            return None;
+        }
+        let n = scores.len() as f64;
+        let mean = scores.iter().map(|&s| s as f64).sum::<f64>() / n;
+        let var = scores.iter().map(|&s| (s as f64 - mean).powi(2)).sum::<f64>() / n;
+        let min = scores.iter().fold(f64::INFINITY, |m, &s| m.min(s as f64));
+        let max = scores.iter().fold(f64::NEG_INFINITY, |m, &s| m.max(s as f64));
+        Some(Self { count: scores.len(), mean, std: var.sqrt(), min, max })
+    }
+}
+
+/// Everything about a model that its tensors do not say.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct ModelMeta {
+    pub format_version: u32,
+    pub flow: FlowConfig,
+    /// Feature map sizes (h, w) per scale the model was trained on, when known.
+    #[serde(default)]
+    pub map_sizes: Option<[[usize; 2]; 3]>,
+    /// Scores of the training images after training.
+    #[serde(default)]
+    pub train_scores: Option<ScoreStats>,
+    /// Decision threshold on the image score, when one was chosen.
+    #[serde(default)]
+    pub threshold: Option<f64>,
+    /// How the flow was trained, and how far.
+    #[serde(default)]
+    pub training: Option<TrainConfig>,
+    #[serde(default)]
+    pub epochs_done: usize,
+}
+
+impl ModelMeta {
+    pub fn new(flow: FlowConfig) -> Self {
+        Self { format_version: FORMAT_VERSION, flow, map_sizes: None, train_scores: None, threshold: None, training: None, epochs_done: 0 }
+    }
+}
+
+/// A loaded model file: the flow's parameters, its metadata and any other tensors the file holds.
+#[derive(Debug)]
+pub struct ModelFile {
+    pub meta: ModelMeta,
+    pub params: ParamMap,
+    /// Tensors that are not part of the flow (kept, not interpreted here).
+    pub other: BTreeMap<String, Tensor>,
+}
+
+impl ModelFile {
+    pub fn flow(&self) -> Result<CsFlow> {
+        CsFlow::new(self.meta.flow.clone(), &self.params)
+    }
+}
+
+/// Reads a csflow model, or a state_dict exported from the authors' code (no csflow metadata: the shapes come
+/// from the tensors, the clamp is 3). A leading `nf.` (the authors' wrapper module) is accepted.
+pub fn load_model(path: &Path) -> Result<ModelFile> {
+    let (tensors, meta) = read_safetensors(path)?;
+    let mut params = ParamMap::new();
+    let mut other = BTreeMap::new();
+    for (name, t) in tensors {
+        let stripped = name.strip_prefix("nf.").unwrap_or(&name);
+        if stripped.starts_with("module_list.") {
+            params.insert(stripped.to_string(), t);
+        } else {
+            other.insert(name, t);
+        }
+    }
+    let wrap = |e: Error| match e {
+        Error::Invalid(m) => Error::format(path, m),
+        e => e,
+    };
+    let meta = match meta.get(META_KEY) {
+        Some(json) => {
+            let m: ModelMeta = serde_json::from_str(json)
+                .map_err(|e| Error::format(path, format!("metadata `{META_KEY}` is not valid ({e})")))?;
+            if m.format_version > FORMAT_VERSION {
+                return Err(Error::format(path, format!(
+                    "model format version {} is newer than this csflow understands ({FORMAT_VERSION})",
+                    m.format_version
+                )));
+            }
+            m
+        }
+        None => ModelMeta::new(CsFlow::config_from_params(&params).map_err(wrap)?),
+    };
+    let model = ModelFile { meta, params, other };
+    model.flow().map_err(wrap)?;
+    Ok(model)
+}
+
+/// Writes a model atomically: the flow tensors under the authors' names, metadata as JSON.
+pub fn save_model(path: &Path, params: &ParamMap, meta: &ModelMeta) -> Result<()> {
+    let mut m = HashMap::new();
+    m.insert(META_KEY.to_string(), serde_json::to_string(meta).expect("metadata serialises"));
+    write_safetensors(path, params, m)
+}
