@@ -8,9 +8,11 @@
 
 mod atan;
 mod bilinear;
+mod conv;
 
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
+pub use conv::conv2d;
 
 use candle_core::{CpuStorage, Layout, Result};
 

@@ -35,9 +35,7 @@ impl Conv2d {
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
-        let y = x.conv2d(&self.weight, k / 2, self.stride, 1, 1)?;
-        let c = self.bias.dim(0)?;
-        Ok(y.broadcast_add(&self.bias.reshape((1, c, 1, 1))?)?)
+        Ok(csflow_kernels::conv2d(x, &self.weight, &self.bias, self.stride, k / 2)?)
     }
 }
 
