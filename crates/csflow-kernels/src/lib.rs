@@ -9,10 +9,12 @@
 mod atan;
 mod bilinear;
 mod conv;
+mod depthwise;
 
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::conv2d;
+pub use depthwise::{depthwise_conv2d, Padding};
 
 use candle_core::{CpuStorage, Layout, Result};
 
@@ -29,3 +31,24 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
 
 /// Elements per rayon task: small enough to spread work, large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
+
+/// An activation applied in a kernel's epilogue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Identity,
+    /// x * sigmoid(x), EfficientNet's swish.
+    Swish,
+    /// min(max(x, 0), 6), EfficientNet-Lite's activation.
+    Relu6,
+}
+
+impl Activation {
+    #[inline(always)]
+    pub fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Identity => x,
+            Activation::Swish => x / (1.0 + (-x).exp()),
+            Activation::Relu6 => x.clamp(0.0, 6.0),
+        }
+    }
+}

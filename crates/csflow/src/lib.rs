@@ -3,6 +3,7 @@
 //! The library holds all logic: the flow ([`flow`]), its training ([`train`]), scores and anomaly maps
 //! ([`score`]) and the files csflow reads and writes ([`io`]). Binaries only parse arguments and print.
 
+pub mod backbone;
 pub mod data;
 pub mod error;
 pub mod flow;

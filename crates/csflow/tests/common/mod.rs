@@ -54,6 +54,17 @@ pub fn splitmix64(mut x: u64) -> u64 {
     x ^ (x >> 31)
 }
 
+/// `formula_uniform` of csflow_ref.py: n values in (-1, 1) with 24-bit resolution, exact in f32.
+pub fn formula_uniform(name: &str, n: usize, seed: u64) -> Vec<f32> {
+    let key = fnv1a64(name) ^ seed;
+    (0..n as u64)
+        .map(|i| {
+            let u = (splitmix64(key.wrapping_add(i)) >> 40) as f32 / (1u32 << 24) as f32;
+            2.0 * u - 1.0
+        })
+        .collect()
+}
+
 /// The reference script's formula weights: bound * (2u - 1), u with 24 bits from splitmix64.
 pub fn formula_params(config: &FlowConfig, seed: u64) -> ParamMap {
     let shapes = config.param_shapes();
@@ -66,14 +77,8 @@ pub fn formula_params(config: &FlowConfig, seed: u64) -> ParamMap {
             let w = if name.ends_with(".bias") { shape_of(&name.replace(".bias", ".weight")) } else { shape.clone() };
             (1.0 / ((w[1] * w[2] * w[3]) as f64).sqrt()) as f32
         };
-        let key = fnv1a64(name) ^ seed;
         let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n as u64)
-            .map(|i| {
-                let u = (splitmix64(key.wrapping_add(i)) >> 40) as f32 / (1u32 << 24) as f32;
-                (2.0 * u - 1.0) * bound
-            })
-            .collect();
+        let v: Vec<f32> = formula_uniform(name, n, seed).into_iter().map(|u| u * bound).collect();
         out.insert(name.clone(), Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap());
     }
     out

@@ -1,0 +1,195 @@
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Tensor, D};
+use csflow_kernels::{conv2d, depthwise_conv2d, Activation, Padding};
+
+use super::config::{same_padding, EfficientNetConfig};
+use crate::{Error, Result};
+
+/// BatchNorm epsilon of both packages.
+const BN_EPS: f64 = 1e-3;
+
+/// A bias-free convolution with its BatchNorm folded in: w' = w * g / sqrt(v + eps), b' = beta - m * g / sqrt(v + eps).
+#[derive(Clone, Debug)]
+struct ConvBn {
+    weight: Tensor,
+    bias: Tensor,
+    stride: usize,
+    pad: Padding,
+}
+
+/// Looks tensors up by their PyTorch names, with errors that name the missing or mismatched one.
+struct Weights<'a>(&'a BTreeMap<String, Tensor>);
+
+impl Weights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.0.get(name).ok_or_else(|| Error::Invalid(format!("missing tensor `{name}`")))?;
+        if t.dims() != shape {
+            return Err(Error::Invalid(format!("tensor `{name}` has shape {:?}, expected {shape:?}", t.dims())));
+        }
+        Ok(t.to_dtype(DType::F32)?)
+    }
+
+    /// Conv `conv` ([out, in/groups, k, k], no bias) followed by BatchNorm `bn`, folded.
+    fn conv_bn(&self, conv: &str, bn: &str, shape: [usize; 4], stride: usize, pad: Padding) -> Result<ConvBn> {
+        let out = shape[0];
+        let w = self.get(&format!("{conv}.weight"), &shape)?.to_dtype(DType::F64)?;
+        let g = self.get(&format!("{bn}.weight"), &[out])?.to_dtype(DType::F64)?;
+        let beta = self.get(&format!("{bn}.bias"), &[out])?.to_dtype(DType::F64)?;
+        let mean = self.get(&format!("{bn}.running_mean"), &[out])?.to_dtype(DType::F64)?;
+        let var = self.get(&format!("{bn}.running_var"), &[out])?.to_dtype(DType::F64)?;
+        let scale = (g / (var + BN_EPS)?.sqrt()?)?;
+        let weight = w.broadcast_mul(&scale.reshape((out, 1, 1, 1))?)?.to_dtype(DType::F32)?;
+        let bias = (beta - (mean * &scale)?)?.to_dtype(DType::F32)?;
+        Ok(ConvBn { weight, bias, stride, pad })
+    }
+}
+
+impl ConvBn {
+    /// Dense convolution (any kernel size), then the activation.
+    fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let p = self.pad;
+        let x = if p == Padding::symmetric(0) {
+            x.clone()
+        } else {
+            x.pad_with_zeros(2, p.top, p.bottom)?.pad_with_zeros(3, p.left, p.right)?
+        };
+        activate(&conv2d(&x, &self.weight, &self.bias, self.stride, 0)?, act)
+    }
+
+    fn depthwise(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Ok(depthwise_conv2d(x, &self.weight, &self.bias, self.stride, self.pad, act)?)
+    }
+}
+
+fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
+    Ok(match act {
+        Activation::Identity => x.clone(),
+        Activation::Swish => x.silu()?,
+        Activation::Relu6 => x.clamp(0f32, 6f32)?,
+    })
+}
+
+/// Squeeze-excitation: channel gates from the spatial mean, through a swish bottleneck and a sigmoid.
+#[derive(Clone, Debug)]
+struct SqueezeExcite {
+    reduce_w: Tensor,
+    reduce_b: Tensor,
+    expand_w: Tensor,
+    expand_b: Tensor,
+}
+
+impl SqueezeExcite {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let s = x.mean((2, 3))?; // [N, C]
+        let s = s.matmul(&self.reduce_w.t()?)?.broadcast_add(&self.reduce_b)?.silu()?;
+        let s = s.matmul(&self.expand_w.t()?)?.broadcast_add(&self.expand_b)?;
+        let s = (s.neg()?.exp()? + 1.0)?.recip()?; // sigmoid
+        Ok(x.broadcast_mul(&s.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?)
+    }
+}
+
+#[derive(Clone, Debug)]
+struct MbConv {
+    expand: Option<ConvBn>,
+    depthwise: ConvBn,
+    se: Option<SqueezeExcite>,
+    project: ConvBn,
+    skip: bool,
+}
+
+/// An EfficientNet in inference form (BatchNorm folded). Blocks beyond the ones loaded are absent.
+#[derive(Clone, Debug)]
+pub struct EfficientNet {
+    pub config: EfficientNetConfig,
+    stem: ConvBn,
+    blocks: Vec<MbConv>,
+    /// Head conv and classifier, when loaded (for verification).
+    head: Option<(ConvBn, Tensor, Tensor)>,
+    act: Activation,
+}
+
+fn pad2(native: [usize; 2], k: usize, s: usize) -> Padding {
+    let (top, bottom) = same_padding(native[0], k, s);
+    let (left, right) = same_padding(native[1], k, s);
+    Padding { top, bottom, left, right }
+}
+
+impl EfficientNet {
+    /// Builds the network from PyTorch-named tensors (`_conv_stem.weight`, `_blocks.3._bn1.running_var`, ...).
+    /// `last_block` limits loading to the blocks a feature tap needs; `None` loads all and the classifier.
+    pub fn load(config: EfficientNetConfig, tensors: &BTreeMap<String, Tensor>, last_block: Option<usize>) -> Result<Self> {
+        let w = Weights(tensors);
+        let n = config.native_size;
+        let stem = w.conv_bn("_conv_stem", "_bn0", [config.stem_channels, 3, 3, 3], 2, pad2([n, n], 3, 2))?;
+        let upto = last_block.unwrap_or(config.blocks.len() - 1);
+        if upto >= config.blocks.len() {
+            return Err(Error::Invalid(format!("{} has blocks 0..={}, not {upto}", config.name, config.blocks.len() - 1)));
+        }
+        let mut blocks = Vec::new();
+        for (i, b) in config.blocks.iter().enumerate().take(upto + 1) {
+            let p = format!("_blocks.{i}");
+            let mid = b.input_filters * b.expand_ratio;
+            let expand = (b.expand_ratio != 1)
+                .then(|| w.conv_bn(&format!("{p}._expand_conv"), &format!("{p}._bn0"), [mid, b.input_filters, 1, 1], 1, Padding::symmetric(0)))
+                .transpose()?;
+            let depthwise = w.conv_bn(&format!("{p}._depthwise_conv"), &format!("{p}._bn1"), [mid, 1, b.kernel, b.kernel], b.stride, pad2(b.native_in, b.kernel, b.stride))?;
+            let se = match b.se_channels {
+                Some(sq) => Some(SqueezeExcite {
+                    reduce_w: w.get(&format!("{p}._se_reduce.weight"), &[sq, mid, 1, 1])?.reshape((sq, mid))?,
+                    reduce_b: w.get(&format!("{p}._se_reduce.bias"), &[sq])?,
+                    expand_w: w.get(&format!("{p}._se_expand.weight"), &[mid, sq, 1, 1])?.reshape((mid, sq))?,
+                    expand_b: w.get(&format!("{p}._se_expand.bias"), &[mid])?,
+                }),
+                None => None,
+            };
+            let project = w.conv_bn(&format!("{p}._project_conv"), &format!("{p}._bn2"), [b.output_filters, mid, 1, 1], 1, Padding::symmetric(0))?;
+            blocks.push(MbConv { expand, depthwise, se, project, skip: b.skip });
+        }
+        let head = if last_block.is_none() {
+            let last = config.blocks.last().expect("blocks").output_filters;
+            let h = config.head_channels;
+            let conv = w.conv_bn("_conv_head", "_bn1", [h, last, 1, 1], 1, Padding::symmetric(0))?;
+            Some((conv, w.get("_fc.weight", &[config.num_classes, h])?, w.get("_fc.bias", &[config.num_classes])?))
+        } else {
+            None
+        };
+        let act = if config.lite { Activation::Relu6 } else { Activation::Swish };
+        Ok(Self { config, stem, blocks, head, act })
+    }
+
+    fn run_blocks(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
+        let mut x = self.stem.forward(x, self.act)?;
+        for b in self.blocks.iter().take(upto + 1) {
+            let input = x.clone();
+            if let Some(e) = &b.expand {
+                x = e.forward(&x, self.act)?;
+            }
+            x = b.depthwise.depthwise(&x, self.act)?;
+            if let Some(se) = &b.se {
+                x = se.forward(&x)?;
+            }
+            x = b.project.forward(&x, Activation::Identity)?;
+            if b.skip {
+                x = (x + input)?;
+            }
+        }
+        Ok(x)
+    }
+
+    /// The output of block `idx` for a normalized image batch [N, 3, H, W].
+    pub fn features(&self, x: &Tensor, idx: usize) -> Result<Tensor> {
+        if idx >= self.blocks.len() {
+            return Err(Error::Invalid(format!("block {idx} is not loaded ({} blocks)", self.blocks.len())));
+        }
+        self.run_blocks(x, idx)
+    }
+
+    /// ImageNet logits [N, classes] (needs the full network loaded).
+    pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
+        let (conv, fc_w, fc_b) = self.head.as_ref().ok_or_else(|| Error::Invalid("the classifier head is not loaded".into()))?;
+        let x = self.run_blocks(x, self.blocks.len() - 1)?;
+        let x = conv.forward(&x, self.act)?.mean((2, 3))?;
+        Ok(x.matmul(&fc_w.t()?)?.broadcast_add(fc_b)?)
+    }
+}
