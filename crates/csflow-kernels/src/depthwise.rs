@@ -59,16 +59,15 @@ impl CustomOp3 for Depthwise {
                 }
                 let filt = &w[ch * kh * kw..(ch + 1) * kh * kw];
                 for oy in 0..ho {
-                    acc.fill(b[ch]);
-                    for ky in 0..kh {
-                        let row = &padded[(oy * s + ky) * pw..(oy * s + ky + 1) * pw];
-                        for kx in 0..kw {
-                            let wv = filt[ky * kw + kx];
-                            if s == 1 {
-                                for (a, &v) in acc.iter_mut().zip(&row[kx..kx + wo]) {
-                                    *a += wv * v;
-                                }
-                            } else {
+                    let rows = &padded[oy * s * pw..];
+                    if s == 1 {
+                        row_stride1_dispatch(rows, pw, filt, kh, kw, b[ch], acc);
+                    } else {
+                        acc.fill(b[ch]);
+                        for ky in 0..kh {
+                            let row = &rows[ky * pw..(ky + 1) * pw];
+                            for kx in 0..kw {
+                                let wv = filt[ky * kw + kx];
                                 for (ox, a) in acc.iter_mut().enumerate() {
                                     *a += wv * row[ox * s + kx];
                                 }
@@ -83,6 +82,58 @@ impl CustomOp3 for Depthwise {
         );
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
+}
+
+/// Outputs kept in registers while all kernel taps accumulate.
+const LANES: usize = 16;
+
+/// One output row of a stride-1 depthwise convolution: `rows` starts at the padded input row of the first
+/// tap. Accumulates LANES outputs at a time over every tap before storing them, so the inner loop is one
+/// vector FMA per tap instead of a load-FMA-store pass over the whole row.
+#[inline(always)]
+fn row_stride1<const FMA: bool>(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: usize, bias: f32, out: &mut [f32]) {
+    let wo = out.len();
+    let mut x0 = 0;
+    while x0 + LANES <= wo {
+        let mut acc = [bias; LANES];
+        for ky in 0..kh {
+            let row = &rows[ky * pw + x0..];
+            for kx in 0..kw {
+                let wv = filt[ky * kw + kx];
+                let src: &[f32; LANES] = row[kx..kx + LANES].try_into().expect("LANES-wide window");
+                for l in 0..LANES {
+                    acc[l] = if FMA { wv.mul_add(src[l], acc[l]) } else { acc[l] + wv * src[l] };
+                }
+            }
+        }
+        out[x0..x0 + LANES].copy_from_slice(&acc);
+        x0 += LANES;
+    }
+    for (i, o) in out.iter_mut().enumerate().skip(x0) {
+        let mut a = bias;
+        for ky in 0..kh {
+            for kx in 0..kw {
+                a += filt[ky * kw + kx] * rows[ky * pw + i + kx];
+            }
+        }
+        *o = a;
+    }
+}
+
+/// [`row_stride1`] compiled for AVX2 + FMA, chosen at run time so one binary runs on any x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn row_stride1_avx2(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: usize, bias: f32, out: &mut [f32]) {
+    row_stride1::<true>(rows, pw, filt, kh, kw, bias, out)
+}
+
+fn row_stride1_dispatch(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: usize, bias: f32, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { row_stride1_avx2(rows, pw, filt, kh, kw, bias, out) };
+    }
+    row_stride1::<false>(rows, pw, filt, kh, kw, bias, out)
 }
 
 /// Depthwise convolution x [N, C, H, W] * w [C, 1, k, k] + b [C], then `act`. Inference only.

@@ -29,6 +29,13 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
     }
 }
 
+/// Whether this CPU runs the AVX2 + FMA versions of the kernels (detected once).
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
 /// Elements per rayon task: small enough to spread work, large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
 
