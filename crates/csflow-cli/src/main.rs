@@ -1,6 +1,7 @@
 //! The `csflow` command: parses arguments, calls the library, prints.
 
 mod demo;
+mod extract;
 mod fit;
 mod predict;
 
@@ -15,6 +16,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Turn images into the three-scale features the flow uses (a features file; also the cache).
+    Extract(extract::ExtractArgs),
+    /// Convert backbone weights from a PyTorch checkpoint to safetensors.
+    Import(extract::ImportArgs),
     /// Train a flow on good samples' features.
     Fit(fit::FitArgs),
     /// Score samples with a trained model: one JSON line per sample.
@@ -32,6 +37,8 @@ fn main() {
         .init();
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Extract(a) => extract::run(a),
+        Command::Import(a) => extract::import(a),
         Command::Fit(a) => fit::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Info(a) => predict::info(a),

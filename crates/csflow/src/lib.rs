@@ -6,6 +6,7 @@
 pub mod backbone;
 pub mod data;
 pub mod error;
+pub mod extract;
 pub mod flow;
 pub mod io;
 pub mod metrics;

@@ -2,11 +2,18 @@
 //! then a rename, so a crash never leaves a half-written model or cache.
 
 mod features_file;
+mod images;
 mod model_file;
+mod pth;
 mod st;
 
 pub use features_file::{load_features, save_features, FeatureSet};
+pub use images::{
+    check_input_size, decode_rgb, load_rgb, preprocess, pyramid, resize_rgb, to_normalized_tensor, IMAGENET_MEAN,
+    IMAGENET_STD, MAX_PIXELS,
+};
 pub use model_file::{load_model, save_model, ModelFile, ModelMeta, ScoreStats, FORMAT_VERSION};
+pub use pth::read_pth;
 pub use st::{read_safetensors, write_safetensors};
 
 use std::io::Write;

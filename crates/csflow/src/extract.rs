@@ -1,0 +1,191 @@
+//! Images to the three-scale feature maps the flow consumes (SPEC 1.1), with the features file as a cache.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use candle_core::Tensor;
+
+use crate::backbone::{EfficientNet, EfficientNetConfig};
+use crate::io::{load_features, read_pth, read_safetensors, FeatureSet};
+use crate::{Error, Result};
+
+/// Reads backbone weights from a PyTorch checkpoint (zip or legacy) or a safetensors file, by content.
+pub fn load_backbone_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let mut head = [0u8; 8];
+    let n = {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+        f.read(&mut head).map_err(|e| Error::io(path, e))?
+    };
+    // Zip archives start with "PK"; legacy checkpoints with a pickle PROTO opcode; anything else is
+    // tried as safetensors (an 8-byte header length).
+    let tensors = if n >= 2 && (&head[..2] == b"PK" || head[0] == 0x80) {
+        read_pth(path)?
+    } else {
+        read_safetensors(path)?.0
+    };
+    // Checkpoints saved from wrappers prefix every name; the EfficientNet names start at `_conv_stem`.
+    let prefix = tensors
+        .keys()
+        .find_map(|k| k.strip_suffix("_conv_stem.weight").map(str::to_string))
+        .ok_or_else(|| Error::format(path, "no EfficientNet weights in this file (no `_conv_stem.weight` tensor)"))?;
+    Ok(tensors.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_string(), v))).collect())
+}
+
+/// A frozen backbone tapped at one block, applied to every scale of an image pyramid.
+pub struct FeatureExtractor {
+    pub net: EfficientNet,
+    pub block: usize,
+    /// Network input (height, width).
+    pub size: [usize; 2],
+}
+
+/// Side lengths must be multiples of this for three scales of stride-32 features.
+pub const SIZE_MULTIPLE: usize = 128;
+
+impl FeatureExtractor {
+    /// `backbone` as the packages name it (`efficientnet-lite0`), weights by their PyTorch names, the
+    /// feature block (default: the last block at stride 32) and the input size.
+    pub fn new(backbone: &str, weights: &BTreeMap<String, Tensor>, block: Option<usize>, size: [usize; 2]) -> Result<Self> {
+        let config = EfficientNetConfig::from_name(backbone)?;
+        check_size(size)?;
+        let block = block.unwrap_or(config.feature_block);
+        let net = EfficientNet::load(config, weights, Some(block))?;
+        Ok(Self { net, block, size })
+    }
+
+    pub fn channels(&self) -> usize {
+        self.net.config.channels_at(self.block)
+    }
+
+    /// Features of each pyramid level ([1, 3, H / 2^s, W / 2^s] each), as [1, C, h_s, w_s].
+    pub fn features(&self, pyramid: &[Tensor]) -> Result<[Tensor; 3]> {
+        if pyramid.len() != 3 {
+            return Err(Error::Invalid(format!("expected 3 pyramid levels, got {}", pyramid.len())));
+        }
+        let f = |i: usize| self.net.features(&pyramid[i], self.block);
+        Ok([f(0)?, f(1)?, f(2)?])
+    }
+}
+
+/// H and W must be multiples of 128 (stride 32 at the coarsest of three scales).
+pub fn check_size(size: [usize; 2]) -> Result<()> {
+    let ok = |v: usize| v > 0 && v % SIZE_MULTIPLE == 0;
+    if ok(size[0]) && ok(size[1]) {
+        return Ok(());
+    }
+    let near = |v: usize| {
+        let lo = (v / SIZE_MULTIPLE).max(1) * SIZE_MULTIPLE;
+        if lo == v { format!("{v}") } else { format!("{lo} or {}", lo + SIZE_MULTIPLE) }
+    };
+    Err(Error::Invalid(format!(
+        "input size {}x{} is not allowed: height and width must be multiples of {SIZE_MULTIPLE} (three scales of \
+         stride-32 features); nearest allowed: {} x {}",
+        size[0], size[1], near(size[0]), near(size[1])
+    )))
+}
+
+/// What a previous run of `extract` left, usable as a cache when backbone, block and size match.
+pub struct Cache {
+    rows: HashMap<(String, String), [Tensor; 3]>,
+}
+
+impl Cache {
+    /// Loads `path` if it exists and was made with the same settings; anything else gives an empty cache.
+    pub fn open(path: &Path, settings: &BTreeMap<String, String>) -> Self {
+        let mut rows = HashMap::new();
+        if let Ok(set) = load_features(path) {
+            let same = settings.iter().all(|(k, v)| set.extra.get(k) == Some(v));
+            let hashes: Option<Vec<String>> = set.extra.get("hashes").and_then(|h| serde_json::from_str(h).ok());
+            if let (true, Some(hashes)) = (same, hashes) {
+                for (i, (p, h)) in set.paths.iter().zip(hashes).enumerate() {
+                    let row = |s: usize| set.scales[s].narrow(0, i, 1);
+                    if let (Ok(a), Ok(b), Ok(c)) = (row(0), row(1), row(2)) {
+                        rows.insert((p.clone(), h), [a, b, c]);
+                    }
+                }
+            }
+        }
+        Self { rows }
+    }
+
+    pub fn get(&self, path: &str, hash: &str) -> Option<[Tensor; 3]> {
+        self.rows.get(&(path.to_string(), hash.to_string())).cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.rows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.rows.is_empty()
+    }
+}
+
+/// SHA-256 of a file's bytes, hex: the cache key of its features.
+pub fn content_hash(bytes: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Builds a features file from per-image rows, recording settings and content hashes in the metadata.
+pub fn assemble(rows: Vec<(String, String, Option<u8>, [Tensor; 3])>, settings: &BTreeMap<String, String>) -> Result<FeatureSet> {
+    if rows.is_empty() {
+        return Err(Error::Invalid("no image could be read, so there are no features to write".into()));
+    }
+    let cat = |s: usize| -> Result<Tensor> {
+        let parts: Vec<&Tensor> = rows.iter().map(|r| &r.3[s]).collect();
+        Ok(Tensor::cat(&parts, 0)?)
+    };
+    let labels: Option<Vec<u8>> = rows.iter().map(|r| r.2).collect();
+    let mut extra = settings.clone();
+    extra.insert("hashes".into(), serde_json::to_string(&rows.iter().map(|r| &r.1).collect::<Vec<_>>()).expect("strings"));
+    Ok(FeatureSet {
+        scales: [cat(0)?, cat(1)?, cat(2)?],
+        paths: rows.iter().map(|r| r.0.clone()).collect(),
+        labels,
+        extra,
+    })
+}
+
+/// Image files under `dir` (recursively, sorted), with labels when the layout gives them: a folder that
+/// has a `good` subfolder labels `good` images 0 and images in its other subfolders 1 (an MVTec `test`
+/// folder); otherwise no labels.
+pub fn list_images(dir: &Path) -> Result<Vec<(PathBuf, Option<u8>)>> {
+    fn walk(d: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(d)?.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out)?;
+            } else if is_image(&p) {
+                out.push(p);
+            }
+        }
+        Ok(())
+    }
+    let mut files = Vec::new();
+    walk(dir, &mut files).map_err(|e| Error::io(dir, e))?;
+    if files.is_empty() {
+        return Err(Error::format(dir, "no images found (looked for png, jpg, jpeg, bmp, tif, tiff, webp, recursively)"));
+    }
+    let labelled = dir.join("good").is_dir();
+    Ok(files
+        .into_iter()
+        .map(|p| {
+            let label = labelled.then(|| {
+                let top = p.strip_prefix(dir).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str().to_owned());
+                u8::from(top.as_deref() != Some(std::ffi::OsStr::new("good")))
+            });
+            (p, label)
+        })
+        .collect())
+}
+
+/// Whether a path has one of the image extensions csflow reads.
+pub fn is_image(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref(),
+        Some("png" | "jpg" | "jpeg" | "bmp" | "tif" | "tiff" | "webp")
+    )
+}
