@@ -47,9 +47,10 @@ impl CustomOp3 for Depthwise {
             candle_core::bail!("depthwise conv: kernel {kh}x{kw} does not fit input {h}x{wd} with padding {p:?}");
         }
         let (ho, wo) = ((ph - kh) / s + 1, (pw - kw) / s + 1);
-        let mut out = vec![0f32; n * c * ho * wo];
+        // Every element is written below, so the buffer skips zeroing (8.8 MB for a 240x96x96 map).
+        let mut out: Vec<f32> = Vec::with_capacity(n * c * ho * wo);
         let act = self.act;
-        out.par_chunks_mut(ho * wo).enumerate().for_each_init(
+        out.spare_capacity_mut().par_chunks_mut(ho * wo).enumerate().for_each_init(
             || (vec![0f32; ph * pw], vec![0f32; wo]),
             |(padded, acc), (plane_idx, o)| {
                 let ch = plane_idx % c;
@@ -75,11 +76,13 @@ impl CustomOp3 for Depthwise {
                         }
                     }
                     for (d, &a) in o[oy * wo..(oy + 1) * wo].iter_mut().zip(acc.iter()) {
-                        *d = act.apply(a);
+                        d.write(act.apply(a));
                     }
                 }
             },
         );
+        // SAFETY: the planes above cover all n * c * ho * wo elements, each written once.
+        unsafe { out.set_len(n * c * ho * wo) };
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 }
