@@ -80,6 +80,7 @@ pub fn run(a: FitArgs) -> Result<()> {
     let dims = |i: usize| [data.scales[i].dims()[2], data.scales[i].dims()[3]];
     meta.map_sizes = Some([dims(0), dims(1), dims(2)]);
     meta.training = Some(train.clone());
+    meta.features = data.extra.iter().filter(|(k, _)| k.as_str() != "hashes").map(|(k, v)| (k.clone(), v.clone())).collect();
     let start_epochs = meta.epochs_done;
 
     for epoch in 0..a.epochs {

@@ -95,3 +95,50 @@ fn channel_mismatch_is_reported() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("test.safetensors") && err.contains("[B, 16, h, w]"), "{err}");
 }
+
+fn asset(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets").join(name);
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh first", p.display());
+    p
+}
+
+/// `extract` on an MVTec-style test folder with real photos and real Lite0 weights: labels from the folders,
+/// a bad file reported and skipped, and the output reused as a cache on the next run.
+#[test]
+fn extract_labels_skips_bad_files_and_caches() {
+    let dir = tempfile::tempdir().unwrap();
+    let test = dir.path().join("test");
+    for (sub, name) in [("good", "brick.png"), ("good", "grass.png"), ("scratch", "gravel.png")] {
+        std::fs::create_dir_all(test.join(sub)).unwrap();
+        std::fs::copy(asset(name), test.join(sub).join(name)).unwrap();
+    }
+    std::fs::write(test.join("scratch/broken.png"), b"not an image").unwrap();
+    let out = dir.path().join("features.safetensors");
+    let weights = asset("efficientnet-lite0-57934424.pth");
+    let args = ["extract", "--images", s(&test), "--weights", s(&weights), "--size", "128x256", "-o", s(&out)];
+    let run = csflow(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("broken.png") && err.contains("3 images, 0 from the cache, 1 unreadable"), "{err}");
+
+    let set = csflow::io::load_features(&out).unwrap();
+    assert_eq!(set.scales[0].dims(), &[3, 192, 4, 8]);
+    assert_eq!(set.scales[2].dims(), &[3, 192, 1, 2]);
+    assert_eq!(set.labels, Some(vec![0, 0, 1]));
+    assert!(set.paths[2].ends_with("scratch/gravel.png"));
+    assert_eq!(set.extra["backbone"], "efficientnet-lite0");
+
+    std::fs::remove_file(test.join("scratch/broken.png")).unwrap();
+    std::fs::copy(asset("coffee.png"), test.join("good/grass.png")).unwrap();
+    let run = csflow(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{err}");
+    assert!(err.contains("3 images, 2 from the cache, 0 unreadable"), "{err}");
+    let again = csflow::io::load_features(&out).unwrap();
+    let diff = |a: &candle_core::Tensor, b: &candle_core::Tensor| -> f32 {
+        (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+    };
+    let row = |t: &candle_core::Tensor, i: usize| t.narrow(0, i, 1).unwrap();
+    assert_eq!(diff(&row(&again.scales[0], 0), &row(&set.scales[0], 0)), 0.0, "unchanged image reused");
+    assert!(diff(&row(&again.scales[0], 1), &row(&set.scales[0], 1)) > 0.0, "changed image recomputed");
+}

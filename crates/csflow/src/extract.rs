@@ -40,9 +40,6 @@ pub struct FeatureExtractor {
     pub size: [usize; 2],
 }
 
-/// Side lengths must be multiples of this for three scales of stride-32 features.
-pub const SIZE_MULTIPLE: usize = 128;
-
 impl FeatureExtractor {
     /// `backbone` as the packages name it (`efficientnet-lite0`), weights by their PyTorch names, the
     /// feature block (default: the last block at stride 32) and the input size.
@@ -70,19 +67,7 @@ impl FeatureExtractor {
 
 /// H and W must be multiples of 128 (stride 32 at the coarsest of three scales).
 pub fn check_size(size: [usize; 2]) -> Result<()> {
-    let ok = |v: usize| v > 0 && v % SIZE_MULTIPLE == 0;
-    if ok(size[0]) && ok(size[1]) {
-        return Ok(());
-    }
-    let near = |v: usize| {
-        let lo = (v / SIZE_MULTIPLE).max(1) * SIZE_MULTIPLE;
-        if lo == v { format!("{v}") } else { format!("{lo} or {}", lo + SIZE_MULTIPLE) }
-    };
-    Err(Error::Invalid(format!(
-        "input size {}x{} is not allowed: height and width must be multiples of {SIZE_MULTIPLE} (three scales of \
-         stride-32 features); nearest allowed: {} x {}",
-        size[0], size[1], near(size[0]), near(size[1])
-    )))
+    crate::io::check_input_size(size[0], size[1], 3)
 }
 
 /// What a previous run of `extract` left, usable as a cache when backbone, block and size match.

@@ -105,6 +105,6 @@ fn unreadable_files_name_the_file() {
 #[test]
 fn sizes_must_be_multiples_of_128() {
     let e = csflow::extract::check_size([300, 256]).unwrap_err().to_string();
-    assert!(e.contains("300x256") && e.contains("256 or 384"), "{e}");
+    assert!(e.contains("300x256") && e.contains("multiples of 128") && e.contains("height 256 or 384"), "{e}");
     assert!(csflow::extract::check_size([384, 256]).is_ok());
 }

@@ -46,6 +46,10 @@ pub struct ModelMeta {
     /// Feature map sizes (h, w) per scale the model was trained on, when known.
     #[serde(default)]
     pub map_sizes: Option<[[usize; 2]; 3]>,
+    /// Where the training features came from (backbone, feature block, input size, weights hash), as the
+    /// features file recorded it; `predict` on images must extract the same way.
+    #[serde(default)]
+    pub features: BTreeMap<String, String>,
     /// Scores of the training images after training.
     #[serde(default)]
     pub train_scores: Option<ScoreStats>,
@@ -61,7 +65,16 @@ pub struct ModelMeta {
 
 impl ModelMeta {
     pub fn new(flow: FlowConfig) -> Self {
-        Self { format_version: FORMAT_VERSION, flow, map_sizes: None, train_scores: None, threshold: None, training: None, epochs_done: 0 }
+        Self {
+            format_version: FORMAT_VERSION,
+            flow,
+            map_sizes: None,
+            features: BTreeMap::new(),
+            train_scores: None,
+            threshold: None,
+            training: None,
+            epochs_done: 0,
+        }
     }
 }
 
