@@ -78,6 +78,7 @@ fn extraction(config: EfficientNetConfig, size: usize, reps: usize) -> f64 {
 }
 
 fn main() {
+    csflow::memory::retain_freed_memory();
     let reps: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(5);
     let dev = Device::Cpu;
     let x = Tensor::randn(0f32, 1.0, (1, 240, 96, 96), &dev).unwrap();

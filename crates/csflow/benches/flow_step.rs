@@ -13,6 +13,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn main() -> csflow::Result<()> {
+    csflow::memory::retain_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let size = args.first().map(String::as_str).unwrap_or("paper");
     let batch: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(1);

@@ -9,6 +9,7 @@ pub mod error;
 pub mod extract;
 pub mod flow;
 pub mod io;
+pub mod memory;
 pub mod metrics;
 pub mod score;
 pub mod train;
