@@ -3,13 +3,17 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use csflow::extract::{assemble, check_size, content_hash, list_images, load_backbone_weights, Cache, FeatureExtractor};
+use csflow::extract::{
+    assemble, check_size, content_hash, list_images, load_backbone_weights, Cache, FeatureExtractor,
+};
 use csflow::io::{preprocess, save_features, write_safetensors};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Parses `256` or `384x256` (height x width).
 pub fn parse_size(s: &str) -> Result<[usize; 2], String> {
-    let parse = |v: &str| v.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a size: use 256 or 384x256 (height x width)"));
+    let parse = |v: &str| {
+        v.trim().parse::<usize>().map_err(|_| format!("`{s}` is not a size: use 256 or 384x256 (height x width)"))
+    };
     let size = match s.split_once(['x', 'X']) {
         Some((h, w)) => [parse(h)?, parse(w)?],
         None => [parse(s)?; 2],
@@ -42,7 +46,8 @@ pub struct ExtractArgs {
 
 pub fn run(a: ExtractArgs) -> Result<()> {
     let weights = load_backbone_weights(&a.weights)?;
-    let ex = FeatureExtractor::new(&a.backbone, &weights, a.block, a.size).with_context(|| format!("{}", a.weights.display()))?;
+    let ex = FeatureExtractor::new(&a.backbone, &weights, a.block, a.size)
+        .with_context(|| format!("{}", a.weights.display()))?;
     let images = list_images(&a.images)?;
     let settings: BTreeMap<String, String> = [
         ("backbone".to_string(), a.backbone.clone()),
@@ -53,7 +58,10 @@ pub fn run(a: ExtractArgs) -> Result<()> {
     .into();
     let cache = Cache::open(&a.output, &settings);
     let bar = ProgressBar::new(images.len() as u64);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} images, eta {eta} {msg}")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} images, eta {eta} {msg}")?
+            .progress_chars("=> "),
+    );
     let (mut rows, mut failed, mut reused) = (Vec::new(), 0usize, 0usize);
     for (path, label) in &images {
         let shown = path.display().to_string();

@@ -75,12 +75,16 @@ pub fn run(a: FitArgs) -> Result<()> {
 
     let steps_per_epoch = data.len().div_ceil(a.batch_size.max(1));
     let bar = ProgressBar::new((a.epochs * steps_per_epoch) as u64);
-    bar.set_style(ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}")?.progress_chars("=> "));
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}")?
+            .progress_chars("=> "),
+    );
     let mut meta = init_meta.unwrap_or_else(|| ModelMeta::new(config.clone()));
     let dims = |i: usize| [data.scales[i].dims()[2], data.scales[i].dims()[3]];
     meta.map_sizes = Some([dims(0), dims(1), dims(2)]);
     meta.training = Some(train.clone());
-    meta.features = data.extra.iter().filter(|(k, _)| k.as_str() != "hashes").map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.features =
+        data.extra.iter().filter(|(k, _)| k.as_str() != "hashes").map(|(k, v)| (k.clone(), v.clone())).collect();
     let start_epochs = meta.epochs_done;
 
     for epoch in 0..a.epochs {
@@ -89,7 +93,9 @@ pub fn run(a: FitArgs) -> Result<()> {
                 bar.inc(1);
                 bar.set_message(format!("loss {loss:.4}"));
             }
-            Event::Epoch { epoch, mean_loss } => bar.suspend(|| eprintln!("epoch {:>4}  loss {mean_loss:.6}", epoch + 1)),
+            Event::Epoch { epoch, mean_loss } => {
+                bar.suspend(|| eprintln!("epoch {:>4}  loss {mean_loss:.6}", epoch + 1))
+            }
         })?;
         if !mean.is_finite() {
             bail!("the loss is not finite");

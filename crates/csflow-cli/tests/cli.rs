@@ -24,8 +24,21 @@ fn fit_from_authors_weights_then_predict_equals_pytorch() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model.safetensors");
     let out = csflow(&[
-        "fit", "--features", s(&f.join("train_features.safetensors")), "--init", s(&f.join("training_init.safetensors")),
-        "--epochs", "4", "--batch-size", "4", "--lr", "1e-3", "--seed", "3", "-o", s(&model),
+        "fit",
+        "--features",
+        s(&f.join("train_features.safetensors")),
+        "--init",
+        s(&f.join("training_init.safetensors")),
+        "--epochs",
+        "4",
+        "--batch-size",
+        "4",
+        "--lr",
+        "1e-3",
+        "--seed",
+        "3",
+        "-o",
+        s(&model),
     ]);
     assert!(out.status.success(), "fit failed: {}", String::from_utf8_lossy(&out.stderr));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -86,7 +99,19 @@ fn bad_files_get_clear_errors() {
 #[test]
 fn channel_mismatch_is_reported() {
     let dir = tempfile::tempdir().unwrap();
-    let out = csflow(&["demo-features", "--out", s(dir.path()), "--train", "4", "--test", "2", "--channels", "8", "--map", "8"]);
+    let out = csflow(&[
+        "demo-features",
+        "--out",
+        s(dir.path()),
+        "--train",
+        "4",
+        "--test",
+        "2",
+        "--channels",
+        "8",
+        "--map",
+        "8",
+    ]);
     assert!(out.status.success());
     let init = fixtures().join("training_init.safetensors");
     let feats = dir.path().join("test.safetensors");

@@ -51,17 +51,15 @@ impl CustomOp1 for Resize {
         let (ty, tx) = (taps(h, oh), taps(w, ow));
         let mut out = vec![0f32; n * c * oh * ow];
         if oh * ow > 0 {
-            out.par_chunks_mut(oh * ow)
-                .zip(src.par_chunks(h * w))
-                .for_each(|(o, s)| {
-                    for (y, t) in ty.iter().enumerate() {
-                        let (r0, r1) = (&s[t.i0 * w..(t.i0 + 1) * w], &s[t.i1 * w..(t.i1 + 1) * w]);
-                        for (x, u) in tx.iter().enumerate() {
-                            o[y * ow + x] = t.w0 * (u.w0 * r0[u.i0] + u.w1 * r0[u.i1])
-                                + t.w1 * (u.w0 * r1[u.i0] + u.w1 * r1[u.i1]);
-                        }
+            out.par_chunks_mut(oh * ow).zip(src.par_chunks(h * w)).for_each(|(o, s)| {
+                for (y, t) in ty.iter().enumerate() {
+                    let (r0, r1) = (&s[t.i0 * w..(t.i0 + 1) * w], &s[t.i1 * w..(t.i1 + 1) * w]);
+                    for (x, u) in tx.iter().enumerate() {
+                        o[y * ow + x] =
+                            t.w0 * (u.w0 * r0[u.i0] + u.w1 * r0[u.i1]) + t.w1 * (u.w0 * r1[u.i0] + u.w1 * r1[u.i1]);
                     }
-                });
+                }
+            });
         }
         Ok((CpuStorage::F32(out), Shape::from((n, c, oh, ow))))
     }
@@ -91,19 +89,17 @@ impl CustomOp1 for ResizeBackward {
         let (ty, tx) = (taps(h, oh), taps(w, ow));
         let mut out = vec![0f32; n * c * h * w];
         if oh * ow > 0 && h * w > 0 {
-            out.par_chunks_mut(h * w)
-                .zip(g.par_chunks(oh * ow))
-                .for_each(|(o, g)| {
-                    for (y, t) in ty.iter().enumerate() {
-                        for (x, u) in tx.iter().enumerate() {
-                            let v = g[y * ow + x];
-                            o[t.i0 * w + u.i0] += t.w0 * u.w0 * v;
-                            o[t.i0 * w + u.i1] += t.w0 * u.w1 * v;
-                            o[t.i1 * w + u.i0] += t.w1 * u.w0 * v;
-                            o[t.i1 * w + u.i1] += t.w1 * u.w1 * v;
-                        }
+            out.par_chunks_mut(h * w).zip(g.par_chunks(oh * ow)).for_each(|(o, g)| {
+                for (y, t) in ty.iter().enumerate() {
+                    for (x, u) in tx.iter().enumerate() {
+                        let v = g[y * ow + x];
+                        o[t.i0 * w + u.i0] += t.w0 * u.w0 * v;
+                        o[t.i0 * w + u.i1] += t.w0 * u.w1 * v;
+                        o[t.i1 * w + u.i0] += t.w1 * u.w0 * v;
+                        o[t.i1 * w + u.i1] += t.w1 * u.w1 * v;
                     }
-                });
+                }
+            });
         }
         Ok((CpuStorage::F32(out), Shape::from((n, c, h, w))))
     }

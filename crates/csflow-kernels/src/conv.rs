@@ -157,11 +157,24 @@ fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, acc
     // elements at the given strides, dst is an exclusive m x n row-major buffer.
     unsafe {
         gemm::gemm(
-            m, n, k,
-            dst.as_mut_ptr(), 1, n as isize, accumulate,
-            lhs.ptr, lhs.cs, lhs.rs,
-            rhs.ptr, rhs.cs, rhs.rs,
-            1.0, 1.0, false, false, false,
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            lhs.ptr,
+            lhs.cs,
+            lhs.rs,
+            rhs.ptr,
+            rhs.cs,
+            rhs.rs,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
             threads(),
         )
     }
@@ -177,8 +190,17 @@ impl CustomOp3 for Conv {
         "csflow-conv2d"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (f32_slice(xs, xl, self.name())?, f32_slice(ws, wl, self.name())?, f32_slice(bs, bl, self.name())?);
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) =
+            (f32_slice(xs, xl, self.name())?, f32_slice(ws, wl, self.name())?, f32_slice(bs, bl, self.name())?);
         let g = Geom::new(xl.dims(), wl.dims(), self.stride, self.pad)?;
         if b.len() != g.cout {
             candle_core::bail!("conv2d: bias has {} values for {} output channels", b.len(), g.cout);
@@ -205,7 +227,14 @@ impl CustomOp3 for Conv {
         Ok((CpuStorage::F32(out), Shape::from((n, g.cout, g.ho, g.wo))))
     }
 
-    fn bwd(&self, x: &Tensor, w: &Tensor, _b: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let grad = grad.contiguous()?;
         let (h, wd) = (x.dim(2)?, x.dim(3)?);
         let gx = grad.apply_op2_no_bwd(w, &ConvInputGrad { stride: self.stride, pad: self.pad, h, w: wd })?;
@@ -247,7 +276,15 @@ impl CustomOp2 for ConvInputGrad {
             let m = chunk.min(n - s0);
             let ld = m * hw;
             to_rows(&gr[s0 * g.cout * hw..(s0 + m) * g.cout * hw], m, g.cout, hw, &mut gt[..g.cout * ld]);
-            matmul(&mut cols[..k * ld], k, ld, g.cout, Mat::transposed(w.as_ptr(), k), Mat::plain(gt.as_ptr(), ld), false);
+            matmul(
+                &mut cols[..k * ld],
+                k,
+                ld,
+                g.cout,
+                Mat::transposed(w.as_ptr(), k),
+                Mat::plain(gt.as_ptr(), ld),
+                false,
+            );
             for j in 0..m {
                 g.col2im(&cols, ld, j * hw, &mut out[(s0 + j) * plane..(s0 + j + 1) * plane]);
             }
@@ -310,7 +347,9 @@ mod tests {
     /// Against candle's own convolution (an independent implementation), values and all three gradients.
     #[test]
     fn matches_candle_conv_and_its_gradients() {
-        for &(stride, k, h, w) in &[(1usize, 3usize, 7usize, 6usize), (2, 3, 8, 8), (2, 5, 9, 7), (1, 5, 4, 4), (1, 1, 3, 5)] {
+        for &(stride, k, h, w) in
+            &[(1usize, 3usize, 7usize, 6usize), (2, 3, 8, 8), (2, 5, 9, 7), (1, 5, 4, 4), (1, 1, 3, 5)]
+        {
             compare_with_candle(2, 3, 4, stride, k, h, w);
         }
     }
@@ -330,11 +369,18 @@ mod tests {
             let wt = Var::from_vec(data(cout * cin * k * k, 2), (cout, cin, k, k), &dev).unwrap();
             let b = Var::from_vec(data(cout, 3), cout, &dev).unwrap();
             let ours = conv2d(&x, &wt, &b, stride, pad).unwrap();
-            let theirs = x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
+            let theirs =
+                x.conv2d(&wt, pad, stride, 1, 1).unwrap().broadcast_add(&b.reshape((1, cout, 1, 1)).unwrap()).unwrap();
             assert_eq!(ours.dims(), theirs.dims());
-            let diff = |a: &Tensor, b: &Tensor| -> f32 { (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap() };
+            let diff = |a: &Tensor, b: &Tensor| -> f32 {
+                (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap()
+            };
             let scale: f32 = theirs.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            assert!(diff(&ours, &theirs) < 1e-5 * scale.max(1.0), "forward stride {stride} k {k}: {} of {scale}", diff(&ours, &theirs));
+            assert!(
+                diff(&ours, &theirs) < 1e-5 * scale.max(1.0),
+                "forward stride {stride} k {k}: {} of {scale}",
+                diff(&ours, &theirs)
+            );
             let up = Tensor::from_vec(data(ours.elem_count(), 4), ours.dims(), &dev).unwrap();
             let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &up).unwrap().sum_all().unwrap().backward().unwrap();
@@ -342,7 +388,11 @@ mod tests {
                 let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
                 // Relative to the gradient's size: sums of thousands of products round differently.
                 let scale: f32 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                assert!(diff(a, c) < 1e-5 * scale.max(1.0), "gradient stride {stride} k {k}: {} of {scale}", diff(a, c));
+                assert!(
+                    diff(a, c) < 1e-5 * scale.max(1.0),
+                    "gradient stride {stride} k {k}: {} of {scale}",
+                    diff(a, c)
+                );
             }
         }
     }

@@ -33,10 +33,23 @@ impl CustomOp3 for Depthwise {
         "csflow-depthwise-conv2d"
     }
 
-    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, ws: &CpuStorage, wl: &Layout, bs: &CpuStorage, bl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = (f32_slice(xs, xl, self.name())?, f32_slice(ws, wl, self.name())?, f32_slice(bs, bl, self.name())?);
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (x, w, b) =
+            (f32_slice(xs, xl, self.name())?, f32_slice(ws, wl, self.name())?, f32_slice(bs, bl, self.name())?);
         let (&[n, c, h, wd], &[wc, one, kh, kw]) = (xl.dims(), wl.dims()) else {
-            candle_core::bail!("depthwise conv: expected x [N, C, H, W] and w [C, 1, k, k], got {:?} and {:?}", xl.dims(), wl.dims());
+            candle_core::bail!(
+                "depthwise conv: expected x [N, C, H, W] and w [C, 1, k, k], got {:?} and {:?}",
+                xl.dims(),
+                wl.dims()
+            );
         };
         if wc != c || one != 1 || b.len() != c {
             candle_core::bail!("depthwise conv: {c} channels but weight {:?} and bias {}", wl.dims(), b.len());
@@ -56,7 +69,8 @@ impl CustomOp3 for Depthwise {
                 let ch = plane_idx % c;
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
                 for y in 0..h {
-                    padded[(y + p.top) * pw + p.left..(y + p.top) * pw + p.left + wd].copy_from_slice(&src[y * wd..(y + 1) * wd]);
+                    padded[(y + p.top) * pw + p.left..(y + p.top) * pw + p.left + wd]
+                        .copy_from_slice(&src[y * wd..(y + 1) * wd]);
                 }
                 let filt = &w[ch * kh * kw..(ch + 1) * kh * kw];
                 for oy in 0..ho {
@@ -94,7 +108,15 @@ const LANES: usize = 16;
 /// tap. Accumulates LANES outputs at a time over every tap before storing them, so the inner loop is one
 /// vector FMA per tap instead of a load-FMA-store pass over the whole row.
 #[inline(always)]
-fn row_stride1<const FMA: bool>(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: usize, bias: f32, out: &mut [f32]) {
+fn row_stride1<const FMA: bool>(
+    rows: &[f32],
+    pw: usize,
+    filt: &[f32],
+    kh: usize,
+    kw: usize,
+    bias: f32,
+    out: &mut [f32],
+) {
     let wo = out.len();
     let mut x0 = 0;
     while x0 + LANES <= wo {
@@ -140,7 +162,14 @@ fn row_stride1_dispatch(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: us
 }
 
 /// Depthwise convolution x [N, C, H, W] * w [C, 1, k, k] + b [C], then `act`. Inference only.
-pub fn depthwise_conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: Padding, act: Activation) -> Result<Tensor> {
+pub fn depthwise_conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: Padding,
+    act: Activation,
+) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Depthwise { stride, pad, act })
 }
 

@@ -20,9 +20,9 @@ use candle_core::{CpuStorage, Layout, Result};
 
 /// The contiguous f32 data behind a custom op's argument.
 fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&'a [f32]> {
-    let data = storage.as_slice::<f32>().map_err(|_| {
-        candle_core::Error::Msg(format!("{op}: only f32 tensors are supported"))
-    })?;
+    let data = storage
+        .as_slice::<f32>()
+        .map_err(|_| candle_core::Error::Msg(format!("{op}: only f32 tensors are supported")))?;
     match layout.contiguous_offsets() {
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: argument must be contiguous"),

@@ -17,11 +17,15 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn time(reps: usize, mut f: impl FnMut()) -> f64 {
     f();
-    median((0..reps).map(|_| {
-        let t = Instant::now();
-        f();
-        t.elapsed().as_secs_f64()
-    }).collect())
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
 }
 
 /// Random weights with the names and shapes a config needs (BatchNorm statistics near identity).
@@ -30,7 +34,10 @@ fn random_weights(c: &EfficientNetConfig) -> BTreeMap<String, Tensor> {
     let mut w = BTreeMap::new();
     let mut conv = |name: &str, shape: &[usize]| {
         let fan: usize = shape[1..].iter().product();
-        w.insert(format!("{name}.weight"), (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() / (fan as f64).sqrt()).unwrap());
+        w.insert(
+            format!("{name}.weight"),
+            (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() / (fan as f64).sqrt()).unwrap(),
+        );
     };
     conv("_conv_stem", &[c.stem_channels, 3, 3, 3]);
     let mut bns = vec![("_bn0".to_string(), c.stem_channels)];
@@ -69,7 +76,8 @@ fn random_weights(c: &EfficientNetConfig) -> BTreeMap<String, Tensor> {
 fn extraction(config: EfficientNetConfig, size: usize, reps: usize) -> f64 {
     let block = config.feature_block;
     let net = EfficientNet::load(config.clone(), &random_weights(&config), Some(block)).unwrap();
-    let xs: Vec<Tensor> = (0..3).map(|s| Tensor::randn(0f32, 1.0, (1, 3, size >> s, size >> s), &Device::Cpu).unwrap()).collect();
+    let xs: Vec<Tensor> =
+        (0..3).map(|s| Tensor::randn(0f32, 1.0, (1, 3, size >> s, size >> s), &Device::Cpu).unwrap()).collect();
     time(reps, || {
         for x in &xs {
             net.features(x, block).unwrap();

@@ -19,11 +19,8 @@ pub fn load_backbone_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     };
     // Zip archives start with "PK"; legacy checkpoints with a pickle PROTO opcode; anything else is
     // tried as safetensors (an 8-byte header length).
-    let tensors = if n >= 2 && (&head[..2] == b"PK" || head[0] == 0x80) {
-        read_pth(path)?
-    } else {
-        read_safetensors(path)?.0
-    };
+    let tensors =
+        if n >= 2 && (&head[..2] == b"PK" || head[0] == 0x80) { read_pth(path)? } else { read_safetensors(path)?.0 };
     // Checkpoints saved from wrappers prefix every name; the EfficientNet names start at `_conv_stem`.
     let prefix = tensors
         .keys()
@@ -43,7 +40,12 @@ pub struct FeatureExtractor {
 impl FeatureExtractor {
     /// `backbone` as the packages name it (`efficientnet-lite0`), weights by their PyTorch names, the
     /// feature block (default: the last block at stride 32) and the input size.
-    pub fn new(backbone: &str, weights: &BTreeMap<String, Tensor>, block: Option<usize>, size: [usize; 2]) -> Result<Self> {
+    pub fn new(
+        backbone: &str,
+        weights: &BTreeMap<String, Tensor>,
+        block: Option<usize>,
+        size: [usize; 2],
+    ) -> Result<Self> {
         let config = EfficientNetConfig::from_name(backbone)?;
         check_size(size)?;
         let block = block.unwrap_or(config.feature_block);
@@ -114,7 +116,10 @@ pub fn content_hash(bytes: &[u8]) -> String {
 }
 
 /// Builds a features file from per-image rows, recording settings and content hashes in the metadata.
-pub fn assemble(rows: Vec<(String, String, Option<u8>, [Tensor; 3])>, settings: &BTreeMap<String, String>) -> Result<FeatureSet> {
+pub fn assemble(
+    rows: Vec<(String, String, Option<u8>, [Tensor; 3])>,
+    settings: &BTreeMap<String, String>,
+) -> Result<FeatureSet> {
     if rows.is_empty() {
         return Err(Error::Invalid("no image could be read, so there are no features to write".into()));
     }
@@ -124,7 +129,10 @@ pub fn assemble(rows: Vec<(String, String, Option<u8>, [Tensor; 3])>, settings: 
     };
     let labels: Option<Vec<u8>> = rows.iter().map(|r| r.2).collect();
     let mut extra = settings.clone();
-    extra.insert("hashes".into(), serde_json::to_string(&rows.iter().map(|r| &r.1).collect::<Vec<_>>()).expect("strings"));
+    extra.insert(
+        "hashes".into(),
+        serde_json::to_string(&rows.iter().map(|r| &r.1).collect::<Vec<_>>()).expect("strings"),
+    );
     Ok(FeatureSet {
         scales: [cat(0)?, cat(1)?, cat(2)?],
         paths: rows.iter().map(|r| r.0.clone()).collect(),
@@ -152,14 +160,18 @@ pub fn list_images(dir: &Path) -> Result<Vec<(PathBuf, Option<u8>)>> {
     let mut files = Vec::new();
     walk(dir, &mut files).map_err(|e| Error::io(dir, e))?;
     if files.is_empty() {
-        return Err(Error::format(dir, "no images found (looked for png, jpg, jpeg, bmp, tif, tiff, webp, recursively)"));
+        return Err(Error::format(
+            dir,
+            "no images found (looked for png, jpg, jpeg, bmp, tif, tiff, webp, recursively)",
+        ));
     }
     let labelled = dir.join("good").is_dir();
     Ok(files
         .into_iter()
         .map(|p| {
             let label = labelled.then(|| {
-                let top = p.strip_prefix(dir).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str().to_owned());
+                let top =
+                    p.strip_prefix(dir).ok().and_then(|r| r.components().next()).map(|c| c.as_os_str().to_owned());
                 u8::from(top.as_deref() != Some(std::ffi::OsStr::new("good")))
             });
             (p, label)

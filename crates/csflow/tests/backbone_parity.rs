@@ -27,7 +27,8 @@ fn weights(fx: &Fixture) -> BTreeMap<String, Tensor> {
         .iter()
         .map(|(name, shape)| {
             let (c, h) = spread(name, shape);
-            let v: Vec<f32> = formula_uniform(name, shape.iter().product(), seed).into_iter().map(|u| c + h * u).collect();
+            let v: Vec<f32> =
+                formula_uniform(name, shape.iter().product(), seed).into_iter().map(|u| c + h * u).collect();
             (name.clone(), Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap())
         })
         .collect()

@@ -107,7 +107,11 @@ fn decoding_matches_pil_convert_rgb() {
         let (mean, max, n) = diff(&got, &want);
         match lossy_tolerance(&file) {
             Some((tol_mean, tol_max)) => {
-                println!("{file:28} {}x{}: mean |diff| {mean:.4}, max {max}, {n} samples differ", got.height(), got.width());
+                println!(
+                    "{file:28} {}x{}: mean |diff| {mean:.4}, max {max}, {n} samples differ",
+                    got.height(),
+                    got.width()
+                );
                 assert!(mean <= tol_mean && max <= tol_max, "{file}: mean {mean}, max {max}");
             }
             None => {
@@ -126,7 +130,8 @@ fn decoding_matches_pil_convert_rgb() {
 
 #[test]
 fn decoding_from_memory_equals_decoding_the_file() {
-    for file in ["coffee.bmp", "chelsea_rgba16.png", "coffee_q90.jpg", "chelsea_rgba_lossless.webp", "grass_gray16.tif"] {
+    for file in ["coffee.bmp", "chelsea_rgba16.png", "coffee_q90.jpg", "chelsea_rgba_lossless.webp", "grass_gray16.tif"]
+    {
         let path = dir().join(file);
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(decode_rgb(&bytes, Path::new(file)).unwrap(), load_rgb(&path).unwrap(), "{file}");

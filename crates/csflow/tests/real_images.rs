@@ -33,9 +33,10 @@ fn lite0_logits_equal_pytorch_on_the_same_input() {
         let logits = net.logits(&to_normalized_tensor(&img).unwrap()).unwrap();
         let want = fx.t(name);
         let got = to_vec(&logits);
-        let (d, n): (f64, f64) = got.iter().zip(to_vec(want)).fold((0.0, 0.0), |(d, n), (a, b)| {
-            (d + (*a as f64 - b as f64).powi(2), n + (b as f64).powi(2))
-        });
+        let (d, n): (f64, f64) = got
+            .iter()
+            .zip(to_vec(want))
+            .fold((0.0, 0.0), |(d, n), (a, b)| (d + (*a as f64 - b as f64).powi(2), n + (b as f64).powi(2)));
         let err = (d / n).sqrt();
         println!("{name}: class {} (PyTorch {class}), logits rel err {err:.2e}", argmax(&got));
         assert_eq!(argmax(&got), class);

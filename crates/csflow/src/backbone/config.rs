@@ -92,22 +92,57 @@ impl EfficientNetConfig {
                 feature_block = blocks.len() - 1;
             }
         }
-        Self { name: name.into(), native_size: native, stem_channels: stem, head_channels: head, blocks, lite, num_classes: 1000, feature_block }
+        Self {
+            name: name.into(),
+            native_size: native,
+            stem_channels: stem,
+            head_channels: head,
+            blocks,
+            lite,
+            num_classes: 1000,
+            feature_block,
+        }
     }
 
-    pub fn b0() -> Self { Self::build("efficientnet-b0", 1.0, 1.0, 224, false) }
-    pub fn b1() -> Self { Self::build("efficientnet-b1", 1.0, 1.1, 240, false) }
-    pub fn b2() -> Self { Self::build("efficientnet-b2", 1.1, 1.2, 260, false) }
-    pub fn b3() -> Self { Self::build("efficientnet-b3", 1.2, 1.4, 300, false) }
-    pub fn b4() -> Self { Self::build("efficientnet-b4", 1.4, 1.8, 380, false) }
-    pub fn b5() -> Self { Self::build("efficientnet-b5", 1.6, 2.2, 456, false) }
-    pub fn b6() -> Self { Self::build("efficientnet-b6", 1.8, 2.6, 528, false) }
-    pub fn b7() -> Self { Self::build("efficientnet-b7", 2.0, 3.1, 600, false) }
-    pub fn lite0() -> Self { Self::build("efficientnet-lite0", 1.0, 1.0, 224, true) }
-    pub fn lite1() -> Self { Self::build("efficientnet-lite1", 1.0, 1.1, 240, true) }
-    pub fn lite2() -> Self { Self::build("efficientnet-lite2", 1.1, 1.2, 260, true) }
-    pub fn lite3() -> Self { Self::build("efficientnet-lite3", 1.2, 1.4, 280, true) }
-    pub fn lite4() -> Self { Self::build("efficientnet-lite4", 1.4, 1.8, 300, true) }
+    pub fn b0() -> Self {
+        Self::build("efficientnet-b0", 1.0, 1.0, 224, false)
+    }
+    pub fn b1() -> Self {
+        Self::build("efficientnet-b1", 1.0, 1.1, 240, false)
+    }
+    pub fn b2() -> Self {
+        Self::build("efficientnet-b2", 1.1, 1.2, 260, false)
+    }
+    pub fn b3() -> Self {
+        Self::build("efficientnet-b3", 1.2, 1.4, 300, false)
+    }
+    pub fn b4() -> Self {
+        Self::build("efficientnet-b4", 1.4, 1.8, 380, false)
+    }
+    pub fn b5() -> Self {
+        Self::build("efficientnet-b5", 1.6, 2.2, 456, false)
+    }
+    pub fn b6() -> Self {
+        Self::build("efficientnet-b6", 1.8, 2.6, 528, false)
+    }
+    pub fn b7() -> Self {
+        Self::build("efficientnet-b7", 2.0, 3.1, 600, false)
+    }
+    pub fn lite0() -> Self {
+        Self::build("efficientnet-lite0", 1.0, 1.0, 224, true)
+    }
+    pub fn lite1() -> Self {
+        Self::build("efficientnet-lite1", 1.0, 1.1, 240, true)
+    }
+    pub fn lite2() -> Self {
+        Self::build("efficientnet-lite2", 1.1, 1.2, 260, true)
+    }
+    pub fn lite3() -> Self {
+        Self::build("efficientnet-lite3", 1.2, 1.4, 280, true)
+    }
+    pub fn lite4() -> Self {
+        Self::build("efficientnet-lite4", 1.4, 1.8, 300, true)
+    }
 
     /// The configuration for a name as the packages spell it (`efficientnet-b5`, `efficientnet-lite0`).
     pub fn from_name(name: &str) -> Result<Self> {
@@ -163,7 +198,10 @@ mod tests {
         let l4 = EfficientNetConfig::lite4();
         assert_eq!((l4.stem_channels, l4.head_channels, l4.blocks[0].input_filters), (32, 1280, 32));
         // The first and last stages keep one block in Lite even when depth scales.
-        assert_eq!(l4.blocks.iter().filter(|b| b.output_filters == l4.blocks.last().unwrap().output_filters).count(), 1);
+        assert_eq!(
+            l4.blocks.iter().filter(|b| b.output_filters == l4.blocks.last().unwrap().output_filters).count(),
+            1
+        );
     }
 
     #[test]

@@ -118,22 +118,44 @@ fn pad2(native: [usize; 2], k: usize, s: usize) -> Padding {
 impl EfficientNet {
     /// Builds the network from PyTorch-named tensors (`_conv_stem.weight`, `_blocks.3._bn1.running_var`, ...).
     /// `last_block` limits loading to the blocks a feature tap needs; `None` loads all and the classifier.
-    pub fn load(config: EfficientNetConfig, tensors: &BTreeMap<String, Tensor>, last_block: Option<usize>) -> Result<Self> {
+    pub fn load(
+        config: EfficientNetConfig,
+        tensors: &BTreeMap<String, Tensor>,
+        last_block: Option<usize>,
+    ) -> Result<Self> {
         let w = Weights(tensors);
         let n = config.native_size;
         let stem = w.conv_bn("_conv_stem", "_bn0", [config.stem_channels, 3, 3, 3], 2, pad2([n, n], 3, 2))?;
         let upto = last_block.unwrap_or(config.blocks.len() - 1);
         if upto >= config.blocks.len() {
-            return Err(Error::Invalid(format!("{} has blocks 0..={}, not {upto}", config.name, config.blocks.len() - 1)));
+            return Err(Error::Invalid(format!(
+                "{} has blocks 0..={}, not {upto}",
+                config.name,
+                config.blocks.len() - 1
+            )));
         }
         let mut blocks = Vec::new();
         for (i, b) in config.blocks.iter().enumerate().take(upto + 1) {
             let p = format!("_blocks.{i}");
             let mid = b.input_filters * b.expand_ratio;
             let expand = (b.expand_ratio != 1)
-                .then(|| w.conv_bn(&format!("{p}._expand_conv"), &format!("{p}._bn0"), [mid, b.input_filters, 1, 1], 1, Padding::symmetric(0)))
+                .then(|| {
+                    w.conv_bn(
+                        &format!("{p}._expand_conv"),
+                        &format!("{p}._bn0"),
+                        [mid, b.input_filters, 1, 1],
+                        1,
+                        Padding::symmetric(0),
+                    )
+                })
                 .transpose()?;
-            let depthwise = w.conv_bn(&format!("{p}._depthwise_conv"), &format!("{p}._bn1"), [mid, 1, b.kernel, b.kernel], b.stride, pad2(b.native_in, b.kernel, b.stride))?;
+            let depthwise = w.conv_bn(
+                &format!("{p}._depthwise_conv"),
+                &format!("{p}._bn1"),
+                [mid, 1, b.kernel, b.kernel],
+                b.stride,
+                pad2(b.native_in, b.kernel, b.stride),
+            )?;
             let se = match b.se_channels {
                 Some(sq) => Some(SqueezeExcite {
                     reduce_w: w.get(&format!("{p}._se_reduce.weight"), &[sq, mid, 1, 1])?.reshape((sq, mid))?,
@@ -143,7 +165,13 @@ impl EfficientNet {
                 }),
                 None => None,
             };
-            let project = w.conv_bn(&format!("{p}._project_conv"), &format!("{p}._bn2"), [b.output_filters, mid, 1, 1], 1, Padding::symmetric(0))?;
+            let project = w.conv_bn(
+                &format!("{p}._project_conv"),
+                &format!("{p}._bn2"),
+                [b.output_filters, mid, 1, 1],
+                1,
+                Padding::symmetric(0),
+            )?;
             blocks.push(MbConv { expand, depthwise, se, project, skip: b.skip });
         }
         let head = if last_block.is_none() {
@@ -187,7 +215,8 @@ impl EfficientNet {
 
     /// ImageNet logits [N, classes] (needs the full network loaded).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
-        let (conv, fc_w, fc_b) = self.head.as_ref().ok_or_else(|| Error::Invalid("the classifier head is not loaded".into()))?;
+        let (conv, fc_w, fc_b) =
+            self.head.as_ref().ok_or_else(|| Error::Invalid("the classifier head is not loaded".into()))?;
         let x = self.run_blocks(x, self.blocks.len() - 1)?;
         let x = conv.forward(&x, self.act)?.mean((2, 3))?;
         Ok(x.matmul(&fc_w.t()?)?.broadcast_add(fc_b)?)

@@ -39,7 +39,13 @@ fn pool2(x: &[f32], c: usize, m: usize) -> Vec<f32> {
 
 /// Train (good only) and test (half good, half with a defect; labelled) sets with `channels` channels and
 /// maps of `map`, `map/2`, `map/4` (map must be a multiple of 4).
-pub fn toy_features(n_train: usize, n_test: usize, channels: usize, map: usize, seed: u32) -> Result<(FeatureSet, FeatureSet)> {
+pub fn toy_features(
+    n_train: usize,
+    n_test: usize,
+    channels: usize,
+    map: usize,
+    seed: u32,
+) -> Result<(FeatureSet, FeatureSet)> {
     if map % 4 != 0 || map == 0 {
         return Err(crate::Error::Invalid(format!("the map size must be a positive multiple of 4, got {map}")));
     }

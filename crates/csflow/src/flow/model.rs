@@ -43,10 +43,7 @@ impl CsFlow {
         for (name, shape) in config.param_shapes() {
             let t = params.get(&name).ok_or_else(|| Error::Invalid(format!("missing parameter `{name}`")))?;
             if t.dims() != shape.as_slice() {
-                return Err(Error::Invalid(format!(
-                    "parameter `{name}` has shape {:?}, expected {shape:?}",
-                    t.dims()
-                )));
+                return Err(Error::Invalid(format!("parameter `{name}` has shape {:?}, expected {shape:?}", t.dims())));
             }
             if t.dtype() != DType::F32 {
                 return Err(Error::Invalid(format!("parameter `{name}` must be f32, is {:?}", t.dtype())));
@@ -118,10 +115,12 @@ impl CsFlow {
     /// Checks that `x` is three [B, C, h, w] maps with scale i twice the size of scale i + 1.
     pub fn check_input(&self, x: &[Tensor; 3]) -> Result<()> {
         let dims: Vec<&[usize]> = x.iter().map(|t| t.dims()).collect();
-        let bad = || Error::Invalid(format!(
+        let bad = || {
+            Error::Invalid(format!(
             "flow input must be 3 maps [B, {}, h, w] with each scale half the size of the previous one, got {dims:?}",
             self.config.channels
-        ));
+        ))
+        };
         for (i, d) in dims.iter().enumerate() {
             if d.len() != 4 || d[1] != self.config.channels || d[0] != dims[0][0] || d[2] == 0 || d[3] == 0 {
                 return Err(bad());
@@ -138,7 +137,8 @@ impl CsFlow {
         let mut x = x.clone();
         let mut logdet: Option<Tensor> = None;
         for (block, perm) in self.blocks.iter().zip(&self.perms) {
-            let permuted = [x[0].index_select(&perm[0], 1)?, x[1].index_select(&perm[1], 1)?, x[2].index_select(&perm[2], 1)?];
+            let permuted =
+                [x[0].index_select(&perm[0], 1)?, x[1].index_select(&perm[1], 1)?, x[2].index_select(&perm[2], 1)?];
             let (y, jac) = block.forward(&permuted)?;
             logdet = Some(match logdet {
                 None => jac,

@@ -30,7 +30,11 @@ pub struct Conv2d {
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
-        Ok(Self { weight: get(params, &format!("{prefix}.weight"))?, bias: get(params, &format!("{prefix}.bias"))?, stride })
+        Ok(Self {
+            weight: get(params, &format!("{prefix}.weight"))?,
+            bias: get(params, &format!("{prefix}.bias"))?,
+            stride,
+        })
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -86,10 +90,6 @@ impl CrossConvolutions {
         let o1 = ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
             + self.up_conv21.forward(&bilinear_up2(&h[2])?)?)?;
         let o2 = (self.conv_out[2].forward(&h[2])? + self.down_conv12.forward(&h[1])?)?;
-        Ok([
-            o0.broadcast_mul(&self.gamma[0])?,
-            o1.broadcast_mul(&self.gamma[1])?,
-            o2.broadcast_mul(&self.gamma[2])?,
-        ])
+        Ok([o0.broadcast_mul(&self.gamma[0])?, o1.broadcast_mul(&self.gamma[1])?, o2.broadcast_mul(&self.gamma[2])?])
     }
 }

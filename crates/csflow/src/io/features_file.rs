@@ -38,7 +38,9 @@ pub fn load_features(path: &Path) -> Result<FeatureSet> {
     let (mut tensors, mut meta) = read_safetensors(path)?;
     let bad = |m: String| Error::format(path, m);
     let mut take = |i: usize| {
-        tensors.remove(&format!("scale_{i}")).ok_or_else(|| bad(format!("no tensor `scale_{i}` (a features file has scale_0, scale_1, scale_2)")))
+        tensors
+            .remove(&format!("scale_{i}"))
+            .ok_or_else(|| bad(format!("no tensor `scale_{i}` (a features file has scale_0, scale_1, scale_2)")))
     };
     let scales = [take(0)?, take(1)?, take(2)?];
     let dims: Vec<Vec<usize>> = scales.iter().map(|t| t.dims().to_vec()).collect();
@@ -59,7 +61,8 @@ pub fn load_features(path: &Path) -> Result<FeatureSet> {
     }
     let paths = match meta.remove("paths") {
         Some(s) => {
-            let p: Vec<String> = serde_json::from_str(&s).map_err(|e| bad(format!("metadata `paths` is not a JSON array of strings ({e})")))?;
+            let p: Vec<String> = serde_json::from_str(&s)
+                .map_err(|e| bad(format!("metadata `paths` is not a JSON array of strings ({e})")))?;
             if p.len() != n {
                 return Err(bad(format!("metadata `paths` has {} entries for {n} samples", p.len())));
             }
@@ -69,7 +72,8 @@ pub fn load_features(path: &Path) -> Result<FeatureSet> {
     };
     let labels = match meta.remove("labels") {
         Some(s) => {
-            let l: Vec<u8> = serde_json::from_str(&s).map_err(|e| bad(format!("metadata `labels` is not a JSON array of 0/1 ({e})")))?;
+            let l: Vec<u8> = serde_json::from_str(&s)
+                .map_err(|e| bad(format!("metadata `labels` is not a JSON array of 0/1 ({e})")))?;
             if l.len() != n || l.iter().any(|&v| v > 1) {
                 return Err(bad(format!("metadata `labels` must hold {n} values, each 0 (good) or 1 (defect)")));
             }

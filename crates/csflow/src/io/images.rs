@@ -90,7 +90,10 @@ fn decode<R: BufRead + Seek>(reader: ImageReader<R>, path: &Path) -> Result<RgbI
 
 fn too_large(path: &Path, dims: Option<(u32, u32)>) -> Error {
     let size = dims.map(|(w, h)| format!(" ({w} x {h} pixels)")).unwrap_or_default();
-    Error::format(path, format!("image is too large{size}: csflow reads at most {MAX_PIXELS} pixels (e.g. 16384 x 16384)"))
+    Error::format(
+        path,
+        format!("image is too large{size}: csflow reads at most {MAX_PIXELS} pixels (e.g. 16384 x 16384)"),
+    )
 }
 
 fn image_error(path: &Path, format: Option<ImageFormat>, e: ImageError) -> Error {
@@ -180,11 +183,7 @@ pub fn resize_rgb(img: &RgbImage, height: usize, width: usize) -> Result<RgbImag
         src_w = width;
         vert_offset = first;
     }
-    let out = if need_vertical {
-        resample_vertical(src, src_w, height, vert_offset, &vert)
-    } else {
-        src.to_vec()
-    };
+    let out = if need_vertical { resample_vertical(src, src_w, height, vert_offset, &vert) } else { src.to_vec() };
     RgbImage::from_raw(width as u32, height as u32, out)
         .ok_or_else(|| Error::Invalid(format!("resize to {height}x{width}: output buffer size")))
 }

@@ -116,10 +116,13 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
             let m: ModelMeta = serde_json::from_str(json)
                 .map_err(|e| Error::format(path, format!("metadata `{META_KEY}` is not valid ({e})")))?;
             if m.format_version > FORMAT_VERSION {
-                return Err(Error::format(path, format!(
-                    "model format version {} is newer than this csflow understands ({FORMAT_VERSION})",
-                    m.format_version
-                )));
+                return Err(Error::format(
+                    path,
+                    format!(
+                        "model format version {} is newer than this csflow understands ({FORMAT_VERSION})",
+                        m.format_version
+                    ),
+                ));
             }
             m
         }

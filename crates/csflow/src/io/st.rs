@@ -40,7 +40,9 @@ pub fn write_safetensors(path: &Path, tensors: &BTreeMap<String, Tensor>, meta: 
     }
     let views: Vec<(String, TensorView<'_>)> = buffers
         .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Invalid(e.to_string()))?)))
+        .map(|(n, s, b)| {
+            Ok((n.clone(), TensorView::new(Dtype::F32, s.clone(), b).map_err(|e| Error::Invalid(e.to_string()))?))
+        })
         .collect::<Result<_>>()?;
     let meta = if meta.is_empty() { None } else { Some(meta) };
     let bytes = safetensors::tensor::serialize(views, meta).map_err(|e| Error::format(path, e.to_string()))?;

@@ -97,7 +97,8 @@ impl Trainer {
         let mut total = 0f64;
         for (step, chunk) in order.chunks(batch_size).enumerate() {
             let idx = Tensor::from_vec(chunk.to_vec(), chunk.len(), data[0].device())?;
-            let batch = [data[0].index_select(&idx, 0)?, data[1].index_select(&idx, 0)?, data[2].index_select(&idx, 0)?];
+            let batch =
+                [data[0].index_select(&idx, 0)?, data[1].index_select(&idx, 0)?, data[2].index_select(&idx, 0)?];
             let loss = self.step(&batch)?;
             total += loss as f64 * chunk.len() as f64;
             on_event(Event::Step { epoch: self.epochs_done, step, steps_per_epoch, loss });

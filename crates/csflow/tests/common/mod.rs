@@ -104,5 +104,9 @@ pub fn rel_err_vec(a: &[f32], b: &[f32]) -> f64 {
     assert_eq!(a.len(), b.len());
     let scale = b.iter().fold(0f64, |m, &x| m.max((x as f64).abs()));
     let diff = a.iter().zip(b).fold(0f64, |m, (&x, &y)| m.max((x as f64 - y as f64).abs()));
-    if scale == 0.0 { diff } else { diff / scale }
+    if scale == 0.0 {
+        diff
+    } else {
+        diff / scale
+    }
 }
