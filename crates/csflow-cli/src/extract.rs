@@ -47,13 +47,16 @@ pub struct ExtractArgs {
 pub fn run(a: ExtractArgs) -> Result<()> {
     let weights = load_backbone_weights(&a.weights)?;
     let ex = FeatureExtractor::new(&a.backbone, &weights, a.block, a.size)
-        .with_context(|| format!("{}", a.weights.display()))?;
+        .with_context(|| format!("{} as {}", a.weights.display(), a.backbone))?;
     let images = list_images(&a.images)?;
     let settings: BTreeMap<String, String> = [
         ("backbone".to_string(), a.backbone.clone()),
         ("feature_block".to_string(), ex.block.to_string()),
         ("input_size".to_string(), format!("{}x{}", a.size[0], a.size[1])),
-        ("weights_hash".to_string(), content_hash(&std::fs::read(&a.weights)?)),
+        (
+            "weights_hash".to_string(),
+            content_hash(&std::fs::read(&a.weights).with_context(|| format!("{}", a.weights.display()))?),
+        ),
     ]
     .into();
     let cache = Cache::open(&a.output, &settings);
@@ -74,7 +77,8 @@ pub fn run(a: ExtractArgs) -> Result<()> {
                 return Ok((hash, row));
             }
             let (pyramid, _) = preprocess(path, a.size[0], a.size[1], 3)?;
-            Ok((hash, ex.features(&pyramid)?))
+            let features = ex.features(&pyramid).map_err(|e| csflow::Error::format(path, e.to_string()))?;
+            Ok((hash, features))
         })();
         match result {
             Ok((hash, f)) => rows.push((shown, hash, *label, f)),

@@ -83,6 +83,9 @@ pub fn run(a: FitArgs) -> Result<()> {
     let dims = |i: usize| [data.scales[i].dims()[2], data.scales[i].dims()[3]];
     meta.map_sizes = Some([dims(0), dims(1), dims(2)]);
     meta.training = Some(train.clone());
+    // A threshold and score statistics belong to the weights they were measured on.
+    meta.threshold = None;
+    meta.train_scores = None;
     meta.features =
         data.extra.iter().filter(|(k, _)| k.as_str() != "hashes").map(|(k, v)| (k.clone(), v.clone())).collect();
     let start_epochs = meta.epochs_done;

@@ -63,7 +63,7 @@ impl CustomOp3 for Depthwise {
         // Every element is written below, so the buffer skips zeroing (8.8 MB for a 240x96x96 map).
         let mut out: Vec<f32> = Vec::with_capacity(n * c * ho * wo);
         let act = self.act;
-        out.spare_capacity_mut().par_chunks_mut(ho * wo).enumerate().for_each_init(
+        out.spare_capacity_mut()[..n * c * ho * wo].par_chunks_mut(ho * wo).enumerate().for_each_init(
             || (vec![0f32; ph * pw], vec![0f32; wo]),
             |(padded, acc), (plane_idx, o)| {
                 let ch = plane_idx % c;

@@ -11,16 +11,15 @@ use crate::{Error, Result};
 
 /// Reads backbone weights from a PyTorch checkpoint (zip or legacy) or a safetensors file, by content.
 pub fn load_backbone_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
-    let mut head = [0u8; 8];
+    let mut head = [0u8; 9];
     let n = {
         use std::io::Read;
         let mut f = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
         f.read(&mut head).map_err(|e| Error::io(path, e))?
     };
-    // Zip archives start with "PK"; legacy checkpoints with a pickle PROTO opcode; anything else is
-    // tried as safetensors (an 8-byte header length).
-    let tensors =
-        if n >= 2 && (&head[..2] == b"PK" || head[0] == 0x80) { read_pth(path)? } else { read_safetensors(path)?.0 };
+    // A safetensors file is an 8-byte header length followed by a JSON header; anything else is taken for a
+    // PyTorch checkpoint (zip or legacy pickle), whose reader names what it finds wrong.
+    let tensors = if n == 9 && head[8] == b'{' { read_safetensors(path)?.0 } else { read_pth(path)? };
     // Checkpoints saved from wrappers prefix every name; the EfficientNet names start at `_conv_stem`.
     let prefix = tensors
         .keys()

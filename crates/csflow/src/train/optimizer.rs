@@ -83,6 +83,12 @@ impl Adam {
             .map(|g| g.as_ref().map_or(0.0, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()))
             .collect();
         let total = norms.iter().sum::<f64>().sqrt();
+        if !total.is_finite() {
+            return Err(crate::Error::Diverged(format!(
+                "the gradient norm became {total} at optimizer step {}; the parameters were not changed",
+                self.steps + 1
+            )));
+        }
         let coef = match self.config.max_grad_norm {
             Some(max) => ((max as f32) / (total as f32 + 1e-6)).min(1.0),
             None => 1.0,

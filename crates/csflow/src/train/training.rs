@@ -74,7 +74,7 @@ impl Trainer {
         let value: f32 = loss.to_scalar()?;
         if !value.is_finite() {
             return Err(Error::Diverged(format!(
-                "the loss became {value} at optimizer step {}; the parameters before that step are kept",
+                "the loss became {value} at optimizer step {}; the last written checkpoint (if any) is kept",
                 self.adam.steps() + 1
             )));
         }
