@@ -338,11 +338,8 @@ pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data as data;
     use candle_core::{Device, Var};
-
-    fn data(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 504.5 - 1.0).collect()
-    }
 
     /// Against candle's own convolution (an independent implementation), values and all three gradients.
     #[test]

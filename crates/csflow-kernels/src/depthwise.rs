@@ -176,11 +176,8 @@ pub fn depthwise_conv2d(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_data as data;
     use candle_core::Device;
-
-    fn data(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 504.5 - 1.0).collect()
-    }
 
     /// Against candle's grouped convolution on an explicitly padded input.
     #[test]

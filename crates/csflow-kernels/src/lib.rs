@@ -59,3 +59,9 @@ impl Activation {
         }
     }
 }
+
+/// Deterministic test values in [-1, 1), varied enough to catch index mix-ups.
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 504.5 - 1.0).collect()
+}
