@@ -12,6 +12,7 @@ pub mod io;
 pub mod memory;
 pub mod metrics;
 pub mod score;
+pub mod synth;
 pub mod train;
 
 pub use error::{Error, Result};
