@@ -11,6 +11,8 @@ pub mod flow;
 pub mod io;
 pub mod memory;
 pub mod metrics;
+pub mod overlay;
+pub mod report;
 pub mod score;
 pub mod synth;
 pub mod train;
