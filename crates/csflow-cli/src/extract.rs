@@ -1,12 +1,11 @@
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use csflow::extract::{
-    assemble, check_size, content_hash, list_images, load_backbone_weights, Cache, FeatureExtractor,
+    check_size, content_hash, extract_images, list_images, load_backbone_weights, Cache, FeatureExtractor,
 };
-use csflow::io::{preprocess, save_features, write_safetensors};
+use csflow::io::{save_features, write_safetensors};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Parses `256` or `384x256` (height x width).
@@ -49,60 +48,44 @@ pub fn run(a: ExtractArgs) -> Result<()> {
     let ex = FeatureExtractor::new(&a.backbone, &weights, a.block, a.size)
         .with_context(|| format!("{} as {}", a.weights.display(), a.backbone))?;
     let images = list_images(&a.images)?;
-    let settings: BTreeMap<String, String> = [
-        ("backbone".to_string(), a.backbone.clone()),
-        ("feature_block".to_string(), ex.block.to_string()),
-        ("input_size".to_string(), format!("{}x{}", a.size[0], a.size[1])),
-        (
-            "weights_hash".to_string(),
-            content_hash(&std::fs::read(&a.weights).with_context(|| format!("{}", a.weights.display()))?),
-        ),
-    ]
-    .into();
+    let hash = content_hash(&std::fs::read(&a.weights).with_context(|| format!("{}", a.weights.display()))?);
+    let settings = ex.settings(&hash);
     let cache = Cache::open(&a.output, &settings);
-    let bar = ProgressBar::new(images.len() as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} images, eta {eta} {msg}")?
-            .progress_chars("=> "),
-    );
-    let (mut rows, mut failed, mut reused) = (Vec::new(), 0usize, 0usize);
-    for (path, label) in &images {
-        let shown = path.display().to_string();
-        bar.set_message(shown.clone());
-        let result = (|| -> csflow::Result<(String, [candle_core::Tensor; 3])> {
-            let bytes = std::fs::read(path).map_err(|e| csflow::Error::io(path, e))?;
-            let hash = content_hash(&bytes);
-            if let Some(row) = cache.get(&shown, &hash) {
-                reused += 1;
-                return Ok((hash, row));
-            }
-            let (pyramid, _) = preprocess(path, a.size[0], a.size[1], 3)?;
-            let features = ex.features(&pyramid).map_err(|e| csflow::Error::format(path, e.to_string()))?;
-            Ok((hash, features))
-        })();
-        match result {
-            Ok((hash, f)) => rows.push((shown, hash, *label, f)),
-            Err(e) => {
-                failed += 1;
-                bar.suspend(|| eprintln!("skipped: {e}"));
-            }
+    let bar = progress_bar(images.len(), "images");
+    let out = extract_images(&ex, &images, &settings, &cache, &mut |path, err| {
+        bar.set_message(path.display().to_string());
+        if let Some(e) = err {
+            bar.suspend(|| eprintln!("skipped: {e}"));
         }
         bar.inc(1);
-    }
+    })?;
     bar.finish_and_clear();
-    let set = assemble(rows, &settings)?;
+    let Some(set) = out.set else { anyhow::bail!("no image in {} could be read", a.images.display()) };
     save_features(&a.output, &set)?;
     eprintln!(
-        "wrote {} ({} images, {} from the cache, {failed} unreadable; {} channels)",
+        "wrote {} ({} images, {} from the cache, {} unreadable; {} channels)",
         a.output.display(),
         set.len(),
-        reused,
+        out.reused,
+        out.failed.len(),
         ex.channels()
     );
-    if failed > 0 {
-        anyhow::bail!("{failed} image(s) could not be read");
+    if !out.failed.is_empty() {
+        anyhow::bail!("{} image(s) could not be read", out.failed.len());
     }
     Ok(())
+}
+
+/// A progress bar over `len` items of `unit`, drawn on stderr.
+pub fn progress_bar(len: usize, unit: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len as u64);
+    let style = ProgressStyle::with_template(&format!(
+        "{{elapsed_precise}} [{{bar:30}}] {{pos}}/{{len}} {unit}, eta {{eta}} {{msg}}"
+    ))
+    .expect("valid template")
+    .progress_chars("=> ");
+    bar.set_style(style);
+    bar
 }
 
 #[derive(Args)]

@@ -1,22 +1,56 @@
-use std::path::PathBuf;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use clap::Args;
-use csflow::flow::{CsFlow, FlowConfig};
-use csflow::io::{load_features, load_model, save_model, ModelMeta, ScoreStats};
-use csflow::score::image_scores;
-use csflow::train::{AdamConfig, Event, TrainConfig, Trainer};
-use indicatif::{ProgressBar, ProgressStyle};
+use csflow::data::{validation_split, Dataset};
+use csflow::extract::{content_hash, extract_images, load_backbone_weights, weights_up_to, Cache, FeatureExtractor};
+use csflow::flow::{CsFlow, FlowConfig, ParamMap};
+use csflow::io::{load_features, load_model, save_features, save_model, BackboneMeta, FeatureSet, ModelMeta};
+use csflow::train::{calibrate, AdamConfig, Event, TrainConfig, Trainer};
+
+use crate::extract::{parse_size, progress_bar};
+
+/// Where the backbone comes from when a command reads images.
+#[derive(Args, Clone)]
+pub struct BackboneArgs {
+    /// efficientnet-lite0 .. efficientnet-lite4 or efficientnet-b0 .. efficientnet-b7.
+    #[arg(long, env = "CSFLOW_BACKBONE", default_value = "efficientnet-lite0")]
+    pub backbone: String,
+    /// Backbone weights: a PyTorch checkpoint (.pth, zip or legacy format) or safetensors
+    /// (scripts/setup.sh fetches the Lite0 weights to assets/).
+    #[arg(long, env = "CSFLOW_BACKBONE_WEIGHTS", default_value = "assets/efficientnet-lite0-57934424.pth")]
+    pub weights: PathBuf,
+    /// Network input size, `256` or `HxW`; multiples of 128.
+    #[arg(long, default_value = "256", value_parser = parse_size)]
+    pub size: [usize; 2],
+    /// Feature block (default: the last block at stride 32, e.g. 14 for Lite0, 35 for B5).
+    #[arg(long)]
+    pub block: Option<usize>,
+}
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["data", "features"])))]
 pub struct FitArgs {
-    /// Features file of good samples (safetensors with scale_0, scale_1, scale_2).
+    /// Good images: an MVTec AD category (its train/good is used) or a folder of good images (recursive).
     #[arg(long)]
-    features: PathBuf,
+    data: Option<PathBuf>,
+    /// Or a features file of good samples (safetensors with scale_0, scale_1, scale_2); the model then
+    /// scores features files only.
+    #[arg(long)]
+    features: Option<PathBuf>,
+    #[command(flatten)]
+    backbone: BackboneArgs,
+    /// Features cache for --data (default: beside the model, `<model>.features.safetensors`).
+    #[arg(long)]
+    cache: Option<PathBuf>,
     /// Start from these weights (a csflow model or a state_dict exported from the authors' code).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
+    /// Continue an interrupted run from its checkpoint (`<model>.checkpoint.safetensors`) up to --epochs.
+    #[arg(long)]
+    resume: bool,
     /// Passes over the training set (the paper: 240).
     #[arg(long, default_value_t = 240)]
     epochs: usize,
@@ -25,7 +59,7 @@ pub struct FitArgs {
     /// Adam learning rate (the paper: 2e-4).
     #[arg(long, default_value_t = 2e-4)]
     lr: f64,
-    /// Seed of the weight initialisation and of the batch shuffling.
+    /// Seed of the weight initialisation, the validation split and the batch shuffling.
     #[arg(long, default_value_t = 0)]
     seed: u32,
     /// Hidden width of the subnets of a new flow (the paper: 1024; ignored with --init).
@@ -34,64 +68,171 @@ pub struct FitArgs {
     /// Kernel size of each coupling block of a new flow (ignored with --init).
     #[arg(long, value_delimiter = ',', default_value = "3,3,3,5")]
     kernel_sizes: Vec<usize>,
-    /// Also write the model every N epochs (atomically), so an interrupted run loses little.
+    /// Share of the good images held out to choose the threshold (never trained on; 0 = none, the
+    /// threshold then comes from training images and rejects fewer good images than it should).
+    #[arg(long, default_value_t = 0.1)]
+    validation_fraction: f64,
+    /// Target share of good images rejected by the stored threshold.
+    #[arg(long, default_value_t = 0.01)]
+    max_false_reject: f64,
+    /// Write a checkpoint every N epochs (atomically; 0 = never), for --resume.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// Keep the final checkpoint, so that training can later go on with `--resume --epochs <more>`.
     #[arg(long)]
-    checkpoint_every: Option<usize>,
+    keep_checkpoint: bool,
     /// Where to write the model (safetensors).
     #[arg(short, long)]
     output: PathBuf,
 }
 
+/// `<model>.<suffix>` beside the model (`model.safetensors` -> `model.checkpoint.safetensors`).
+pub fn beside(model: &Path, suffix: &str) -> PathBuf {
+    let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
+    model.with_file_name(format!("{stem}.{suffix}"))
+}
+
+/// A loaded backbone and what identifies it.
+pub struct Backbone {
+    pub extractor: FeatureExtractor,
+    pub weights: BTreeMap<String, Tensor>,
+    pub hash: String,
+}
+
+impl BackboneArgs {
+    pub fn load(&self) -> Result<Backbone> {
+        let w = &self.weights;
+        let bytes = std::fs::read(w).with_context(|| {
+            format!("reading backbone weights {} (run scripts/setup.sh, or pass --weights)", w.display())
+        })?;
+        let weights = load_backbone_weights(w)?;
+        let extractor = FeatureExtractor::new(&self.backbone, &weights, self.block, self.size)
+            .with_context(|| format!("{} as {}", w.display(), self.backbone))?;
+        Ok(Backbone { weights: weights_up_to(&weights, extractor.block), extractor, hash: content_hash(&bytes) })
+    }
+}
+
+/// Features of `images` through the cache file at `cache` (rewritten with what was extracted); unreadable
+/// images are reported and skipped.
+pub fn extract_cached(bb: &Backbone, images: &[(PathBuf, Option<u8>)], cache: &Path) -> Result<(FeatureSet, usize)> {
+    let settings = bb.extractor.settings(&bb.hash);
+    let cached = Cache::open(cache, &settings);
+    let bar = progress_bar(images.len(), "images");
+    let out = extract_images(&bb.extractor, images, &settings, &cached, &mut |path, err| {
+        bar.set_message(path.display().to_string());
+        if let Some(e) = err {
+            bar.suspend(|| eprintln!("skipped: {e}"));
+        }
+        bar.inc(1);
+    })?;
+    bar.finish_and_clear();
+    let Some(set) = out.set else { bail!("none of the {} images could be read", images.len()) };
+    if out.reused < set.len() {
+        save_features(cache, &set)?;
+    }
+    eprintln!("features of {} images ({} from the cache {})", set.len(), out.reused, cache.display());
+    Ok((set, out.failed.len()))
+}
+
 pub fn run(a: FitArgs) -> Result<()> {
-    let data = load_features(&a.features)?;
-    let (init_meta, params) = match &a.init {
-        Some(p) => {
-            let m = load_model(p)?;
-            (Some(m.meta), m.params)
+    let checkpoint = beside(&a.output, "checkpoint.safetensors");
+    let (data, backbone, failed) = match (&a.data, &a.features) {
+        (Some(dir), _) => {
+            let ds = Dataset::open(dir)?;
+            let bb = a.backbone.load()?;
+            let images: Vec<_> = ds.train.iter().map(|s| (s.path.clone(), Some(0))).collect();
+            eprintln!("{}: {} good training images", dir.display(), images.len());
+            let cache = a.cache.clone().unwrap_or_else(|| beside(&a.output, "features.safetensors"));
+            let (set, failed) = extract_cached(&bb, &images, &cache)?;
+            (set, Some(bb), failed)
         }
-        None => {
-            let mut config = FlowConfig::new(data.channels(), a.hidden);
-            config.kernel_sizes = a.kernel_sizes.clone();
-            config.validate()?;
-            let params = CsFlow::init_params(&config, a.seed as u64, &Device::Cpu)?;
-            (None, params)
+        (None, Some(f)) => (load_features(f)?, None, 0),
+        (None, None) => unreachable!("clap requires one input"),
+    };
+    let (train_idx, val_idx) = validation_split(data.len(), a.validation_fraction, a.seed);
+    let (train, validation) =
+        if val_idx.is_empty() { (data, None) } else { (data.select(&train_idx)?, Some(data.select(&val_idx)?)) };
+    // What the run trains on, so --resume can refuse a different training set.
+    let train_set = content_hash(train.paths.join("\n").as_bytes());
+
+    let (mut meta, params, optimizer) = if a.resume {
+        let m = load_model(&checkpoint)
+            .with_context(|| format!("--resume needs the checkpoint {} of an earlier run", checkpoint.display()))?;
+        if m.meta.features.get("train_set") != Some(&train_set) {
+            bail!("{}: the checkpoint was trained on other images; resume with the same data", checkpoint.display());
+        }
+        let opt: ParamMap =
+            m.other.iter().filter(|(k, _)| k.starts_with("optimizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
+        (m.meta, m.params, Some(opt))
+    } else {
+        match &a.init {
+            Some(p) => {
+                let m = load_model(p)?;
+                (m.meta, m.params, None)
+            }
+            None => {
+                let mut config = FlowConfig::new(train.channels(), a.hidden);
+                config.kernel_sizes = a.kernel_sizes.clone();
+                config.validate()?;
+                let params = CsFlow::init_params(&config, a.seed as u64, &Device::Cpu)?;
+                (ModelMeta::new(CsFlow::config_from_params(&params)?), params, None)
+            }
         }
     };
-    let config = match &init_meta {
-        Some(m) => m.flow.clone(),
-        None => CsFlow::config_from_params(&params)?,
-    };
-    if config.channels != data.channels() {
+    let config = meta.flow.clone();
+    if config.channels != train.channels() {
         bail!(
             "{}: features have {} channels but the model expects {}",
-            a.features.display(),
-            data.channels(),
+            a.data.as_ref().or(a.features.as_ref()).unwrap().display(),
+            train.channels(),
             config.channels
         );
     }
-    let train = TrainConfig { epochs: a.epochs, batch_size: a.batch_size, seed: a.seed, adam: AdamConfig::paper(a.lr) };
-    let mut trainer = Trainer::new(config.clone(), &params, &train)?;
-    trainer.flow().check_input(&data.scales).with_context(|| format!("{}", a.features.display()))?;
-
-    let steps_per_epoch = data.len().div_ceil(a.batch_size.max(1));
-    let bar = ProgressBar::new((a.epochs * steps_per_epoch) as u64);
-    bar.set_style(
-        ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, eta {eta} {msg}")?
-            .progress_chars("=> "),
-    );
-    let mut meta = init_meta.unwrap_or_else(|| ModelMeta::new(config.clone()));
-    let dims = |i: usize| [data.scales[i].dims()[2], data.scales[i].dims()[3]];
+    let train_config = match (&optimizer, &meta.training) {
+        (Some(_), Some(t)) => TrainConfig { epochs: a.epochs, ..t.clone() },
+        _ => TrainConfig { epochs: a.epochs, batch_size: a.batch_size, seed: a.seed, adam: AdamConfig::paper(a.lr) },
+    };
+    let mut trainer = Trainer::new(config.clone(), &params, &train_config)?;
+    trainer.flow().check_input(&train.scales).context("training features")?;
+    let first_epoch = match &optimizer {
+        Some(state) => {
+            let done = meta.epochs_done;
+            let steps = (done * train.len().div_ceil(train_config.batch_size)) as u64;
+            trainer.resume(done, train.len(), steps, state)?;
+            eprintln!("resuming at epoch {} of {}", done + 1, a.epochs);
+            done
+        }
+        None => {
+            // A threshold and score statistics belong to the weights they were measured on.
+            meta.threshold = None;
+            meta.threshold_source = None;
+            meta.train_scores = None;
+            meta.validation_scores = None;
+            meta.good_map_range = None;
+            meta.epochs_done = 0;
+            0
+        }
+    };
+    let dims = |i: usize| [train.scales[i].dims()[2], train.scales[i].dims()[3]];
     meta.map_sizes = Some([dims(0), dims(1), dims(2)]);
-    meta.training = Some(train.clone());
-    // A threshold and score statistics belong to the weights they were measured on.
-    meta.threshold = None;
-    meta.train_scores = None;
-    meta.features =
-        data.extra.iter().filter(|(k, _)| k.as_str() != "hashes").map(|(k, v)| (k.clone(), v.clone())).collect();
-    let start_epochs = meta.epochs_done;
+    meta.training = Some(train_config.clone());
+    meta.features = train.extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.features.insert("train_set".into(), train_set);
+    meta.backbone = backbone.as_ref().map(|bb| BackboneMeta {
+        name: bb.extractor.name.clone(),
+        block: bb.extractor.block,
+        input_size: bb.extractor.size,
+        weights_hash: bb.hash.clone(),
+    });
+    let backbone_tensors: BTreeMap<String, Tensor> = backbone
+        .as_ref()
+        .map(|bb| bb.weights.iter().map(|(k, v)| (format!("{}{k}", csflow::io::BACKBONE_PREFIX), v.clone())).collect())
+        .unwrap_or_default();
 
-    for epoch in 0..a.epochs {
-        let mean = trainer.epoch(&data.scales, a.batch_size, &mut |e| match e {
+    let steps_per_epoch = train.len().div_ceil(train_config.batch_size.max(1));
+    let bar = progress_bar(a.epochs.saturating_sub(first_epoch) * steps_per_epoch, "steps");
+    for epoch in first_epoch..a.epochs {
+        let result = trainer.epoch(&train.scales, train_config.batch_size, &mut |e| match e {
             Event::Step { loss, .. } => {
                 bar.inc(1);
                 bar.set_message(format!("loss {loss:.4}"));
@@ -99,40 +240,54 @@ pub fn run(a: FitArgs) -> Result<()> {
             Event::Epoch { epoch, mean_loss } => {
                 bar.suspend(|| eprintln!("epoch {:>4}  loss {mean_loss:.6}", epoch + 1))
             }
-        })?;
-        if !mean.is_finite() {
-            bail!("the loss is not finite");
+        });
+        if let Err(e) = result {
+            bar.abandon();
+            let kept = if checkpoint.exists() {
+                format!("the checkpoint {} is kept: lower --lr and run again with --resume", checkpoint.display())
+            } else {
+                "no checkpoint was written yet: lower --lr and start again".into()
+            };
+            bail!("{e}\n{kept}");
         }
-        if a.checkpoint_every.is_some_and(|n| n > 0 && (epoch + 1) % n == 0 && epoch + 1 < a.epochs) {
-            meta.epochs_done = start_epochs + epoch + 1;
-            save_model(&a.output, &trainer.params(), &meta)?;
+        let done = epoch + 1;
+        let periodic = a.checkpoint_every > 0 && done % a.checkpoint_every == 0;
+        if (periodic && done < a.epochs) || (a.keep_checkpoint && done == a.epochs) {
+            meta.epochs_done = done;
+            let (_, opt) = trainer.optimizer_state()?;
+            let mut extra = backbone_tensors.clone();
+            extra.extend(opt);
+            save_model(&checkpoint, &trainer.params(), &extra, &meta)?;
         }
     }
     bar.finish_and_clear();
 
     let params = trainer.params();
     let flow = CsFlow::new(config, &params)?;
-    let scores = score_all(&flow, &data.scales, a.batch_size)?;
-    meta.train_scores = ScoreStats::from_scores(&scores);
-    meta.epochs_done = start_epochs + a.epochs;
-    save_model(&a.output, &params, &meta)?;
+    let map_size = match &backbone {
+        Some(bb) => (bb.extractor.size[0], bb.extractor.size[1]),
+        // Without the backbone the input size is unknown; the finest map's own grid gives the same range.
+        None => (dims(0)[0], dims(0)[1]),
+    };
+    let val_scales = validation.as_ref().map(|v| &v.scales);
+    calibrate(&mut meta, &flow, &train.scales, val_scales, map_size, a.max_false_reject, train_config.batch_size)?;
+    meta.epochs_done = a.epochs;
+    save_model(&a.output, &params, &backbone_tensors, &meta)?;
+    if checkpoint.exists() && !a.keep_checkpoint {
+        std::fs::remove_file(&checkpoint).with_context(|| format!("removing {}", checkpoint.display()))?;
+    }
     if let Some(s) = &meta.train_scores {
         eprintln!("training scores: mean {:.4}, std {:.4}, max {:.4}", s.mean, s.std, s.max);
     }
-    eprintln!("wrote {}", a.output.display());
-    Ok(())
-}
-
-/// Image scores of all samples, in batches.
-pub fn score_all(flow: &CsFlow, scales: &[candle_core::Tensor; 3], batch: usize) -> Result<Vec<f32>> {
-    let n = scales[0].dim(0)?;
-    let mut out = Vec::with_capacity(n);
-    let batch = batch.max(1);
-    for start in (0..n).step_by(batch) {
-        let len = batch.min(n - start);
-        let x = [scales[0].narrow(0, start, len)?, scales[1].narrow(0, start, len)?, scales[2].narrow(0, start, len)?];
-        let o = flow.forward(&x)?;
-        out.extend(image_scores(&o)?.to_vec1::<f32>()?);
+    if let Some(s) = &meta.validation_scores {
+        eprintln!("validation scores ({} held-out good images): mean {:.4}, max {:.4}", s.count, s.mean, s.max);
     }
-    Ok(out)
+    if let (Some(t), Some(src)) = (meta.threshold, &meta.threshold_source) {
+        eprintln!("threshold {t:.4}: {src}");
+    }
+    eprintln!("wrote {}", a.output.display());
+    if failed > 0 {
+        bail!("{failed} image(s) could not be read (skipped; the model was trained on the rest)");
+    }
+    Ok(())
 }

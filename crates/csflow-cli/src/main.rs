@@ -4,6 +4,8 @@ mod demo;
 mod extract;
 mod fit;
 mod predict;
+mod synth;
+mod test;
 
 use clap::{Parser, Subcommand};
 
@@ -20,10 +22,14 @@ enum Command {
     Extract(extract::ExtractArgs),
     /// Convert backbone weights from a PyTorch checkpoint to safetensors.
     Import(extract::ImportArgs),
-    /// Train a flow on good samples' features.
+    /// Train a model on good images (or on a features file of good samples).
     Fit(fit::FitArgs),
-    /// Score samples with a trained model: one JSON line per sample.
+    /// Measure a model on a labelled test set: metrics.json and report.html.
+    Test(test::TestArgs),
+    /// Score images with a trained model: one JSON line per image, heatmaps and masks on request.
     Predict(predict::PredictArgs),
+    /// Make a labelled test set in the MVTec AD layout from good images, with synthetic defects and masks.
+    Synth(synth::SynthArgs),
     /// Show a model file's configuration and statistics.
     Info(predict::InfoArgs),
     /// Write a small synthetic features data set (train: good; test: good and defective) for trying csflow.
@@ -41,11 +47,17 @@ fn main() {
         Command::Extract(a) => extract::run(a),
         Command::Import(a) => extract::import(a),
         Command::Fit(a) => fit::run(a),
+        Command::Test(a) => test::run(a),
         Command::Predict(a) => predict::run(a),
+        Command::Synth(a) => synth::run(a),
         Command::Info(a) => predict::info(a),
         Command::DemoFeatures(a) => demo::run(a),
     };
     if let Err(e) = result {
+        // A closed pipe (`csflow predict ... | head`) is the reader's choice, not a failure to report.
+        if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
+            std::process::exit(0);
+        }
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }

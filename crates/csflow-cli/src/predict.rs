@@ -1,40 +1,206 @@
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
-use csflow::io::{load_features, load_model};
-use serde_json::json;
+use csflow::data::dataset::images_in;
+use csflow::detector::Detector;
+use csflow::io::{atomic_write, load_features, load_model};
+use csflow::overlay::{binary_mask, encode_png, heatmap_overlay};
+use csflow::score::{score_features, MapMode};
+use csflow::threshold::normalized_score;
 
-use crate::fit::score_all;
+use crate::extract::progress_bar;
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["inputs", "features"])))]
 pub struct PredictArgs {
-    /// Model file (csflow, or a state_dict exported from the authors' code).
+    /// Model file written by `csflow fit --data` (it holds its backbone).
     #[arg(long)]
     model: PathBuf,
-    /// Features file of the samples to score.
+    /// Image files, folders (searched recursively) or glob patterns (`'parts/*.png'`).
+    inputs: Vec<String>,
+    /// Or a features file to score (any csflow model, or a state_dict exported from the authors' code).
+    #[arg(long, conflicts_with = "inputs")]
+    features: Option<PathBuf>,
+    /// Decision threshold on the score (default: the model's).
     #[arg(long)]
-    features: PathBuf,
-    /// Samples per forward pass.
+    threshold: Option<f64>,
+    /// Write a heatmap overlay per image into this folder (PNG, mirroring the input folders).
+    #[arg(long)]
+    heatmaps: Option<PathBuf>,
+    /// Write a binary defect mask per image into this folder (PNG, 255 = defect).
+    #[arg(long)]
+    masks: Option<PathBuf>,
+    /// Anomaly-map value from which a pixel is marked defective in --masks (default: the highest value
+    /// seen on good images at training).
+    #[arg(long)]
+    mask_threshold: Option<f32>,
+    /// How the per-scale maps become one map: scale0 (the authors') or product (anomalib's).
+    #[arg(long, value_enum, default_value = "scale0")]
+    map_mode: MapArg,
+    /// Samples per forward pass (features files).
     #[arg(long, default_value_t = 16)]
     batch_size: usize,
 }
 
-/// Prints `{"path", "score"}` per sample, plus the file's ground-truth `label` when it has labels.
+#[derive(clap::ValueEnum, Clone, Copy)]
+pub enum MapArg {
+    Scale0,
+    Product,
+}
+
+impl From<MapArg> for MapMode {
+    fn from(m: MapArg) -> Self {
+        match m {
+            MapArg::Scale0 => MapMode::Scale0,
+            MapArg::Product => MapMode::Product,
+        }
+    }
+}
+
+/// One line of `predict`'s output, fields in this order.
+#[derive(serde::Serialize)]
+struct Line {
+    path: String,
+    score: f64,
+    /// On [0, 1], 0.5 at the threshold.
+    normalized_score: Option<f64>,
+    /// `good` or `defect` at the threshold; null without a threshold.
+    label: Option<&'static str>,
+    threshold: Option<f64>,
+    /// The features file's ground truth, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    true_label: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    heatmap: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mask: Option<String>,
+}
+
+impl Line {
+    fn new(path: String, score: f64, threshold: Option<f64>, normalized_score: Option<f64>) -> Self {
+        let label = threshold.map(|t| if score >= t { "defect" } else { "good" });
+        Line { path, score, normalized_score, label, threshold, true_label: None, heatmap: None, mask: None }
+    }
+}
+
+/// Files named by `inputs`, each with the name its outputs get (relative to a folder input, so that
+/// `test/scratch/000.png` and `test/good/000.png` stay apart), and a message per input that names nothing.
+pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>) {
+    let (mut out, mut bad) = (Vec::new(), Vec::new());
+    for input in inputs {
+        let p = Path::new(input);
+        if p.is_dir() {
+            match images_in(p, true) {
+                Ok(files) => {
+                    out.extend(files.into_iter().map(|f| (f.clone(), f.strip_prefix(p).unwrap_or(&f).to_path_buf())))
+                }
+                Err(e) => bad.push(e.to_string()),
+            }
+        } else if p.exists() {
+            out.push((p.to_path_buf(), PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))));
+        } else {
+            match glob::glob(input) {
+                Ok(paths) => {
+                    let matches: Vec<PathBuf> = paths.filter_map(|m| m.ok()).filter(|m| m.is_file()).collect();
+                    if matches.is_empty() {
+                        bad.push(format!("{input}: no such file, and no file matches it as a pattern"));
+                    }
+                    out.extend(matches.into_iter().map(|m| (m.clone(), PathBuf::from(m.file_name().unwrap()))));
+                }
+                Err(e) => bad.push(format!("{input}: no such file, and not a valid pattern ({e})")),
+            }
+        }
+    }
+    (out, bad)
+}
+
 pub fn run(a: PredictArgs) -> Result<()> {
+    if let Some(f) = &a.features {
+        return predict_features(&a, f);
+    }
+    let det = Detector::load(&a.model)?;
+    let threshold = a.threshold.or(det.threshold());
+    let (files, bad_inputs) = expand_inputs(&a.inputs);
+    for b in &bad_inputs {
+        eprintln!("skipped: {b}");
+    }
+    let (vmin, vmax) = det.heatmap_range();
+    let mask_threshold = a.mask_threshold.or(det.meta.good_map_range.map(|r| r[1] as f32));
+    if a.masks.is_some() && mask_threshold.is_none() {
+        bail!("{}: the model records no good-image map range; pass --mask-threshold", a.model.display());
+    }
+    let bar = progress_bar(files.len(), "images");
+    let mut out = std::io::stdout().lock();
+    let mut failed = 0usize;
+    for (path, rel) in &files {
+        bar.set_message(path.display().to_string());
+        let result = (|| -> Result<Line> {
+            let d = det.detect_file(path)?;
+            let score = d.score as f64;
+            let normalized = threshold.and_then(|t| det.normalized(score, t));
+            let mut line = Line::new(path.display().to_string(), score, threshold, normalized);
+            if a.heatmaps.is_some() || a.masks.is_some() {
+                let map = d.map_at_image_size(a.map_mode.into())?;
+                let (w, h) = d.image.dimensions();
+                if let Some(dir) = &a.heatmaps {
+                    let img = heatmap_overlay(&d.image, &map, vmin, vmax, 0.5)?;
+                    let dest = dir.join(rel).with_extension("png");
+                    write_png(&dest, &encode_png(&img)?)?;
+                    line.heatmap = Some(dest.display().to_string());
+                }
+                if let (Some(dir), Some(t)) = (&a.masks, mask_threshold) {
+                    let m = binary_mask(&map, h as usize, w as usize, t)?;
+                    let dest = dir.join(rel).with_extension("png");
+                    write_png(&dest, &encode_png(&m)?)?;
+                    line.mask = Some(dest.display().to_string());
+                }
+            }
+            Ok(line)
+        })();
+        match result {
+            Ok(line) => bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?,
+            Err(e) => {
+                failed += 1;
+                bar.suspend(|| eprintln!("skipped: {e:#}"));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    let failed = failed + bad_inputs.len();
+    if failed > 0 {
+        bail!("{failed} input(s) could not be scored");
+    }
+    Ok(())
+}
+
+fn write_png(dest: &Path, bytes: &[u8]) -> Result<()> {
+    if let Some(dir) = dest.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    atomic_write(dest, bytes)?;
+    Ok(())
+}
+
+/// Scores a features file: `{"path", "score", "normalized_score", "label", "threshold"}` per sample, plus
+/// the file's ground truth as `true_label` when it has labels.
+fn predict_features(a: &PredictArgs, features: &Path) -> Result<()> {
     let model = load_model(&a.model)?;
     let flow = model.flow()?;
-    let data = load_features(&a.features)?;
-    flow.check_input(&data.scales).with_context(|| format!("{}", a.features.display()))?;
-    let scores = score_all(&flow, &data.scales, a.batch_size)?;
+    let data = load_features(features)?;
+    flow.check_input(&data.scales).with_context(|| format!("{}", features.display()))?;
+    let (scores, _) = score_features(&flow, &data.scales, a.batch_size, None)?;
+    let threshold = a.threshold.or(model.meta.threshold);
+    let good_min = model.meta.validation_scores.as_ref().or(model.meta.train_scores.as_ref()).map(|s| s.min);
     let mut out = std::io::stdout().lock();
-    for (i, (path, score)) in data.paths.iter().zip(&scores).enumerate() {
-        let mut line = json!({ "path": path, "score": score });
-        if let Some(l) = &data.labels {
-            line["label"] = json!(l[i]);
-        }
-        writeln!(out, "{line}")?;
+    for (i, (path, &score)) in data.paths.iter().zip(&scores).enumerate() {
+        let score = score as f64;
+        let normalized = threshold.zip(good_min).map(|(t, m)| normalized_score(score, t, m));
+        let mut line = Line::new(path.clone(), score, threshold, normalized);
+        line.true_label = data.labels.as_ref().map(|l| if l[i] == 0 { "good" } else { "defect" });
+        writeln!(out, "{}", serde_json::to_string(&line)?)?;
     }
     if let Some(labels) = &data.labels {
         match csflow::metrics::auroc(&scores, labels) {
@@ -54,7 +220,12 @@ pub struct InfoArgs {
 pub fn info(a: InfoArgs) -> Result<()> {
     let model = load_model(&a.model)?;
     let n: usize = model.params.values().map(|t| t.elem_count()).sum();
-    println!("{}", serde_json::to_string_pretty(&model.meta)?);
-    println!("flow parameters: {n} in {} tensors", model.params.len());
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string_pretty(&model.meta)?)?;
+    writeln!(out, "flow parameters: {n} in {} tensors", model.params.len())?;
+    let bb: usize = model.backbone_weights().values().map(|t| t.elem_count()).sum();
+    if bb > 0 {
+        writeln!(out, "backbone parameters: {bb}")?;
+    }
     Ok(())
 }

@@ -26,6 +26,15 @@ impl Error {
         Error::Format { path: path.into(), msg: msg.into() }
     }
 
+    /// Attaches `path` to an error that does not name a file yet (shape mismatches, tensor errors).
+    pub fn at(self, path: &std::path::Path) -> Self {
+        match self {
+            Error::Invalid(m) => Error::format(path, m),
+            Error::Tensor(e) => Error::format(path, e.to_string()),
+            e => e,
+        }
+    }
+
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), source }
     }

@@ -30,6 +30,8 @@ pub fn load_backbone_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
 
 /// A frozen backbone tapped at one block, applied to every scale of an image pyramid.
 pub struct FeatureExtractor {
+    /// The backbone's name (`efficientnet-lite0`).
+    pub name: String,
     pub net: EfficientNet,
     pub block: usize,
     /// Network input (height, width).
@@ -49,7 +51,25 @@ impl FeatureExtractor {
         check_size(size)?;
         let block = block.unwrap_or(config.feature_block);
         let net = EfficientNet::load(config, weights, Some(block))?;
-        Ok(Self { net, block, size })
+        Ok(Self { name: backbone.to_string(), net, block, size })
+    }
+
+    /// What decides the features, as recorded in features files and models (the cache key's settings).
+    pub fn settings(&self, weights_hash: &str) -> BTreeMap<String, String> {
+        [
+            ("backbone".to_string(), self.name.clone()),
+            ("feature_block".to_string(), self.block.to_string()),
+            ("input_size".to_string(), format!("{}x{}", self.size[0], self.size[1])),
+            ("weights_hash".to_string(), weights_hash.to_string()),
+            ("preprocessing".to_string(), PREPROCESSING.to_string()),
+        ]
+        .into()
+    }
+
+    /// Preprocesses an image file and extracts its features; errors name the file.
+    pub fn extract_file(&self, path: &Path) -> Result<[Tensor; 3]> {
+        let (pyramid, _) = crate::io::preprocess(path, self.size[0], self.size[1], 3)?;
+        self.features(&pyramid).map_err(|e| Error::format(path, e.to_string()))
     }
 
     pub fn channels(&self) -> usize {
@@ -64,6 +84,69 @@ impl FeatureExtractor {
         let f = |i: usize| self.net.features(&pyramid[i], self.block);
         Ok([f(0)?, f(1)?, f(2)?])
     }
+}
+
+/// Version of csflow's preprocessing (decoding, Pillow-exact resize, ImageNet normalisation, nearest
+/// pyramid); part of the cache key so that a change never reuses stale features.
+pub const PREPROCESSING: &str = "1";
+
+/// The weights a backbone needs to reach `block`: the stem and blocks up to it (the head and classifier
+/// are left out of models).
+pub fn weights_up_to(weights: &BTreeMap<String, Tensor>, block: usize) -> BTreeMap<String, Tensor> {
+    weights
+        .iter()
+        .filter(|(k, _)| match k.strip_prefix("_blocks.") {
+            Some(rest) => rest.split('.').next().and_then(|i| i.parse::<usize>().ok()).is_some_and(|i| i <= block),
+            None => k.starts_with("_conv_stem.") || k.starts_with("_bn0."),
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+/// Features of many images through a cache: each image's row is reused when its path and content hash are
+/// in `cache`, extracted otherwise. Unreadable images are returned in `failed` (the rest go on);
+/// `on_image` sees every image with its error, if any.
+pub fn extract_images(
+    ex: &FeatureExtractor,
+    images: &[(PathBuf, Option<u8>)],
+    settings: &BTreeMap<String, String>,
+    cache: &Cache,
+    on_image: &mut dyn FnMut(&Path, Option<&Error>),
+) -> Result<Extraction> {
+    let (mut rows, mut failed, mut reused) = (Vec::new(), Vec::new(), 0usize);
+    for (path, label) in images {
+        let shown = path.display().to_string();
+        let result = std::fs::read(path).map_err(|e| Error::io(path, e)).and_then(|bytes| {
+            let hash = content_hash(&bytes);
+            if let Some(row) = cache.get(&shown, &hash) {
+                reused += 1;
+                return Ok((hash, row));
+            }
+            Ok((hash, ex.extract_file(path)?))
+        });
+        match result {
+            Ok((hash, f)) => {
+                on_image(path, None);
+                rows.push((shown, hash, *label, f));
+            }
+            Err(e) => {
+                on_image(path, Some(&e));
+                failed.push(e);
+            }
+        }
+    }
+    let set = if rows.is_empty() { None } else { Some(assemble(rows, settings)?) };
+    Ok(Extraction { set, failed, reused })
+}
+
+/// What [`extract_images`] made.
+pub struct Extraction {
+    /// The features, `None` when no image could be read.
+    pub set: Option<FeatureSet>,
+    /// One error per unreadable image, naming it.
+    pub failed: Vec<Error>,
+    /// Rows taken from the cache.
+    pub reused: usize,
 }
 
 /// H and W must be multiples of 128 (stride 32 at the coarsest of three scales).

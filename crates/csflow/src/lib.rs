@@ -5,7 +5,9 @@
 
 pub mod backbone;
 pub mod data;
+pub mod detector;
 pub mod error;
+pub mod evaluate;
 pub mod extract;
 pub mod flow;
 pub mod io;
@@ -15,6 +17,7 @@ pub mod overlay;
 pub mod report;
 pub mod score;
 pub mod synth;
+pub mod threshold;
 pub mod train;
 
 pub use error::{Error, Result};

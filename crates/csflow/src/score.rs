@@ -3,7 +3,7 @@
 use candle_core::Tensor;
 use csflow_kernels::bilinear_resize;
 
-use crate::flow::FlowOutput;
+use crate::flow::{CsFlow, FlowOutput};
 use crate::Result;
 
 /// How the per-scale maps become the one map shown to users.
@@ -37,4 +37,27 @@ pub fn anomaly_map(out: &FlowOutput, mode: MapMode, height: usize, width: usize)
         MapMode::Scale0 => up(&maps[0]),
         MapMode::Product => Ok(((up(&maps[0])? * up(&maps[1])?)? * up(&maps[2])?)?),
     }
+}
+
+/// Image scores of all samples of a features set, in batches, and optionally each sample's anomaly map
+/// (scale 0) at `map_size` (height, width), row-major.
+pub fn score_features(
+    flow: &CsFlow,
+    scales: &[Tensor; 3],
+    batch: usize,
+    map_size: Option<(usize, usize)>,
+) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
+    let n = scales[0].dim(0)?;
+    let (mut scores, mut maps) = (Vec::with_capacity(n), Vec::new());
+    let batch = batch.max(1);
+    for start in (0..n).step_by(batch) {
+        let len = batch.min(n - start);
+        let x = [scales[0].narrow(0, start, len)?, scales[1].narrow(0, start, len)?, scales[2].narrow(0, start, len)?];
+        let out = flow.forward(&x)?;
+        scores.extend(image_scores(&out)?.to_vec1::<f32>()?);
+        if let Some((h, w)) = map_size {
+            maps.extend(anomaly_map(&out, MapMode::Scale0, h, w)?.flatten_from(1)?.to_vec2::<f32>()?);
+        }
+    }
+    Ok((scores, maps))
 }

@@ -31,6 +31,30 @@ impl FeatureSet {
     pub fn channels(&self) -> usize {
         self.scales[0].dims()[1]
     }
+
+    /// The samples at `indices`, in that order (metadata other than paths and labels is kept).
+    pub fn select(&self, indices: &[usize]) -> Result<FeatureSet> {
+        if let Some(&bad) = indices.iter().find(|&&i| i >= self.len()) {
+            return Err(Error::Invalid(format!("sample {bad} of {}", self.len())));
+        }
+        let idx = Tensor::from_vec(
+            indices.iter().map(|&i| i as u32).collect::<Vec<_>>(),
+            indices.len(),
+            self.scales[0].device(),
+        )?;
+        let pick = |t: &Tensor| t.index_select(&idx, 0);
+        Ok(FeatureSet {
+            scales: [pick(&self.scales[0])?, pick(&self.scales[1])?, pick(&self.scales[2])?],
+            paths: indices.iter().map(|&i| self.paths[i].clone()).collect(),
+            labels: self.labels.as_ref().map(|l| indices.iter().map(|&i| l[i]).collect()),
+            extra: self
+                .extra
+                .iter()
+                .filter(|(k, _)| k.as_str() != "hashes")
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+        })
+    }
 }
 
 /// Reads a features file (`scale_0..2`, metadata `paths` and `labels` optional) and checks its shapes.

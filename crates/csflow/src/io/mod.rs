@@ -12,7 +12,9 @@ pub use images::{
     check_input_size, decode_rgb, load_rgb, preprocess, pyramid, resize_rgb, to_normalized_tensor, IMAGENET_MEAN,
     IMAGENET_STD, MAX_PIXELS,
 };
-pub use model_file::{load_model, save_model, ModelFile, ModelMeta, ScoreStats, FORMAT_VERSION};
+pub use model_file::{
+    load_model, save_model, BackboneMeta, ModelFile, ModelMeta, ScoreStats, BACKBONE_PREFIX, FORMAT_VERSION,
+};
 pub use pth::read_pth;
 pub use st::{read_safetensors, write_safetensors};
 

@@ -38,6 +38,19 @@ impl ScoreStats {
     }
 }
 
+/// The feature extractor a model needs: backbone by name, tapped block, network input (height, width) and
+/// the SHA-256 of the weights file it was made from.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BackboneMeta {
+    pub name: String,
+    pub block: usize,
+    pub input_size: [usize; 2],
+    pub weights_hash: String,
+}
+
+/// Prefix of the backbone's tensors in a model file.
+pub const BACKBONE_PREFIX: &str = "backbone.";
+
 /// Everything about a model that its tensors do not say.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct ModelMeta {
@@ -53,9 +66,22 @@ pub struct ModelMeta {
     /// Scores of the training images after training.
     #[serde(default)]
     pub train_scores: Option<ScoreStats>,
+    /// The backbone whose features the flow was trained on; its weights are in the file as `backbone.*`.
+    #[serde(default)]
+    pub backbone: Option<BackboneMeta>,
     /// Decision threshold on the image score, when one was chosen.
     #[serde(default)]
     pub threshold: Option<f64>,
+    /// How the threshold was chosen, in words.
+    #[serde(default)]
+    pub threshold_source: Option<String>,
+    /// Scores of held-out good images (the validation split), when there was one.
+    #[serde(default)]
+    pub validation_scores: Option<ScoreStats>,
+    /// Anomaly-map values of good images: (median, maximum) over all their pixels. Heatmaps are drawn on
+    /// this fixed range so that images can be compared, and masks default to pixels above the maximum.
+    #[serde(default)]
+    pub good_map_range: Option<[f64; 2]>,
     /// How the flow was trained, and how far.
     #[serde(default)]
     pub training: Option<TrainConfig>,
@@ -71,7 +97,11 @@ impl ModelMeta {
             map_sizes: None,
             features: BTreeMap::new(),
             train_scores: None,
+            backbone: None,
             threshold: None,
+            threshold_source: None,
+            validation_scores: None,
+            good_map_range: None,
             training: None,
             epochs_done: 0,
         }
@@ -107,10 +137,7 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
             other.insert(name, t);
         }
     }
-    let wrap = |e: Error| match e {
-        Error::Invalid(m) => Error::format(path, m),
-        e => e,
-    };
+    let wrap = |e: Error| e.at(path);
     let meta = match meta.get(META_KEY) {
         Some(json) => {
             let m: ModelMeta = serde_json::from_str(json)
@@ -133,9 +160,29 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
     Ok(model)
 }
 
-/// Writes a model atomically: the flow tensors under the authors' names, metadata as JSON.
-pub fn save_model(path: &Path, params: &ParamMap, meta: &ModelMeta) -> Result<()> {
+/// Writes a model atomically: the flow tensors under the authors' names, `extra` tensors (the backbone as
+/// `backbone.*`, optimizer state in checkpoints) under their own, metadata as JSON.
+pub fn save_model(path: &Path, params: &ParamMap, extra: &BTreeMap<String, Tensor>, meta: &ModelMeta) -> Result<()> {
     let mut m = HashMap::new();
     m.insert(META_KEY.to_string(), serde_json::to_string(meta).expect("metadata serialises"));
-    write_safetensors(path, params, m)
+    if extra.is_empty() {
+        return write_safetensors(path, params, m);
+    }
+    let mut all = params.clone();
+    for (k, v) in extra {
+        if all.insert(k.clone(), v.clone()).is_some() {
+            return Err(Error::Invalid(format!("tensor `{k}` given twice")));
+        }
+    }
+    write_safetensors(path, &all, m)
+}
+
+impl ModelFile {
+    /// The backbone's tensors (prefix removed), empty when the model holds none.
+    pub fn backbone_weights(&self) -> BTreeMap<String, Tensor> {
+        self.other
+            .iter()
+            .filter_map(|(k, v)| k.strip_prefix(BACKBONE_PREFIX).map(|n| (n.to_string(), v.clone())))
+            .collect()
+    }
 }

@@ -61,6 +61,35 @@ impl Adam {
         self.steps
     }
 
+    /// The first and second moments of each variable (flat, in the order of the variables) and the step
+    /// count: what a checkpoint needs for `--resume` to continue exactly.
+    pub fn state(&self) -> (u64, Vec<(&[f32], &[f32])>) {
+        (self.steps, self.moments.iter().map(|m| (m.m.as_slice(), m.v.as_slice())).collect())
+    }
+
+    /// Restores a [`Adam::state`]; lengths must match the variables.
+    pub fn set_state(&mut self, steps: u64, moments: Vec<(Vec<f32>, Vec<f32>)>) -> Result<()> {
+        if moments.len() != self.vars.len() {
+            return Err(crate::Error::Invalid(format!(
+                "optimizer state has {} tensors, the model {}",
+                moments.len(),
+                self.vars.len()
+            )));
+        }
+        for (i, ((m, v), var)) in moments.iter().zip(&self.vars).enumerate() {
+            if m.len() != var.elem_count() || v.len() != var.elem_count() {
+                return Err(crate::Error::Invalid(format!(
+                    "optimizer state of tensor {i} has {} values, the parameter {}",
+                    m.len(),
+                    var.elem_count()
+                )));
+            }
+        }
+        self.moments = moments.into_iter().map(|(m, v)| Moments { m, v }).collect();
+        self.steps = steps;
+        Ok(())
+    }
+
     /// Back-propagates `loss` and takes one step; returns the gradient norm before clipping.
     pub fn backward_step(&mut self, loss: &Tensor) -> Result<f64> {
         let grads = loss.backward()?;

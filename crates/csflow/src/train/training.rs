@@ -63,6 +63,39 @@ impl Trainer {
         self.epochs_done
     }
 
+    /// Optimizer state as tensors `optimizer.<param>.exp_avg` / `.exp_avg_sq` (PyTorch's names for Adam's
+    /// moments) and the optimizer's step count.
+    pub fn optimizer_state(&self) -> Result<(u64, ParamMap)> {
+        let (steps, moments) = self.adam.state();
+        let mut out = ParamMap::new();
+        for ((name, var), (m, v)) in self.names.iter().zip(&self.vars).zip(moments) {
+            out.insert(format!("optimizer.{name}.exp_avg"), Tensor::from_slice(m, var.shape(), var.device())?);
+            out.insert(format!("optimizer.{name}.exp_avg_sq"), Tensor::from_slice(v, var.shape(), var.device())?);
+        }
+        Ok((steps, out))
+    }
+
+    /// Continues a run: restores the optimizer state written by [`Trainer::optimizer_state`] and advances
+    /// the shuffling stream past `epochs_done` epochs over `n` samples, so the next epoch draws the batches
+    /// an uninterrupted run would have drawn.
+    pub fn resume(&mut self, epochs_done: usize, n: usize, steps: u64, state: &ParamMap) -> Result<()> {
+        let mut moments = Vec::with_capacity(self.names.len());
+        for name in &self.names {
+            let get = |suffix: &str| -> Result<Vec<f32>> {
+                let key = format!("optimizer.{name}.{suffix}");
+                let t = state.get(&key).ok_or_else(|| Error::Invalid(format!("optimizer state lacks `{key}`")))?;
+                Ok(t.flatten_all()?.to_vec1::<f32>()?)
+            };
+            moments.push((get("exp_avg")?, get("exp_avg_sq")?));
+        }
+        self.adam.set_state(steps, moments)?;
+        for _ in 0..epochs_done {
+            self.shuffler.permutation(n);
+        }
+        self.epochs_done = epochs_done;
+        Ok(())
+    }
+
     /// The current parameters, detached from the training graph.
     pub fn params(&self) -> ParamMap {
         self.names.iter().zip(&self.vars).map(|(n, v)| (n.clone(), v.as_tensor().detach())).collect()

@@ -1,0 +1,173 @@
+//! The image workflow end to end with the real Lite0 weights: `fit --data` on an MVTec-layout folder,
+//! `--resume`, `test`, and `predict` on folders and globs, checked against the features path
+//! (`extract` + `predict --features`) and an uninterrupted run.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn csflow(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_csflow")).args(args).output().expect("runs csflow")
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn asset(name: &str) -> PathBuf {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../assets").join(name);
+    assert!(p.exists(), "{} is missing: run scripts/setup.sh first", p.display());
+    p
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A small MVTec AD category from 128 px crops of brick.png: 10 good training images, 3 good and 3
+/// defective test images (bright discs, with masks), and one unreadable test file.
+fn make_category(root: &Path) {
+    let brick = image::open(asset("brick.png")).unwrap().to_rgb8();
+    let crop = |i: u32| image::imageops::crop_imm(&brick, (i * 37) % 384, (i * 53) % 384, 128, 128).to_image();
+    for d in ["train/good", "test/good", "test/spot", "ground_truth/spot"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    for i in 0..10 {
+        crop(i).save(root.join(format!("train/good/{i:03}.png"))).unwrap();
+    }
+    for i in 0..3 {
+        crop(20 + i).save(root.join(format!("test/good/{i:03}.png"))).unwrap();
+        let mut img = crop(30 + i);
+        let mut mask = image::GrayImage::new(128, 128);
+        let (cx, cy) = (30 + 25 * i as i32, 60);
+        for y in 0..128i32 {
+            for x in 0..128i32 {
+                if (x - cx).pow(2) + (y - cy).pow(2) <= 100 {
+                    img.put_pixel(x as u32, y as u32, image::Rgb([250, 250, 250]));
+                    mask.put_pixel(x as u32, y as u32, image::Luma([255]));
+                }
+            }
+        }
+        img.save(root.join(format!("test/spot/{i:03}.png"))).unwrap();
+        mask.save(root.join(format!("ground_truth/spot/{i:03}_mask.png"))).unwrap();
+    }
+    std::fs::write(root.join("test/good/broken.png"), b"not a png").unwrap();
+}
+
+fn json_lines(o: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&o.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn fit_resume_test_and_predict_on_images() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("brick");
+    make_category(&root);
+    let weights = asset("efficientnet-lite0-57934424.pth");
+    let fit = |epochs: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec!["fit", "--data", s(&root), "--weights", s(&weights), "--size", "128", "--hidden", "32"];
+        args.extend(["--epochs", epochs, "--batch-size", "4", "--lr", "1e-3", "--validation-fraction", "0.2"]);
+        args.extend(["--checkpoint-every", "0", "-o", s(out)]);
+        args.extend(extra);
+        let o = csflow(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        o
+    };
+
+    // An interrupted run continued with --resume equals an uninterrupted one, byte for byte.
+    let full = dir.path().join("full.safetensors");
+    let part = dir.path().join("part.safetensors");
+    fit("3", &full, &[]);
+    fit("1", &part, &["--keep-checkpoint"]);
+    assert!(dir.path().join("part.checkpoint.safetensors").exists());
+    let o = fit("3", &part, &["--resume"]);
+    assert!(stderr(&o).contains("resuming at epoch 2 of 3"), "{}", stderr(&o));
+    assert_eq!(std::fs::read(&full).unwrap(), std::fs::read(&part).unwrap(), "resumed model differs");
+
+    // The model is self-contained: backbone weights, its settings, threshold and statistics.
+    let model = csflow::io::load_model(&full).unwrap();
+    let bb = model.meta.backbone.as_ref().expect("backbone recorded");
+    assert_eq!((bb.name.as_str(), bb.block, bb.input_size), ("efficientnet-lite0", 14, [128, 128]));
+    assert!(model.other.contains_key("backbone._conv_stem.weight"));
+    assert!(!model.other.keys().any(|k| k.starts_with("backbone._fc") || k.starts_with("optimizer.")));
+    let val = model.meta.validation_scores.as_ref().expect("2 of 10 held out");
+    assert_eq!((val.count, model.meta.train_scores.as_ref().unwrap().count), (2, 8));
+    // 2 validation scores, quantile 0.99 with linear interpolation: min + 0.99 (max - min).
+    let want = val.min + 0.99 * (val.max - val.min);
+    assert!((model.meta.threshold.unwrap() - want).abs() < 1e-9 * want.abs());
+
+    // test: metrics and report even with an unreadable image (reported, exit status 1).
+    let out = dir.path().join("report");
+    let o = csflow(&["test", "--model", s(&full), "--data", s(&root), "--out", s(&out)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("broken.png"), "{}", stderr(&o));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(out.join("metrics.json")).unwrap()).unwrap();
+    assert_eq!((m["n_good"].as_u64(), m["n_defect"].as_u64()), (Some(3), Some(3)));
+    for key in ["image_auroc", "image_ap", "image_f1_max", "threshold", "pixel_auroc", "aupro"] {
+        let v = m[key].as_f64().unwrap_or_else(|| panic!("{key} missing: {m}"));
+        assert!((0.0..=1.0).contains(&v) || key == "threshold", "{key} = {v}");
+        assert_eq!(m["per_defect_type"]["spot"][key], m[key], "one defect type: same as overall");
+    }
+    assert!(m["skipped"][0].as_str().unwrap().contains("broken.png"));
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<svg") && html.contains("data:image/png;base64,"));
+
+    // predict on a folder and a glob: the same scores as the features path (extract, then --features).
+    std::fs::remove_file(root.join("test/good/broken.png")).unwrap();
+    let heat = dir.path().join("heat");
+    let masks = dir.path().join("masks");
+    let test_dir = root.join("test");
+    let glob = format!("{}/train/good/00[01].png", root.display());
+    let o =
+        csflow(&["predict", "--model", s(&full), s(&test_dir), &glob, "--heatmaps", s(&heat), "--masks", s(&masks)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines = json_lines(&o);
+    assert_eq!(lines.len(), 8);
+    let feats = dir.path().join("test_features.safetensors");
+    let e = csflow(&["extract", "--images", s(&test_dir), "--weights", s(&weights), "--size", "128", "-o", s(&feats)]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let f = csflow(&["predict", "--model", s(&full), "--features", s(&feats)]);
+    assert!(f.status.success(), "{}", stderr(&f));
+    let by_path: HashMap<String, serde_json::Value> =
+        json_lines(&f).into_iter().map(|l| (l["path"].as_str().unwrap().to_string(), l)).collect();
+    assert_eq!(by_path.len(), 6);
+    for l in &lines[..6] {
+        let other = &by_path[l["path"].as_str().unwrap()];
+        let (a, b) = (l["score"].as_f64().unwrap(), other["score"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+        let t = l["threshold"].as_f64().unwrap();
+        assert_eq!(l["label"], if a >= t { "defect" } else { "good" });
+        assert_eq!(other["true_label"], if l["path"].as_str().unwrap().contains("/good/") { "good" } else { "defect" });
+        let n = l["normalized_score"].as_f64().unwrap();
+        assert_eq!(n >= 0.5, a >= t, "normalised 0.5 is the threshold");
+    }
+    // Outputs mirror the input folders, at the image's size.
+    let h = image::open(heat.join("spot/001.png")).unwrap();
+    let k = image::open(masks.join("good/000.png")).unwrap();
+    assert_eq!((h.width(), h.height(), k.width(), k.height()), (128, 128, 128, 128));
+    assert!(heat.join("001.png").exists(), "glob inputs are named by file name");
+
+    // A missing input is reported, the rest still scored, the exit status says so.
+    let o = csflow(&["predict", "--model", s(&full), s(&root.join("nope.png")), s(&root.join("test/spot/000.png"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("nope.png"), "{}", stderr(&o));
+    assert_eq!(json_lines(&o).len(), 1);
+}
+
+#[test]
+fn data_errors_name_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let weights = asset("efficientnet-lite0-57934424.pth");
+    let model = dir.path().join("m.safetensors");
+    let o = csflow(&["fit", "--data", s(dir.path()), "--weights", s(&weights), "-o", s(&model)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("no images found") && stderr(&o).contains(s(dir.path())), "{}", stderr(&o));
+    std::fs::create_dir_all(dir.path().join("test/good")).unwrap();
+    let o = csflow(&["fit", "--data", s(dir.path()), "--weights", s(&weights), "-o", s(&model)]);
+    assert!(stderr(&o).contains("train/good"), "{}", stderr(&o));
+    // A model trained on a features file cannot read images, and says so.
+    let init = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../csflow/tests/fixtures/training_init.safetensors");
+    let o = csflow(&["predict", "--model", s(&init), s(&asset("brick.png"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("holds no backbone"), "{}", stderr(&o));
+}

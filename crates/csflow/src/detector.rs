@@ -1,0 +1,103 @@
+//! A trained, self-contained model applied to images: backbone, flow, image score and anomaly map.
+
+use std::path::Path;
+
+use image::RgbImage;
+
+use crate::extract::FeatureExtractor;
+use crate::flow::{CsFlow, FlowOutput};
+use crate::io::{load_model, load_rgb, pyramid, resize_rgb, to_normalized_tensor, ModelFile, ModelMeta};
+use crate::score::{anomaly_map, image_scores, MapMode};
+use crate::threshold::normalized_score;
+use crate::{Error, Result};
+
+/// Everything `predict`, `test` and `serve` need, loaded from one model file.
+pub struct Detector {
+    pub extractor: FeatureExtractor,
+    pub flow: CsFlow,
+    pub meta: ModelMeta,
+}
+
+/// One image's result: its score, the flow's output (for maps) and the decoded image (for overlays).
+pub struct Detection {
+    pub score: f32,
+    pub output: FlowOutput,
+    pub image: RgbImage,
+}
+
+impl Detection {
+    /// The anomaly map at `height` x `width`, row-major (SPEC 1.4).
+    pub fn map(&self, mode: MapMode, height: usize, width: usize) -> Result<Vec<f32>> {
+        Ok(anomaly_map(&self.output, mode, height, width)?.flatten_all()?.to_vec1::<f32>()?)
+    }
+
+    /// The anomaly map at the image's own size.
+    pub fn map_at_image_size(&self, mode: MapMode) -> Result<Vec<f32>> {
+        self.map(mode, self.image.height() as usize, self.image.width() as usize)
+    }
+}
+
+impl Detector {
+    /// Loads a model file that holds its backbone (written by `csflow fit --data`).
+    pub fn load(path: &Path) -> Result<Self> {
+        let model = load_model(path)?;
+        Self::from_model(model).map_err(|e| e.at(path))
+    }
+
+    pub fn from_model(model: ModelFile) -> Result<Self> {
+        let Some(bb) = model.meta.backbone.clone() else {
+            return Err(Error::Invalid(
+                "this model holds no backbone (it was trained on a features file): score features files with \
+                 it, or train with `csflow fit --data <images>` to get a model that reads images"
+                    .into(),
+            ));
+        };
+        let weights = model.backbone_weights();
+        let extractor = FeatureExtractor::new(&bb.name, &weights, Some(bb.block), bb.input_size)?;
+        if extractor.channels() != model.meta.flow.channels {
+            return Err(Error::Invalid(format!(
+                "the backbone gives {} channels but the flow expects {}",
+                extractor.channels(),
+                model.meta.flow.channels
+            )));
+        }
+        let flow = model.flow()?;
+        Ok(Self { extractor, flow, meta: model.meta })
+    }
+
+    /// Reads and scores an image file; errors name the file.
+    pub fn detect_file(&self, path: &Path) -> Result<Detection> {
+        let img = load_rgb(path)?;
+        self.detect(img).map_err(|e| e.at(path))
+    }
+
+    /// Scores a decoded image.
+    pub fn detect(&self, image: RgbImage) -> Result<Detection> {
+        let [h, w] = self.extractor.size;
+        let x = to_normalized_tensor(&resize_rgb(&image, h, w)?)?;
+        let features = self.extractor.features(&pyramid(&x, 3)?)?;
+        let output = self.flow.forward(&features)?;
+        let score = image_scores(&output)?.to_vec1::<f32>()?[0];
+        Ok(Detection { score, output, image })
+    }
+
+    /// The anomaly-map values at the two ends of the heatmap colours: the good images' median, and twice
+    /// their highest value (a defect is clearly hotter than any good region). (0, 1) without statistics.
+    pub fn heatmap_range(&self) -> (f32, f32) {
+        match self.meta.good_map_range {
+            Some([median, max]) => (median as f32, (2.0 * max) as f32),
+            None => (0.0, 1.0),
+        }
+    }
+
+    /// The stored threshold, if the model has one.
+    pub fn threshold(&self) -> Option<f64> {
+        self.meta.threshold
+    }
+
+    /// The score on [0, 1] (0.5 at the threshold), when the model has a threshold and good-score statistics.
+    pub fn normalized(&self, score: f64, threshold: f64) -> Option<f64> {
+        let stats = self.meta.validation_scores.as_ref().or(self.meta.train_scores.as_ref())?;
+        Some(normalized_score(score, threshold, stats.min))
+    }
+}
