@@ -86,9 +86,11 @@ impl Line {
 }
 
 /// Files named by `inputs`, each with the name its outputs get (relative to a folder input, so that
-/// `test/scratch/000.png` and `test/good/000.png` stay apart), and a message per input that names nothing.
+/// `test/scratch/000.png` and `test/good/000.png` stay apart; a file's own name otherwise, made unique with
+/// its parent folders when two inputs share it), and a message per input that names nothing.
 pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>) {
     let (mut out, mut bad) = (Vec::new(), Vec::new());
+    let name = |f: &Path| PathBuf::from(f.file_name().unwrap_or(f.as_os_str()));
     for input in inputs {
         let p = Path::new(input);
         if p.is_dir() {
@@ -99,7 +101,7 @@ pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>
                 Err(e) => bad.push(e.to_string()),
             }
         } else if p.exists() {
-            out.push((p.to_path_buf(), PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))));
+            out.push((p.to_path_buf(), name(p)));
         } else {
             match glob::glob(input) {
                 Ok(paths) => {
@@ -107,10 +109,20 @@ pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>
                     if matches.is_empty() {
                         bad.push(format!("{input}: no such file, and no file matches it as a pattern"));
                     }
-                    out.extend(matches.into_iter().map(|m| (m.clone(), PathBuf::from(m.file_name().unwrap()))));
+                    out.extend(matches.into_iter().map(|m| (m.clone(), name(&m))));
                 }
                 Err(e) => bad.push(format!("{input}: no such file, and not a valid pattern ({e})")),
             }
+        }
+    }
+    // Two inputs with the same output name: keep more of each path until the names differ.
+    let mut seen = std::collections::HashSet::new();
+    for (path, rel) in &mut out {
+        let comps: Vec<_> = path.components().collect();
+        let mut keep = rel.components().count();
+        while !seen.insert(rel.clone()) && keep < comps.len() {
+            keep += 1;
+            *rel = comps[comps.len() - keep..].iter().collect();
         }
     }
     (out, bad)

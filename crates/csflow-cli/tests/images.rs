@@ -118,11 +118,12 @@ fn fit_resume_test_and_predict_on_images() {
     let masks = dir.path().join("masks");
     let test_dir = root.join("test");
     let glob = format!("{}/train/good/00[01].png", root.display());
+    let same_name = root.join("test/good/000.png");
     let o =
         csflow(&["predict", "--model", s(&full), s(&test_dir), &glob, "--heatmaps", s(&heat), "--masks", s(&masks)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = json_lines(&o);
-    assert_eq!(lines.len(), 8);
+    assert_eq!(lines.len(), 9);
     let feats = dir.path().join("test_features.safetensors");
     let e = csflow(&["extract", "--images", s(&test_dir), "--weights", s(&weights), "--size", "128", "-o", s(&feats)]);
     assert!(e.status.success(), "{}", stderr(&e));
@@ -146,6 +147,8 @@ fn fit_resume_test_and_predict_on_images() {
     let k = image::open(masks.join("good/000.png")).unwrap();
     assert_eq!((h.width(), h.height(), k.width(), k.height()), (128, 128, 128, 128));
     assert!(heat.join("001.png").exists(), "glob inputs are named by file name");
+    // test/good/000.png given once more as a file: `000.png` (glob) and `good/000.png` (folder) are taken.
+    assert!(heat.join("test/good/000.png").exists(), "same names kept apart");
 
     // A missing input is reported, the rest still scored, the exit status says so.
     let o = csflow(&["predict", "--model", s(&full), s(&root.join("nope.png")), s(&root.join("test/spot/000.png"))]);

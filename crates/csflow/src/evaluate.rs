@@ -175,6 +175,9 @@ impl From<(&str, &Metrics)> for MetricRow {
     }
 }
 
+/// Fewer held-out good images than this make a quantile threshold unreliable; the report says so.
+pub const FEW_GOOD: usize = 20;
+
 /// How many worst false positives and false negatives the report shows.
 pub const EXAMPLES: usize = 6;
 
@@ -210,6 +213,13 @@ pub fn report_input(det: &Detector, images: &[TestImage], report: &TestReport, t
     let false_negatives = bad.iter().take(EXAMPLES).map(|t| example(t)).collect::<Result<Vec<_>>>()?;
     let op = report.operating_point.as_ref();
     let mut notes = report.notes.clone();
+    if let Some(n) = det.meta.validation_scores.as_ref().map(|v| v.count).filter(|&n| n < FEW_GOOD) {
+        notes.push(format!(
+            "the model's threshold was set on only {n} held-out good image(s): its false-reject rate on the line \
+             can differ a lot from the target; hold out more good images (fit --validation-fraction) or set the \
+             threshold from a labelled test (the F1-optimal one above)"
+        ));
+    }
     notes.extend(report.skipped.iter().map(|s| format!("skipped: {s}")));
     Ok(ReportInput {
         title: title.to_string(),
