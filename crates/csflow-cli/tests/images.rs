@@ -119,11 +119,13 @@ fn fit_resume_test_and_predict_on_images() {
     let test_dir = root.join("test");
     let glob = format!("{}/train/good/00[01].png", root.display());
     let same_name = root.join("test/good/000.png");
-    let o =
-        csflow(&["predict", "--model", s(&full), s(&test_dir), &glob, "--heatmaps", s(&heat), "--masks", s(&masks)]);
+    let inputs = [s(&test_dir), &glob, s(&same_name)];
+    let o = csflow(
+        &[&["predict", "--model", s(&full)], &inputs[..], &["--heatmaps", s(&heat), "--masks", s(&masks)]].concat(),
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let lines = json_lines(&o);
-    assert_eq!(lines.len(), 9);
+    assert_eq!(lines.len(), 9, "{lines:?}");
     let feats = dir.path().join("test_features.safetensors");
     let e = csflow(&["extract", "--images", s(&test_dir), "--weights", s(&weights), "--size", "128", "-o", s(&feats)]);
     assert!(e.status.success(), "{}", stderr(&e));
