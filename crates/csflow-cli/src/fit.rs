@@ -48,29 +48,30 @@ pub struct FitArgs {
     /// Start from these weights (a csflow model or a state_dict exported from the authors' code).
     #[arg(long, conflicts_with = "resume")]
     init: Option<PathBuf>,
-    /// Continue an interrupted run from its checkpoint (`<model>.checkpoint.safetensors`) up to --epochs.
+    /// Continue an interrupted run from its checkpoint (`<model>.checkpoint.safetensors`) up to --epochs, with
+    /// its settings (learning rate, batch size, seed, validation split, backbone).
     #[arg(long)]
     resume: bool,
     /// Passes over the training set (the paper: 240).
     #[arg(long, default_value_t = 240)]
     epochs: usize,
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, conflicts_with = "resume", default_value_t = 16)]
     batch_size: usize,
     /// Adam learning rate (the paper: 2e-4).
-    #[arg(long, default_value_t = 2e-4)]
+    #[arg(long, conflicts_with = "resume", default_value_t = 2e-4)]
     lr: f64,
     /// Seed of the weight initialisation, the validation split and the batch shuffling.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, conflicts_with = "resume", default_value_t = 0)]
     seed: u32,
     /// Hidden width of the subnets of a new flow (the paper: 1024; ignored with --init).
-    #[arg(long, default_value_t = 1024)]
+    #[arg(long, conflicts_with = "resume", default_value_t = 1024)]
     hidden: usize,
     /// Kernel size of each coupling block of a new flow (ignored with --init).
-    #[arg(long, value_delimiter = ',', default_value = "3,3,3,5")]
+    #[arg(long, conflicts_with = "resume", value_delimiter = ',', default_value = "3,3,3,5")]
     kernel_sizes: Vec<usize>,
     /// Share of the good images held out to choose the threshold (never trained on; 0 = none, the
     /// threshold then comes from training images and rejects fewer good images than it should).
-    #[arg(long, default_value_t = 0.1)]
+    #[arg(long, conflicts_with = "resume", default_value_t = 0.1)]
     validation_fraction: f64,
     /// Target share of good images rejected by the stored threshold.
     #[arg(long, default_value_t = 0.01)]
@@ -135,11 +136,52 @@ pub fn extract_cached(bb: &Backbone, images: &[(PathBuf, Option<u8>)], cache: &P
 }
 
 pub fn run(a: FitArgs) -> Result<()> {
+    // Settings are checked before any work, so that a run never fails after hours of training.
+    if a.batch_size == 0 || a.epochs == 0 {
+        bail!("--batch-size and --epochs must be at least 1");
+    }
+    if !(0.0..1.0).contains(&a.max_false_reject) || !(0.0..1.0).contains(&a.validation_fraction) {
+        bail!("--max-false-reject and --validation-fraction must be in [0, 1)");
+    }
     let checkpoint = beside(&a.output, "checkpoint.safetensors");
-    let (data, backbone, failed) = match (&a.data, &a.features) {
+    let resumed = if a.resume {
+        let m = load_model(&checkpoint)
+            .with_context(|| format!("--resume needs the checkpoint {} of an earlier run", checkpoint.display()))?;
+        if a.epochs < m.meta.epochs_done {
+            bail!("{}: already {} epochs done; ask for more with --epochs", checkpoint.display(), m.meta.epochs_done);
+        }
+        Some(m)
+    } else {
+        if checkpoint.exists() {
+            bail!(
+                "{} of an earlier run exists: continue it with --resume, or delete it to start again",
+                checkpoint.display()
+            );
+        }
+        None
+    };
+    let previous = resumed.as_ref().and_then(|m| m.meta.training.clone());
+    let (seed, fraction) =
+        previous.as_ref().map_or((a.seed, a.validation_fraction), |t| (t.seed, t.validation_fraction));
+
+    let (mut data, backbone, failed) = match (&a.data, &a.features) {
         (Some(dir), _) => {
             let ds = Dataset::open(dir)?;
             let bb = a.backbone.load()?;
+            if let Some(was) = resumed.as_ref().and_then(|m| m.meta.backbone.as_ref()) {
+                let now = (&bb.extractor.name, bb.extractor.block, bb.extractor.size, &bb.hash);
+                if (&was.name, was.block, was.input_size, &was.weights_hash) != now {
+                    bail!(
+                        "{}: the run was started with {} block {} at {}x{} (other weights or settings); resume with \
+                         the same --backbone, --weights, --block and --size",
+                        checkpoint.display(),
+                        was.name,
+                        was.block,
+                        was.input_size[0],
+                        was.input_size[1]
+                    );
+                }
+            }
             let images: Vec<_> = ds.train.iter().map(|s| (s.path.clone(), Some(0))).collect();
             eprintln!("{}: {} good training images", dir.display(), images.len());
             let cache = a.cache.clone().unwrap_or_else(|| beside(&a.output, "features.safetensors"));
@@ -149,23 +191,44 @@ pub fn run(a: FitArgs) -> Result<()> {
         (None, Some(f)) => (load_features(f)?, None, 0),
         (None, None) => unreachable!("clap requires one input"),
     };
-    let (train_idx, val_idx) = validation_split(data.len(), a.validation_fraction, a.seed);
+    if let Some(labels) = data.labels.clone() {
+        let good: Vec<usize> = (0..data.len()).filter(|&i| labels[i] == 0).collect();
+        if good.len() < data.len() {
+            eprintln!(
+                "training on the {} good samples only ({} labelled defective left out)",
+                good.len(),
+                data.len() - good.len()
+            );
+            if good.is_empty() {
+                bail!("no good samples to train on");
+            }
+            data = data.select(&good)?;
+        }
+    }
+    // What the run trains on (contents, not path spellings), so --resume can refuse a different training set.
+    let identity = data.extra.get("hashes").cloned().unwrap_or_else(|| data.paths.join("\n"));
+    let train_set = content_hash(identity.as_bytes());
+    let (train_idx, val_idx) = validation_split(data.len(), fraction, seed);
     let (train, validation) =
         if val_idx.is_empty() { (data, None) } else { (data.select(&train_idx)?, Some(data.select(&val_idx)?)) };
-    // What the run trains on, so --resume can refuse a different training set.
-    let train_set = content_hash(train.paths.join("\n").as_bytes());
 
-    let (mut meta, params, optimizer) = if a.resume {
-        let m = load_model(&checkpoint)
-            .with_context(|| format!("--resume needs the checkpoint {} of an earlier run", checkpoint.display()))?;
-        if m.meta.features.get("train_set") != Some(&train_set) {
-            bail!("{}: the checkpoint was trained on other images; resume with the same data", checkpoint.display());
+    let (mut meta, params, optimizer) = match resumed {
+        Some(m) => {
+            if m.meta.features.get("train_set") != Some(&train_set) {
+                bail!(
+                    "{}: the checkpoint was trained on other images; resume with the same data",
+                    checkpoint.display()
+                );
+            }
+            let opt: ParamMap = m
+                .other
+                .iter()
+                .filter(|(k, _)| k.starts_with("optimizer."))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (m.meta, m.params, Some(opt))
         }
-        let opt: ParamMap =
-            m.other.iter().filter(|(k, _)| k.starts_with("optimizer.")).map(|(k, v)| (k.clone(), v.clone())).collect();
-        (m.meta, m.params, Some(opt))
-    } else {
-        match &a.init {
+        None => match &a.init {
             Some(p) => {
                 let m = load_model(p)?;
                 (m.meta, m.params, None)
@@ -177,7 +240,7 @@ pub fn run(a: FitArgs) -> Result<()> {
                 let params = CsFlow::init_params(&config, a.seed as u64, &Device::Cpu)?;
                 (ModelMeta::new(CsFlow::config_from_params(&params)?), params, None)
             }
-        }
+        },
     };
     let config = meta.flow.clone();
     if config.channels != train.channels() {
@@ -188,9 +251,15 @@ pub fn run(a: FitArgs) -> Result<()> {
             config.channels
         );
     }
-    let train_config = match (&optimizer, &meta.training) {
-        (Some(_), Some(t)) => TrainConfig { epochs: a.epochs, ..t.clone() },
-        _ => TrainConfig { epochs: a.epochs, batch_size: a.batch_size, seed: a.seed, adam: AdamConfig::paper(a.lr) },
+    let train_config = match previous {
+        Some(t) => TrainConfig { epochs: a.epochs, ..t },
+        None => TrainConfig {
+            epochs: a.epochs,
+            batch_size: a.batch_size,
+            seed: a.seed,
+            adam: AdamConfig::paper(a.lr),
+            validation_fraction: a.validation_fraction,
+        },
     };
     let mut trainer = Trainer::new(config.clone(), &params, &train_config)?;
     trainer.flow().check_input(&train.scales).context("training features")?;
@@ -216,7 +285,8 @@ pub fn run(a: FitArgs) -> Result<()> {
     let dims = |i: usize| [train.scales[i].dims()[2], train.scales[i].dims()[3]];
     meta.map_sizes = Some([dims(0), dims(1), dims(2)]);
     meta.training = Some(train_config.clone());
-    meta.features = train.extra.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+    meta.features =
+        train.extra.iter().filter(|(k, _)| k.as_str() != "hashes").map(|(k, v)| (k.clone(), v.clone())).collect();
     meta.features.insert("train_set".into(), train_set);
     meta.backbone = backbone.as_ref().map(|bb| BackboneMeta {
         name: bb.extractor.name.clone(),
@@ -241,18 +311,27 @@ pub fn run(a: FitArgs) -> Result<()> {
                 bar.suspend(|| eprintln!("epoch {:>4}  loss {mean_loss:.6}", epoch + 1))
             }
         });
-        if let Err(e) = result {
-            bar.abandon();
-            let kept = if checkpoint.exists() {
-                format!("the checkpoint {} is kept: lower --lr and run again with --resume", checkpoint.display())
-            } else {
-                "no checkpoint was written yet: lower --lr and start again".into()
-            };
-            bail!("{e}\n{kept}");
+        match result {
+            Err(e @ csflow::Error::Diverged(_)) => {
+                bar.abandon();
+                let advice = if checkpoint.exists() {
+                    format!(
+                        "the checkpoint {} keeps the last good weights; train again with a lower --lr, from them with \
+                         --init {0} -o <new model>",
+                        checkpoint.display()
+                    )
+                } else {
+                    "no checkpoint was written yet; train again with a lower --lr".into()
+                };
+                bail!("{e}\n{advice}");
+            }
+            Err(e) => return Err(e.into()),
+            Ok(_) => {}
         }
         let done = epoch + 1;
         let periodic = a.checkpoint_every > 0 && done % a.checkpoint_every == 0;
-        if (periodic && done < a.epochs) || (a.keep_checkpoint && done == a.epochs) {
+        // The last epoch is checkpointed too, so that nothing after training (scoring, writing) can lose it.
+        if periodic || ((a.checkpoint_every > 0 || a.keep_checkpoint) && done == a.epochs) {
             meta.epochs_done = done;
             let (_, opt) = trainer.optimizer_state()?;
             let mut extra = backbone_tensors.clone();
@@ -264,11 +343,9 @@ pub fn run(a: FitArgs) -> Result<()> {
 
     let params = trainer.params();
     let flow = CsFlow::new(config, &params)?;
-    let map_size = match &backbone {
-        Some(bb) => (bb.extractor.size[0], bb.extractor.size[1]),
-        // Without the backbone the input size is unknown; the finest map's own grid gives the same range.
-        None => (dims(0)[0], dims(0)[1]),
-    };
+    // The good maps' range on the finest latent grid: bilinear upsampling cannot exceed its maximum, and the
+    // grid is small at any input size.
+    let map_size = (dims(0)[0], dims(0)[1]);
     let val_scales = validation.as_ref().map(|v| &v.scales);
     calibrate(&mut meta, &flow, &train.scales, val_scales, map_size, a.max_false_reject, train_config.batch_size)?;
     meta.epochs_done = a.epochs;

@@ -5,6 +5,7 @@ use anyhow::{bail, Context, Result};
 use clap::Args;
 use csflow::data::dataset::images_in;
 use csflow::detector::Detector;
+use csflow::extract::is_image;
 use csflow::io::{atomic_write, load_features, load_model};
 use csflow::overlay::{binary_mask, encode_png, heatmap_overlay};
 use csflow::score::{score_features, MapMode};
@@ -29,7 +30,7 @@ pub struct PredictArgs {
     /// Write a heatmap overlay per image into this folder (PNG, mirroring the input folders).
     #[arg(long)]
     heatmaps: Option<PathBuf>,
-    /// Write a binary defect mask per image into this folder (PNG, 255 = defect).
+    /// Write a binary defect mask per image into this folder (`<name>_mask.png`, 255 = defect).
     #[arg(long)]
     masks: Option<PathBuf>,
     /// Anomaly-map value from which a pixel is marked defective in --masks (default: the highest value
@@ -85,47 +86,72 @@ impl Line {
     }
 }
 
-/// Files named by `inputs`, each with the name its outputs get (relative to a folder input, so that
-/// `test/scratch/000.png` and `test/good/000.png` stay apart; a file's own name otherwise, made unique with
-/// its parent folders when two inputs share it), and a message per input that names nothing.
+/// Files named by `inputs`, each with the name its outputs get: its path relative to a folder input (so that
+/// `test/scratch/000.png` and `test/good/000.png` stay apart), its file name otherwise; without extension,
+/// made unique with `_1`, `_2`, ... A folder matched by a pattern is searched like a folder argument; files
+/// a pattern matches that are not images are left out. Returns also one message per input that names nothing.
 pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>) {
     let (mut out, mut bad) = (Vec::new(), Vec::new());
-    let name = |f: &Path| PathBuf::from(f.file_name().unwrap_or(f.as_os_str()));
+    let add_dir = |dir: &Path, out: &mut Vec<(PathBuf, PathBuf)>, bad: &mut Vec<String>| match images_in(dir, true) {
+        Ok(files) => {
+            out.extend(files.into_iter().map(|f| (f.clone(), f.strip_prefix(dir).unwrap_or(&f).to_path_buf())))
+        }
+        Err(e) => bad.push(e.to_string()),
+    };
     for input in inputs {
         let p = Path::new(input);
         if p.is_dir() {
-            match images_in(p, true) {
-                Ok(files) => {
-                    out.extend(files.into_iter().map(|f| (f.clone(), f.strip_prefix(p).unwrap_or(&f).to_path_buf())))
-                }
-                Err(e) => bad.push(e.to_string()),
-            }
+            add_dir(p, &mut out, &mut bad);
         } else if p.exists() {
-            out.push((p.to_path_buf(), name(p)));
+            out.push((p.to_path_buf(), PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))));
         } else {
             match glob::glob(input) {
                 Ok(paths) => {
-                    let matches: Vec<PathBuf> = paths.filter_map(|m| m.ok()).filter(|m| m.is_file()).collect();
+                    let matches: Vec<PathBuf> = paths.filter_map(|m| m.ok()).collect();
                     if matches.is_empty() {
                         bad.push(format!("{input}: no such file, and no file matches it as a pattern"));
                     }
-                    out.extend(matches.into_iter().map(|m| (m.clone(), name(&m))));
+                    for m in matches {
+                        if m.is_dir() {
+                            add_dir(&m, &mut out, &mut bad);
+                        } else if is_image(&m) {
+                            out.push((m.clone(), PathBuf::from(m.file_name().unwrap_or(m.as_os_str()))));
+                        }
+                    }
                 }
                 Err(e) => bad.push(format!("{input}: no such file, and not a valid pattern ({e})")),
             }
         }
     }
-    // Two inputs with the same output name: keep more of each path until the names differ.
     let mut seen = std::collections::HashSet::new();
-    for (path, rel) in &mut out {
-        let comps: Vec<_> = path.components().collect();
-        let mut keep = rel.components().count();
-        while !seen.insert(rel.clone()) && keep < comps.len() {
-            keep += 1;
-            *rel = comps[comps.len() - keep..].iter().collect();
+    for (_, rel) in &mut out {
+        // Only plain components: an output never lands outside its folder.
+        let base: PathBuf = rel
+            .with_extension("")
+            .components()
+            .filter_map(|c| match c {
+                std::path::Component::Normal(n) => Some(n),
+                _ => None,
+            })
+            .collect();
+        let mut name = base.clone();
+        let mut k = 0;
+        while !seen.insert(name.clone()) {
+            k += 1;
+            name = base.with_file_name(format!("{}_{k}", base.file_name().unwrap_or_default().to_string_lossy()));
         }
+        *rel = name;
     }
     (out, bad)
+}
+
+/// Refuses an output folder that holds any input: writing there could replace an image being scored.
+fn check_output_dir(dir: &Path, files: &[(PathBuf, PathBuf)]) -> Result<()> {
+    let Ok(out) = dir.canonicalize() else { return Ok(()) };
+    if let Some((f, _)) = files.iter().find(|(f, _)| f.canonicalize().is_ok_and(|c| c.starts_with(&out))) {
+        bail!("{}: the output folder holds the input {}; choose another folder", dir.display(), f.display());
+    }
+    Ok(())
 }
 
 pub fn run(a: PredictArgs) -> Result<()> {
@@ -137,6 +163,12 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let (files, bad_inputs) = expand_inputs(&a.inputs);
     for b in &bad_inputs {
         eprintln!("skipped: {b}");
+    }
+    for dir in a.heatmaps.iter().chain(&a.masks) {
+        check_output_dir(dir, &files)?;
+    }
+    if a.masks.is_some() && a.mask_threshold.is_none() && matches!(a.map_mode, MapArg::Product) {
+        bail!("--masks with --map-mode product needs --mask-threshold (the stored range is for scale-0 maps)");
     }
     let (vmin, vmax) = det.heatmap_range();
     let mask_threshold = a.mask_threshold.or(det.meta.good_map_range.map(|r| r[1] as f32));
@@ -158,13 +190,13 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 let (w, h) = d.image.dimensions();
                 if let Some(dir) = &a.heatmaps {
                     let img = heatmap_overlay(&d.image, &map, vmin, vmax, 0.5)?;
-                    let dest = dir.join(rel).with_extension("png");
+                    let dest = dir.join(format!("{}.png", rel.display()));
                     write_png(&dest, &encode_png(&img)?)?;
                     line.heatmap = Some(dest.display().to_string());
                 }
                 if let (Some(dir), Some(t)) = (&a.masks, mask_threshold) {
                     let m = binary_mask(&map, h as usize, w as usize, t)?;
-                    let dest = dir.join(rel).with_extension("png");
+                    let dest = dir.join(format!("{}_mask.png", rel.display()));
                     write_png(&dest, &encode_png(&m)?)?;
                     line.mask = Some(dest.display().to_string());
                 }
@@ -205,7 +237,7 @@ fn predict_features(a: &PredictArgs, features: &Path) -> Result<()> {
     flow.check_input(&data.scales).with_context(|| format!("{}", features.display()))?;
     let (scores, _) = score_features(&flow, &data.scales, a.batch_size, None)?;
     let threshold = a.threshold.or(model.meta.threshold);
-    let good_min = model.meta.validation_scores.as_ref().or(model.meta.train_scores.as_ref()).map(|s| s.min);
+    let good_min = model.meta.good_min();
     let mut out = std::io::stdout().lock();
     for (i, (path, &score)) in data.paths.iter().zip(&scores).enumerate() {
         let score = score as f64;

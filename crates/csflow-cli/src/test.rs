@@ -6,7 +6,7 @@ use clap::Args;
 use csflow::data::Dataset;
 use csflow::detector::Detector;
 use csflow::evaluate::{evaluate, report_input, test_image, Metrics, TestReport};
-use csflow::io::atomic_write;
+use csflow::io::{atomic_write, load_model, save_model};
 use csflow::report::write_report;
 
 use crate::extract::progress_bar;
@@ -23,14 +23,18 @@ pub struct TestArgs {
     #[arg(long, conflicts_with = "data", requires = "abnormal")]
     normal: Option<PathBuf>,
     /// ... defective test images ...
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data")]
     abnormal: Option<PathBuf>,
     /// ... and optionally their masks (`<name>.png` or `<name>_mask.png`).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "data", requires = "abnormal")]
     mask_dir: Option<PathBuf>,
     /// Threshold for the decisions shown (default: the model's).
     #[arg(long)]
     threshold: Option<f64>,
+    /// Store the F1-optimal threshold of this test in the model (rewritten atomically), for predict and serve.
+    /// Choosing it on the test set makes these metrics optimistic: prefer a set kept apart for this.
+    #[arg(long)]
+    store_threshold: bool,
     /// Folder for metrics.json and report.html (created).
     #[arg(long)]
     out: PathBuf,
@@ -108,6 +112,21 @@ pub fn run(a: TestArgs) -> Result<()> {
             pct(op.false_reject_rate),
             pct(op.escape_rate)
         )?;
+    }
+    if a.store_threshold {
+        let Some(t) = report.overall.threshold else {
+            bail!("no F1-optimal threshold (the test set needs good and defective images); the model is unchanged");
+        };
+        let mut model = load_model(&a.model)?;
+        model.meta.threshold = Some(t);
+        model.meta.threshold_source = Some(format!(
+            "F1-optimal on {} ({} good, {} defective images)",
+            shown.display(),
+            report.overall.n_good,
+            report.overall.n_defect
+        ));
+        save_model(&a.model, &model.params, &model.other, &model.meta)?;
+        eprintln!("stored threshold {t:.4} in {}", a.model.display());
     }
     for n in &report.notes {
         eprintln!("note: {n}");

@@ -65,8 +65,11 @@ fn fit_resume_test_and_predict_on_images() {
     make_category(&root);
     let weights = asset("efficientnet-lite0-57934424.pth");
     let fit = |epochs: &str, out: &Path, extra: &[&str]| {
-        let mut args = vec!["fit", "--data", s(&root), "--weights", s(&weights), "--size", "128", "--hidden", "32"];
-        args.extend(["--epochs", epochs, "--batch-size", "4", "--lr", "1e-3", "--validation-fraction", "0.2"]);
+        let mut args = vec!["fit", "--data", s(&root), "--weights", s(&weights), "--size", "128", "--epochs", epochs];
+        if !extra.contains(&"--resume") {
+            // A resumed run takes these from its checkpoint (giving them is an error).
+            args.extend(["--hidden", "32", "--batch-size", "4", "--lr", "1e-3", "--validation-fraction", "0.2"]);
+        }
         args.extend(["--checkpoint-every", "0", "-o", s(out)]);
         args.extend(extra);
         let o = csflow(&args);
@@ -80,6 +83,9 @@ fn fit_resume_test_and_predict_on_images() {
     fit("3", &full, &[]);
     fit("1", &part, &["--keep-checkpoint"]);
     assert!(dir.path().join("part.checkpoint.safetensors").exists());
+    // A fresh run does not overwrite an earlier run's checkpoint.
+    let o = csflow(&["fit", "--data", s(&root), "--weights", s(&weights), "--size", "128", "-o", s(&part)]);
+    assert!(stderr(&o).contains("continue it with --resume"), "{}", stderr(&o));
     let o = fit("3", &part, &["--resume"]);
     assert!(stderr(&o).contains("resuming at epoch 2 of 3"), "{}", stderr(&o));
     assert_eq!(std::fs::read(&full).unwrap(), std::fs::read(&part).unwrap(), "resumed model differs");
@@ -111,6 +117,15 @@ fn fit_resume_test_and_predict_on_images() {
     assert!(m["skipped"][0].as_str().unwrap().contains("broken.png"));
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
     assert!(html.contains("<svg") && html.contains("data:image/png;base64,"));
+
+    // --store-threshold writes the F1-optimal threshold of the test into (a copy of) the model.
+    let stored = dir.path().join("stored.safetensors");
+    std::fs::copy(&full, &stored).unwrap();
+    let o = csflow(&["test", "--model", s(&stored), "--data", s(&root), "--out", s(&out), "--store-threshold"]);
+    assert!(stderr(&o).contains("stored threshold"), "{}", stderr(&o));
+    let meta = csflow::io::load_model(&stored).unwrap().meta;
+    assert_eq!(meta.threshold, m["threshold"].as_f64());
+    assert!(meta.threshold_source.unwrap().starts_with("F1-optimal"));
 
     // predict on a folder and a glob: the same scores as the features path (extract, then --features).
     std::fs::remove_file(root.join("test/good/broken.png")).unwrap();
@@ -146,11 +161,15 @@ fn fit_resume_test_and_predict_on_images() {
     }
     // Outputs mirror the input folders, at the image's size.
     let h = image::open(heat.join("spot/001.png")).unwrap();
-    let k = image::open(masks.join("good/000.png")).unwrap();
+    let k = image::open(masks.join("good/000_mask.png")).unwrap();
     assert_eq!((h.width(), h.height(), k.width(), k.height()), (128, 128, 128, 128));
     assert!(heat.join("001.png").exists(), "glob inputs are named by file name");
-    // test/good/000.png given once more as a file: `000.png` (glob) and `good/000.png` (folder) are taken.
-    assert!(heat.join("test/good/000.png").exists(), "same names kept apart");
+    // test/good/000.png given once more as a file: `000` is the glob's, so it becomes `000_1`.
+    assert!(heat.join("000_1.png").exists(), "same names kept apart");
+    // An output folder that holds an input is refused before anything is written.
+    let o = csflow(&["predict", "--model", s(&full), s(&test_dir), "--heatmaps", s(&test_dir)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("output folder holds the input"), "{}", stderr(&o));
 
     // A missing input is reported, the rest still scored, the exit status says so.
     let o = csflow(&["predict", "--model", s(&full), s(&root.join("nope.png")), s(&root.join("test/spot/000.png"))]);

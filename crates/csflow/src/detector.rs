@@ -97,7 +97,6 @@ impl Detector {
 
     /// The score on [0, 1] (0.5 at the threshold), when the model has a threshold and good-score statistics.
     pub fn normalized(&self, score: f64, threshold: f64) -> Option<f64> {
-        let stats = self.meta.validation_scores.as_ref().or(self.meta.train_scores.as_ref())?;
-        Some(normalized_score(score, threshold, stats.min))
+        Some(normalized_score(score, threshold, self.meta.good_min()?))
     }
 }

@@ -1007,6 +1007,14 @@ fn prepare_out(out: &Path, inputs: &[&PathBuf], force: bool) -> Result<()> {
             out.display()
         )));
     }
+    // Only a folder `synth` wrote (it leaves synth.json) is cleaned: MVTec's own files have the same names.
+    if !out.join("synth.json").is_file() {
+        return Err(Error::Invalid(format!(
+            "{}: --force replaces only a data set written by `csflow synth` (with its synth.json), and this folder \
+             has none; choose a new folder",
+            out.display()
+        )));
+    }
     fn clean(dir: &Path) -> Result<()> {
         let Ok(rd) = std::fs::read_dir(dir) else { return Ok(()) };
         for e in rd {
@@ -1612,6 +1620,16 @@ mod tests {
         let mut again = tree(&out);
         assert_eq!(again.remove(Path::new("notes.txt")).unwrap(), b"mine");
         assert_eq!(again, first);
+
+        // A folder csflow did not write (an MVTec category has the same file names) is never cleaned.
+        let real = tmp.path().join("real");
+        std::fs::create_dir_all(real.join("train/good")).unwrap();
+        std::fs::write(real.join("train/good/000.png"), b"precious").unwrap();
+        let err = write_dataset(&good, &real, &SynthConfig { force: true, ..config.clone() }, &|_, _| {})
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("synth.json"), "{err}");
+        assert_eq!(std::fs::read(real.join("train/good/000.png")).unwrap(), b"precious");
 
         // Inputs inside the output folder are refused even with force (they would be deleted).
         let inner = out.join("train/good/000.png");

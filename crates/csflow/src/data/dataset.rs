@@ -52,6 +52,24 @@ impl Dataset {
                  test/<defect>, ground_truth/<defect>/<name>_mask.png)",
             ))
         } else {
+            // A plain folder is taken for good images only: refuse what is clearly not that.
+            if dir.join("ground_truth").is_dir() {
+                return Err(Error::format(dir, "has a ground_truth folder: pass the MVTec AD category folder itself"));
+            }
+            if let Some(cat) = sorted_entries(dir)?.into_iter().find(|p| p.join("train").join(GOOD).is_dir()) {
+                return Err(Error::format(
+                    dir,
+                    format!("holds data sets (e.g. {}): pass one category folder", cat.display()),
+                ));
+            }
+            let subdirs: Vec<PathBuf> = sorted_entries(dir)?.into_iter().filter(|p| p.is_dir()).collect();
+            if dir.join(GOOD).is_dir() && subdirs.len() > 1 {
+                return Err(Error::format(
+                    dir,
+                    "has `good` beside other folders, like an MVTec test folder of defects: pass the category \
+                     folder, or a folder of good images only",
+                ));
+            }
             let train = good_samples(&images_in(dir, true)?);
             Ok(Self { train, test: Vec::new() })
         }
@@ -248,6 +266,11 @@ mod tests {
         assert!(e.contains("no images found") && e.contains(&empty.path().display().to_string()), "{e}");
         let e = Dataset::open(&d.path().join("nope")).unwrap_err().to_string();
         assert!(e.contains("not a folder"), "{e}");
+        // A folder of categories is not a folder of good images.
+        let all = tempfile::tempdir().unwrap();
+        touch_png(&all.path().join("bottle/train/good/000.png"), 4, 4, 1);
+        let e = Dataset::open(all.path()).unwrap_err().to_string();
+        assert!(e.contains("pass one category") && e.contains("bottle"), "{e}");
     }
 
     #[test]

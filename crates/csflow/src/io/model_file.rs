@@ -90,6 +90,13 @@ pub struct ModelMeta {
 }
 
 impl ModelMeta {
+    /// The lowest score of any good image seen at training (training and held-out), the 0 of normalised
+    /// scores.
+    pub fn good_min(&self) -> Option<f64> {
+        let mins = [&self.train_scores, &self.validation_scores].into_iter().flatten().map(|s| s.min);
+        mins.reduce(f64::min)
+    }
+
     pub fn new(flow: FlowConfig) -> Self {
         Self {
             format_version: FORMAT_VERSION,

@@ -13,12 +13,15 @@ pub struct TrainConfig {
     /// Seed of the batch shuffling (numpy's legacy generator: epoch e uses the e-th `permutation(N)`).
     pub seed: u32,
     pub adam: AdamConfig,
+    /// Share of the good images held out for the threshold (split seeded with `seed`); 0 = none.
+    #[serde(default)]
+    pub validation_fraction: f64,
 }
 
 impl TrainConfig {
     /// The paper's run: 240 epochs of batch 16 at learning rate 2e-4.
     pub fn paper() -> Self {
-        Self { epochs: 240, batch_size: 16, seed: 0, adam: AdamConfig::paper(2e-4) }
+        Self { epochs: 240, batch_size: 16, seed: 0, adam: AdamConfig::paper(2e-4), validation_fraction: 0.0 }
     }
 }
 
@@ -107,7 +110,7 @@ impl Trainer {
         let value: f32 = loss.to_scalar()?;
         if !value.is_finite() {
             return Err(Error::Diverged(format!(
-                "the loss became {value} at optimizer step {}; the last written checkpoint (if any) is kept",
+                "the loss became {value} at optimizer step {}; the parameters were not changed",
                 self.adam.steps() + 1
             )));
         }
