@@ -53,16 +53,17 @@ def run(cmd):
 
 def main():
     exe = bench_binary()
-    import torch
-    try:
-        import openvino
-        ov = openvino.__version__.split("-")[0]
-    except ImportError:
-        ov = None
+    # Versions from a child process: importing torch here would raise this process's resident memory, and a
+    # forked child's peak (wait4's ru_maxrss) starts from its parent's.
+    versions = subprocess.run(
+        [sys.executable, "-c", "import torch\ntry:\n import openvino as o; v=o.__version__.split('-')[0]\n"
+         "except ImportError:\n v=''\nprint(torch.__version__, v)"],
+        capture_output=True, text=True, check=True).stdout.split()
+    torch_version, ov = versions[0], (versions[1] if len(versions) > 1 else None)
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()}; 2 threads everywhere")
     version = open(os.path.join(root, "Cargo.toml")).read().split('version = "')[1].split('"')[0]
-    print(f"PyTorch {torch.__version__} (FP32), OpenVINO {ov} (ONNX opset 17, default settings: FP32 on this CPU), "
+    print(f"PyTorch {torch_version} (FP32), OpenVINO {ov} (ONNX opset 17, default settings: FP32 on this CPU), "
           f"csflow {version}")
     rows = []
     for i, (w, what, reps) in enumerate(WORKLOADS):
