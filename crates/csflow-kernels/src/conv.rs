@@ -49,39 +49,49 @@ impl Geom {
         self.ho * self.wo
     }
 
-    /// Unfolds one sample [Cin, H, W] into columns `off..off + Ho*Wo` of cols [Cin*kh*kw, ld].
-    fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize, off: usize) {
+    /// Unfolds m samples [m, Cin, H, W] into cols [Cin*kh*kw, ld], ld = m x Ho*Wo (sample j in columns
+    /// j*Ho*Wo..(j+1)*Ho*Wo).
+    fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
         let g = *self;
+        let (hw, plane) = (g.hw_out(), g.cin * g.h * g.w);
+        let m = ld / hw;
+        // One parallel pass over the rows for all samples: per-sample passes cost more in scheduling than in
+        // copying when maps are small (8x8 and below).
         cols.par_chunks_mut(ld).enumerate().for_each(|(row, out)| {
-            let out = &mut out[off..off + g.hw_out()];
             let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
-            let plane = &x[ci * g.h * g.w..(ci + 1) * g.h * g.w];
-            for oy in 0..g.ho {
-                let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
-                if iy < 0 || iy >= g.h as isize {
-                    dst.fill(0.0);
-                    continue;
-                }
-                let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                for (ox, d) in dst.iter_mut().enumerate() {
-                    let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                    *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { 0.0 };
+            for j in 0..m {
+                let plane = &x[j * plane + ci * g.h * g.w..j * plane + (ci + 1) * g.h * g.w];
+                let out = &mut out[j * hw..(j + 1) * hw];
+                for oy in 0..g.ho {
+                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
+                    let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
+                    if iy < 0 || iy >= g.h as isize {
+                        dst.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+                    for (ox, d) in dst.iter_mut().enumerate() {
+                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
+                        *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { 0.0 };
+                    }
                 }
             }
         });
     }
 
-    /// Folds columns `off..off + Ho*Wo` of cols [Cin*kh*kw, ld] back onto one sample [Cin, H, W], adding
-    /// overlaps (im2col's transpose).
-    fn col2im(&self, cols: &[f32], ld: usize, off: usize, x: &mut [f32]) {
+    /// Folds cols [Cin*kh*kw, ld] (ld = m samples x Ho*Wo) back onto m samples [m, Cin, H, W], adding overlaps
+    /// (im2col's transpose).
+    fn col2im(&self, cols: &[f32], ld: usize, x: &mut [f32]) {
         let g = *self;
-        x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(ci, plane)| {
+        let hw = g.hw_out();
+        x.par_chunks_mut(g.h * g.w).enumerate().for_each(|(idx, plane)| {
+            let (j, ci) = (idx / g.cin, idx % g.cin);
+            let off = j * hw;
             plane.fill(0.0);
             for ky in 0..g.kh {
                 for kx in 0..g.kw {
                     let r = (ci * g.kh + ky) * g.kw + kx;
-                    let row = &cols[r * ld + off..r * ld + off + g.hw_out()];
+                    let row = &cols[r * ld + off..r * ld + off + hw];
                     for oy in 0..g.ho {
                         let iy = (oy * g.stride + ky) as isize - g.pad as isize;
                         if iy < 0 || iy >= g.h as isize {
@@ -215,9 +225,7 @@ impl CustomOp3 for Conv {
         for s0 in (0..n).step_by(chunk) {
             let m = chunk.min(n - s0);
             let ld = m * hw;
-            for j in 0..m {
-                g.im2col(&x[(s0 + j) * plane..(s0 + j + 1) * plane], &mut cols[..k * ld], ld, j * hw);
-            }
+            g.im2col(&x[s0 * plane..(s0 + m) * plane], &mut cols[..k * ld], ld);
             let y = &mut y[..g.cout * ld];
             // The bias goes in first and the product is accumulated onto it.
             y.par_chunks_mut(ld).zip(b.par_iter()).for_each(|(row, &bv)| row.fill(bv));
@@ -285,9 +293,7 @@ impl CustomOp2 for ConvInputGrad {
                 Mat::plain(gt.as_ptr(), ld),
                 false,
             );
-            for j in 0..m {
-                g.col2im(&cols, ld, j * hw, &mut out[(s0 + j) * plane..(s0 + j + 1) * plane]);
-            }
+            g.col2im(&cols, ld, &mut out[s0 * plane..(s0 + m) * plane]);
         }
         Ok((CpuStorage::F32(out), Shape::from((n, g.cin, g.h, g.w))))
     }
@@ -319,9 +325,7 @@ impl CustomOp2 for ConvWeightGrad {
         for s0 in (0..n).step_by(chunk) {
             let m = chunk.min(n - s0);
             let ld = m * hw;
-            for j in 0..m {
-                g.im2col(&x[(s0 + j) * plane..(s0 + j + 1) * plane], &mut cols[..k * ld], ld, j * hw);
-            }
+            g.im2col(&x[s0 * plane..(s0 + m) * plane], &mut cols[..k * ld], ld);
             to_rows(&gr[s0 * cout * hw..(s0 + m) * cout * hw], m, cout, hw, &mut gt[..cout * ld]);
             matmul(&mut out, cout, k, ld, Mat::plain(gt.as_ptr(), ld), Mat::transposed(cols.as_ptr(), ld), s0 > 0);
         }
