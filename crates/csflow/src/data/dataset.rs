@@ -100,8 +100,23 @@ impl Dataset {
         let good = good_samples(&images_in(normal, true)?);
         let mut test = Vec::new();
         if let Some(dir) = abnormal {
+            let mut owner: std::collections::HashMap<PathBuf, PathBuf> = Default::default();
             for path in images_in(dir, true)? {
-                let mask = masks.and_then(|m| mask_for(m, &path));
+                // A mask in the mirrored subfolder first, then directly in the mask folder.
+                let sub = path.parent().and_then(|p| p.strip_prefix(dir).ok()).unwrap_or(Path::new(""));
+                let mask = masks.and_then(|m| mask_for(&m.join(sub), &path).or_else(|| mask_for(m, &path)));
+                if let Some(m) = &mask {
+                    if let Some(other) = owner.insert(m.clone(), path.clone()) {
+                        return Err(Error::format(
+                            m,
+                            format!(
+                                "this mask would serve both {} and {}: mirror the image subfolders in the mask folder",
+                                other.display(),
+                                path.display()
+                            ),
+                        ));
+                    }
+                }
                 test.push(Sample { path, kind: "defect".into(), mask });
             }
         }
@@ -286,6 +301,17 @@ mod tests {
         assert_eq!(ds.test.len(), 2);
         assert_eq!(ds.test[0].mask.as_deref(), Some(r.join("masks/b.png").as_path()));
         assert_eq!(ds.test[1].mask.as_deref(), Some(r.join("masks/c_mask.png").as_path()));
+        // Same names in two subfolders: masks from mirrored subfolders, or a clear error when they would share one.
+        touch_png(&r.join("bad2/x/001.png"), 4, 4, 1);
+        touch_png(&r.join("bad2/y/001.png"), 4, 4, 1);
+        touch_png(&r.join("masks2/001.png"), 4, 4, 255);
+        let e = Dataset::folders(&r.join("ok"), Some(&r.join("bad2")), Some(&r.join("masks2"))).unwrap_err();
+        assert!(e.to_string().contains("would serve both"), "{e}");
+        touch_png(&r.join("masks3/x/001.png"), 4, 4, 255);
+        touch_png(&r.join("masks3/y/001_mask.png"), 4, 4, 255);
+        let ds = Dataset::folders(&r.join("ok"), Some(&r.join("bad2")), Some(&r.join("masks3"))).unwrap();
+        assert_eq!(ds.test[0].mask.as_deref(), Some(r.join("masks3/x/001.png").as_path()));
+        assert_eq!(ds.test[1].mask.as_deref(), Some(r.join("masks3/y/001_mask.png").as_path()));
     }
 
     #[test]
