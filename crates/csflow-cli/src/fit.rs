@@ -278,6 +278,7 @@ pub fn run(a: FitArgs) -> Result<()> {
             meta.train_scores = None;
             meta.validation_scores = None;
             meta.good_map_range = None;
+            meta.good_product_range = None;
             meta.epochs_done = 0;
             0
         }

@@ -167,11 +167,9 @@ pub fn run(a: PredictArgs) -> Result<()> {
     for dir in a.heatmaps.iter().chain(&a.masks) {
         check_output_dir(dir, &files)?;
     }
-    if a.masks.is_some() && a.mask_threshold.is_none() && matches!(a.map_mode, MapArg::Product) {
-        bail!("--masks with --map-mode product needs --mask-threshold (the stored range is for scale-0 maps)");
-    }
-    let (vmin, vmax) = det.heatmap_range();
-    let mask_threshold = a.mask_threshold.or(det.meta.good_map_range.map(|r| r[1] as f32));
+    let mode = MapMode::from(a.map_mode);
+    let (vmin, vmax) = det.heatmap_range(mode);
+    let mask_threshold = a.mask_threshold.or(det.good_range(mode).map(|r| r[1] as f32));
     if a.masks.is_some() && mask_threshold.is_none() {
         bail!("{}: the model records no good-image map range; pass --mask-threshold", a.model.display());
     }
@@ -186,7 +184,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
             let normalized = threshold.and_then(|t| det.normalized(score, t));
             let mut line = Line::new(path.display().to_string(), score, threshold, normalized);
             if a.heatmaps.is_some() || a.masks.is_some() {
-                let map = d.map_at_image_size(a.map_mode.into())?;
+                let map = d.map_at_image_size(mode)?;
                 let (w, h) = d.image.dimensions();
                 if let Some(dir) = &a.heatmaps {
                     let img = heatmap_overlay(&d.image, &map, vmin, vmax, 0.5)?;

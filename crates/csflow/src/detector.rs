@@ -81,10 +81,18 @@ impl Detector {
         Ok(Detection { score, output, image })
     }
 
+    /// The good images' (median, maximum) map values for `mode`, when the model records them.
+    pub fn good_range(&self, mode: MapMode) -> Option<[f64; 2]> {
+        match mode {
+            MapMode::Scale0 => self.meta.good_map_range,
+            MapMode::Product => self.meta.good_product_range,
+        }
+    }
+
     /// The anomaly-map values at the two ends of the heatmap colours: the good images' median, and twice
     /// their highest value (a defect is clearly hotter than any good region). (0, 1) without statistics.
-    pub fn heatmap_range(&self) -> (f32, f32) {
-        match self.meta.good_map_range {
+    pub fn heatmap_range(&self, mode: MapMode) -> (f32, f32) {
+        match self.good_range(mode) {
             Some([median, max]) => (median as f32, (2.0 * max) as f32),
             None => (0.0, 1.0),
         }

@@ -187,7 +187,7 @@ pub fn report_input(det: &Detector, images: &[TestImage], report: &TestReport, t
     let labels: Vec<u8> = images.iter().map(|t| t.sample.label()).collect();
     let roc = roc_curve(&scores, &labels).ok().map(|c| Curve { x: c.fpr, y: c.tpr });
     let pr = pr_curve(&scores, &labels).ok().map(|c| Curve { x: c.recall, y: c.precision });
-    let (vmin, vmax) = det.heatmap_range();
+    let (vmin, vmax) = det.heatmap_range(MapMode::Scale0);
     let mut good: Vec<&TestImage> = images.iter().filter(|t| t.sample.is_good()).collect();
     good.sort_by(|a, b| b.score.total_cmp(&a.score));
     let mut bad: Vec<&TestImage> = images.iter().filter(|t| !t.sample.is_good()).collect();

@@ -40,24 +40,24 @@ pub fn anomaly_map(out: &FlowOutput, mode: MapMode, height: usize, width: usize)
 }
 
 /// Image scores of all samples of a features set, in batches, and optionally each sample's anomaly map
-/// (scale 0) at `map_size` (height, width), row-major.
+/// (`maps`: mode, height, width), row-major.
 pub fn score_features(
     flow: &CsFlow,
     scales: &[Tensor; 3],
     batch: usize,
-    map_size: Option<(usize, usize)>,
+    maps: Option<(MapMode, usize, usize)>,
 ) -> Result<(Vec<f32>, Vec<Vec<f32>>)> {
     let n = scales[0].dim(0)?;
-    let (mut scores, mut maps) = (Vec::with_capacity(n), Vec::new());
+    let (mut scores, mut out_maps) = (Vec::with_capacity(n), Vec::new());
     let batch = batch.max(1);
     for start in (0..n).step_by(batch) {
         let len = batch.min(n - start);
         let x = [scales[0].narrow(0, start, len)?, scales[1].narrow(0, start, len)?, scales[2].narrow(0, start, len)?];
         let out = flow.forward(&x)?;
         scores.extend(image_scores(&out)?.to_vec1::<f32>()?);
-        if let Some((h, w)) = map_size {
-            maps.extend(anomaly_map(&out, MapMode::Scale0, h, w)?.flatten_from(1)?.to_vec2::<f32>()?);
+        if let Some((mode, h, w)) = maps {
+            out_maps.extend(anomaly_map(&out, mode, h, w)?.flatten_from(1)?.to_vec2::<f32>()?);
         }
     }
-    Ok((scores, maps))
+    Ok((scores, out_maps))
 }

@@ -82,6 +82,9 @@ pub struct ModelMeta {
     /// this fixed range so that images can be compared, and masks default to pixels above the maximum.
     #[serde(default)]
     pub good_map_range: Option<[f64; 2]>,
+    /// The same for the product of the three scale maps ([`crate::score::MapMode::Product`]).
+    #[serde(default)]
+    pub good_product_range: Option<[f64; 2]>,
     /// How the flow was trained, and how far.
     #[serde(default)]
     pub training: Option<TrainConfig>,
@@ -109,6 +112,7 @@ impl ModelMeta {
             threshold_source: None,
             validation_scores: None,
             good_map_range: None,
+            good_product_range: None,
             training: None,
             epochs_done: 0,
         }

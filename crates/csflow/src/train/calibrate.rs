@@ -4,13 +4,14 @@ use candle_core::Tensor;
 
 use crate::flow::CsFlow;
 use crate::io::{ModelMeta, ScoreStats};
-use crate::score::score_features;
+use crate::score::{score_features, MapMode};
 use crate::threshold::{false_reject_threshold, quantile};
 use crate::Result;
 
 /// Scores the training (and validation) features with the trained flow and records in `meta`: score
 /// statistics, the threshold for a `max_false_reject` rate of good images (from validation images when
-/// there are any: training images score optimistically low), and the good images' map range.
+/// there are any: training images score optimistically low), and the good images' map ranges (scale 0 and
+/// product).
 pub fn calibrate(
     meta: &mut ModelMeta,
     flow: &CsFlow,
@@ -20,11 +21,12 @@ pub fn calibrate(
     max_false_reject: f64,
     batch: usize,
 ) -> Result<()> {
-    let (train_scores, train_maps) = score_features(flow, train, batch, validation.is_none().then_some(map_size))?;
+    let scale0 = (MapMode::Scale0, map_size.0, map_size.1);
+    let (train_scores, train_maps) = score_features(flow, train, batch, validation.is_none().then_some(scale0))?;
     meta.train_scores = ScoreStats::from_scores(&train_scores);
     let (good_scores, good_maps, from) = match validation {
         Some(v) => {
-            let (s, m) = score_features(flow, v, batch, Some(map_size))?;
+            let (s, m) = score_features(flow, v, batch, Some(scale0))?;
             meta.validation_scores = ScoreStats::from_scores(&s);
             (s, m, "validation")
         }
@@ -39,7 +41,13 @@ pub fn calibrate(
         1.0 - max_false_reject,
         good_scores.len()
     ));
-    let pixels: Vec<f32> = good_maps.concat();
-    meta.good_map_range = Some([quantile(&pixels, 0.5)?, quantile(&pixels, 1.0)?]);
+    let range = |maps: Vec<Vec<f32>>| -> Result<[f64; 2]> {
+        let pixels = maps.concat();
+        Ok([quantile(&pixels, 0.5)?, quantile(&pixels, 1.0)?])
+    };
+    meta.good_map_range = Some(range(good_maps)?);
+    let good = validation.unwrap_or(train);
+    let product = (MapMode::Product, map_size.0, map_size.1);
+    meta.good_product_range = Some(range(score_features(flow, good, batch, Some(product))?.1)?);
     Ok(())
 }
