@@ -1,11 +1,11 @@
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use clap::Args;
 use csflow::extract::{
     check_size, content_hash, extract_images, list_images, load_backbone_weights, Cache, FeatureExtractor,
 };
-use csflow::io::{save_features, write_safetensors};
+use csflow::io::{save_features, write_safetensors, FeatureSet};
 use indicatif::{ProgressBar, ProgressStyle};
 
 /// Parses `256` or `384x256` (height x width).
@@ -49,10 +49,33 @@ pub fn run(a: ExtractArgs) -> Result<()> {
         .with_context(|| format!("{} as {}", a.weights.display(), a.backbone))?;
     let images = list_images(&a.images)?;
     let hash = content_hash(&std::fs::read(&a.weights).with_context(|| format!("{}", a.weights.display()))?);
-    let settings = ex.settings(&hash);
-    let cache = Cache::open(&a.output, &settings);
+    let (set, reused, failed) = extract_with_progress(&ex, &hash, &images, &a.output)?;
+    save_features(&a.output, &set)?;
+    eprintln!(
+        "wrote {} ({} images, {reused} from the cache, {failed} unreadable; {} channels)",
+        a.output.display(),
+        set.len(),
+        ex.channels()
+    );
+    if failed > 0 {
+        anyhow::bail!("{failed} image(s) could not be read");
+    }
+    Ok(())
+}
+
+/// Features of `images` with a progress bar, reusing rows of the features file `cache` made with the same
+/// settings; unreadable images are reported and skipped. Returns the features, how many rows came from the
+/// cache and how many images could not be read; none readable is an error.
+pub fn extract_with_progress(
+    ex: &FeatureExtractor,
+    weights_hash: &str,
+    images: &[(PathBuf, Option<u8>)],
+    cache: &Path,
+) -> Result<(FeatureSet, usize, usize)> {
+    let settings = ex.settings(weights_hash);
+    let cached = Cache::open(cache, &settings);
     let bar = progress_bar(images.len(), "images");
-    let out = extract_images(&ex, &images, &settings, &cache, &mut |path, err| {
+    let out = extract_images(ex, images, &settings, &cached, &mut |path, err| {
         bar.set_message(path.display().to_string());
         if let Some(e) = err {
             bar.suspend(|| eprintln!("skipped: {e}"));
@@ -60,20 +83,8 @@ pub fn run(a: ExtractArgs) -> Result<()> {
         bar.inc(1);
     })?;
     bar.finish_and_clear();
-    let Some(set) = out.set else { anyhow::bail!("no image in {} could be read", a.images.display()) };
-    save_features(&a.output, &set)?;
-    eprintln!(
-        "wrote {} ({} images, {} from the cache, {} unreadable; {} channels)",
-        a.output.display(),
-        set.len(),
-        out.reused,
-        out.failed.len(),
-        ex.channels()
-    );
-    if !out.failed.is_empty() {
-        anyhow::bail!("{} image(s) could not be read", out.failed.len());
-    }
-    Ok(())
+    let Some(set) = out.set else { anyhow::bail!("none of the {} images could be read", images.len()) };
+    Ok((set, out.reused, out.failed.len()))
 }
 
 /// A progress bar over `len` items of `unit`, drawn on stderr.

@@ -5,12 +5,12 @@ use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use clap::Args;
 use csflow::data::{validation_split, Dataset};
-use csflow::extract::{content_hash, extract_images, load_backbone_weights, weights_up_to, Cache, FeatureExtractor};
+use csflow::extract::{content_hash, load_backbone_weights, weights_up_to, FeatureExtractor};
 use csflow::flow::{CsFlow, FlowConfig, ParamMap};
 use csflow::io::{load_features, load_model, save_features, save_model, BackboneMeta, FeatureSet, ModelMeta};
 use csflow::train::{calibrate, AdamConfig, Event, TrainConfig, Trainer};
 
-use crate::extract::{parse_size, progress_bar};
+use crate::extract::{extract_with_progress, parse_size, progress_bar};
 
 /// Where the backbone comes from when a command reads images.
 #[derive(Args, Clone)]
@@ -116,23 +116,12 @@ impl BackboneArgs {
 /// Features of `images` through the cache file at `cache` (rewritten with what was extracted); unreadable
 /// images are reported and skipped.
 pub fn extract_cached(bb: &Backbone, images: &[(PathBuf, Option<u8>)], cache: &Path) -> Result<(FeatureSet, usize)> {
-    let settings = bb.extractor.settings(&bb.hash);
-    let cached = Cache::open(cache, &settings);
-    let bar = progress_bar(images.len(), "images");
-    let out = extract_images(&bb.extractor, images, &settings, &cached, &mut |path, err| {
-        bar.set_message(path.display().to_string());
-        if let Some(e) = err {
-            bar.suspend(|| eprintln!("skipped: {e}"));
-        }
-        bar.inc(1);
-    })?;
-    bar.finish_and_clear();
-    let Some(set) = out.set else { bail!("none of the {} images could be read", images.len()) };
-    if out.reused < set.len() {
+    let (set, reused, failed) = extract_with_progress(&bb.extractor, &bb.hash, images, cache)?;
+    if reused < set.len() {
         save_features(cache, &set)?;
     }
-    eprintln!("features of {} images ({} from the cache {})", set.len(), out.reused, cache.display());
-    Ok((set, out.failed.len()))
+    eprintln!("features of {} images ({reused} from the cache {})", set.len(), cache.display());
+    Ok((set, failed))
 }
 
 pub fn run(a: FitArgs) -> Result<()> {

@@ -55,8 +55,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    /// Metrics of `images`; undefined ones are `None` with a reason pushed to `notes`.
-    pub fn of(images: &[&TestImage], group: &str, notes: &mut Vec<String>) -> Self {
+    /// Metrics of `images` (maps `width` pixels wide); undefined ones are `None` with a reason pushed to
+    /// `notes`.
+    pub fn of(images: &[&TestImage], width: usize, group: &str, notes: &mut Vec<String>) -> Self {
         let scores: Vec<f32> = images.iter().map(|t| t.score).collect();
         let labels: Vec<u8> = images.iter().map(|t| t.sample.label()).collect();
         let mut m = Metrics {
@@ -88,6 +89,10 @@ impl Metrics {
         match pixel_auroc(&maps, &masks) {
             Ok(v) => m.pixel_auroc = Some(v),
             Err(e) => note("pixel AUROC", e),
+        }
+        match aupro(&maps, &masks, &vec![width; images.len()], AUPRO_MAX_FPR) {
+            Ok(v) => m.aupro = Some(v),
+            Err(e) => note("AUPRO", e),
         }
         m
     }
@@ -122,17 +127,14 @@ pub struct OperatingPoint {
 pub fn evaluate(images: &[TestImage], width: usize, threshold: Option<(f64, String)>) -> TestReport {
     let mut notes = Vec::new();
     let all: Vec<&TestImage> = images.iter().collect();
-    let mut overall = Metrics::of(&all, "all", &mut notes);
-    overall.aupro = aupro_of(&all, width, "all", &mut notes);
+    let overall = Metrics::of(&all, width, "all", &mut notes);
     let mut kinds: Vec<&str> = images.iter().filter(|t| !t.sample.is_good()).map(|t| t.sample.kind.as_str()).collect();
     kinds.sort_unstable();
     kinds.dedup();
     let mut per_defect_type = BTreeMap::new();
     for kind in kinds {
         let group: Vec<&TestImage> = images.iter().filter(|t| t.sample.is_good() || t.sample.kind == kind).collect();
-        let mut m = Metrics::of(&group, kind, &mut notes);
-        m.aupro = aupro_of(&group, width, kind, &mut notes);
-        per_defect_type.insert(kind.to_string(), m);
+        per_defect_type.insert(kind.to_string(), Metrics::of(&group, width, kind, &mut notes));
     }
     let operating_point = threshold.map(|(t, source)| {
         let rate = |good: bool, flagged: bool| {
@@ -143,20 +145,6 @@ pub fn evaluate(images: &[TestImage], width: usize, threshold: Option<(f64, Stri
         OperatingPoint { threshold: t, source, false_reject_rate: rate(true, true), escape_rate: rate(false, false) }
     });
     TestReport { overall, per_defect_type, operating_point, skipped: Vec::new(), notes }
-}
-
-fn aupro_of(images: &[&TestImage], width: usize, group: &str, notes: &mut Vec<String>) -> Option<f64> {
-    let masks: Option<Vec<&[u8]>> = images.iter().map(|t| t.mask.as_deref()).collect();
-    let masks = masks?;
-    let maps: Vec<&[f32]> = images.iter().map(|t| t.map.as_slice()).collect();
-    let widths = vec![width; images.len()];
-    match aupro(&maps, &masks, &widths, AUPRO_MAX_FPR) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            notes.push(format!("{group}: no AUPRO: {e}"));
-            None
-        }
-    }
 }
 
 impl From<(&str, &Metrics)> for MetricRow {
