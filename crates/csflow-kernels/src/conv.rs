@@ -4,11 +4,14 @@
 //! `conv_transpose2d`; here all three products are single GEMMs per sample:
 //! forward Y = W·cols(X) + b, input gradient dX = col2im(Wᵀ·G), weight gradient dW = Σ G·cols(X)ᵀ.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
-use gemm::Parallelism;
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
 use rayon::prelude::*;
 
 use crate::f32_slice;
+use crate::gemm::{matmul, Mat};
+use crate::winograd::{self, Kernel, Shape3x3};
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -43,6 +46,14 @@ impl Geom {
     /// Rows of the column matrix: Cin * kh * kw.
     fn k(&self) -> usize {
         self.cin * self.kh * self.kw
+    }
+
+    /// The Winograd shape for n samples when this is a 3x3, stride-1, padding-1 convolution (the flow's
+    /// per-scale and up convolutions) on maps large enough for [`winograd`] to pay.
+    fn winograd(&self, n: usize) -> Option<Shape3x3> {
+        let g = *self;
+        let s = Shape3x3 { n, cin: g.cin, cout: g.cout, h: g.h, w: g.w };
+        (g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1 && winograd::pays(s)).then_some(s)
     }
 
     fn hw_out(&self) -> usize {
@@ -137,62 +148,29 @@ fn to_samples(src: &[f32], m: usize, rows: usize, hw: usize, dst: &mut [f32]) {
     });
 }
 
-fn threads() -> Parallelism {
-    Parallelism::Rayon(rayon::current_num_threads())
-}
-
-/// Row-major matrix operand: pointer, rows, columns, and whether it is read transposed.
-struct Mat {
-    ptr: *const f32,
-    /// (row stride, column stride) in elements of the matrix as used in the product.
-    rs: isize,
-    cs: isize,
-}
-
-impl Mat {
-    fn plain(ptr: *const f32, cols: usize) -> Self {
-        Self { ptr, rs: cols as isize, cs: 1 }
-    }
-
-    /// The transpose of a row-major `[rows, cols]` matrix stored at `ptr`.
-    fn transposed(ptr: *const f32, cols: usize) -> Self {
-        Self { ptr, rs: 1, cs: cols as isize }
-    }
-}
-
-/// dst [m, n] (row-major) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n].
-fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, accumulate: bool) {
-    assert_eq!(dst.len(), m * n);
-    // SAFETY: every operand's extent is checked by the callers' shapes: lhs covers m x k and rhs k x n
-    // elements at the given strides, dst is an exclusive m x n row-major buffer.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            lhs.ptr,
-            lhs.cs,
-            lhs.rs,
-            rhs.ptr,
-            rhs.cs,
-            rhs.rs,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            threads(),
-        )
-    }
-}
-
 struct Conv {
     stride: usize,
     pad: usize,
+    prepared: Option<WinogradWeights>,
+}
+
+/// A 3x3 layer's weight in Winograd's transformed form, made once for weights that no longer change
+/// (inference): at batch 1 the transform costs about as much as the convolution's products.
+#[derive(Clone, Debug)]
+pub struct WinogradWeights {
+    u: Arc<Vec<f32>>,
+    /// The weight it was made from, so it cannot be applied with another.
+    source: TensorId,
+}
+
+impl WinogradWeights {
+    /// The transform of w [O, I, 3, 3]; `None` for other kernel sizes.
+    pub fn new(w: &Tensor) -> Result<Option<Self>> {
+        let &[cout, cin, 3, 3] = w.dims() else { return Ok(None) };
+        let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+        let u = winograd::transform_weights(&data, cout, cin, Kernel::Forward);
+        Ok(Some(Self { u: Arc::new(u), source: w.id() }))
+    }
 }
 
 impl CustomOp3 for Conv {
@@ -216,6 +194,15 @@ impl CustomOp3 for Conv {
             candle_core::bail!("conv2d: bias has {} values for {} output channels", b.len(), g.cout);
         }
         let n = xl.dims()[0];
+        if let Some(s) = g.winograd(n) {
+            let y = match &self.prepared {
+                Some(p) => winograd::conv3x3(x, &p.u, Some(b), s),
+                None => {
+                    winograd::conv3x3(x, &winograd::transform_weights(w, g.cout, g.cin, Kernel::Forward), Some(b), s)
+                }
+            };
+            return Ok((CpuStorage::F32(y), Shape::from((n, g.cout, g.h, g.w))));
+        }
         let (k, hw) = (g.k(), g.hw_out());
         let mut out = vec![0f32; n * g.cout * hw];
         let chunk = samples_per_chunk(k, hw, n);
@@ -273,6 +260,11 @@ impl CustomOp2 for ConvInputGrad {
         let g = Geom::new(&[n, wdims[1], self.h, self.w], wdims, self.stride, self.pad)?;
         if gl.dims() != [n, g.cout, g.ho, g.wo] {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not match the forward", gl.dims());
+        }
+        if let Some(s) = g.winograd(n) {
+            let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::InputGradient);
+            let s = Shape3x3 { cin: s.cout, cout: s.cin, ..s };
+            return Ok((CpuStorage::F32(winograd::conv3x3(gr, &u, None, s)), Shape::from((n, g.cin, g.h, g.w))));
         }
         let (k, hw) = (g.k(), g.hw_out());
         let mut out = vec![0f32; n * g.cin * g.h * g.w];
@@ -336,7 +328,23 @@ impl CustomOp2 for ConvWeightGrad {
 /// `F.conv2d(x, w, b, stride, padding=pad)` for f32 tensors: x [N, C, H, W], w [O, C, kh, kw], b [O].
 /// Differentiable in all three arguments.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad })
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad, prepared: None })
+}
+
+/// [`conv2d`] with w's Winograd transform made beforehand by [`WinogradWeights::new`] (from this same w).
+pub fn conv2d_prepared(
+    x: &Tensor,
+    w: &Tensor,
+    b: &Tensor,
+    stride: usize,
+    pad: usize,
+    prepared: &WinogradWeights,
+) -> Result<Tensor> {
+    if prepared.source != w.id() {
+        candle_core::bail!("conv2d: the Winograd weights were made from another tensor than this weight");
+    }
+    let prepared = Some(prepared.clone());
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad, prepared })
 }
 
 #[cfg(test)]
@@ -352,6 +360,10 @@ mod tests {
     fn matches_candle_conv_and_its_gradients() {
         for &(stride, k, h, w) in &[
             (1usize, 3usize, 7usize, 6usize),
+            (1, 3, 1, 1),
+            (1, 3, 2, 3),
+            (1, 3, 5, 4),
+            (1, 3, 8, 8),
             (2, 3, 8, 8),
             (2, 5, 9, 7),
             (1, 5, 4, 4),
@@ -364,11 +376,12 @@ mod tests {
         }
     }
 
-    /// Five samples whose column matrices exceed the batching budget: GEMMs of 3 then 2 samples.
+    /// Five samples whose column matrices exceed the batching budget: GEMMs of 2, 2 and 1 samples (5x5: the
+    /// im2col path, not Winograd's).
     #[test]
     fn batched_chunks_with_a_partial_last_one() {
-        assert_eq!(samples_per_chunk(64 * 9, 64 * 64, 5), 3);
-        compare_with_candle(5, 64, 3, 1, 3, 64, 64);
+        assert_eq!(samples_per_chunk(128 * 25, 32 * 32, 5), 2);
+        compare_with_candle(5, 128, 3, 1, 5, 32, 32);
     }
 
     fn compare_with_candle(n: usize, cin: usize, cout: usize, stride: usize, k: usize, h: usize, w: usize) {

@@ -10,10 +10,12 @@ mod atan;
 mod bilinear;
 mod conv;
 mod depthwise;
+mod gemm;
+mod winograd;
 
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
-pub use conv::conv2d;
+pub use conv::{conv2d, conv2d_prepared, WinogradWeights};
 pub use depthwise::{depthwise_conv2d, Padding};
 
 use candle_core::{CpuStorage, Layout, Result};
@@ -27,6 +29,17 @@ fn f32_slice<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str) -> Result<&
         Some((start, end)) => Ok(&data[start..end]),
         None => candle_core::bail!("{op}: argument must be contiguous"),
     }
+}
+
+/// A buffer of n f32 whose contents are unspecified, for outputs that a kernel writes whole before reading:
+/// zeroing tens of MB that are overwritten anyway cost as much as the transforms that fill them.
+#[allow(clippy::uninit_vec)]
+fn uninit(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    // SAFETY: f32 has no invalid bit patterns and the capacity is n; every caller writes all n elements
+    // before reading any (candle's own `alloc_uninit` does the same).
+    unsafe { v.set_len(n) };
+    v
 }
 
 /// Whether this CPU runs the AVX2 + FMA versions of the kernels (detected once).

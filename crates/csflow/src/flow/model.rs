@@ -63,6 +63,17 @@ impl CsFlow {
         Ok(Self { config, blocks, perms, inv_perms })
     }
 
+    /// The same flow with every 3x3 weight transformed once for the Winograd convolution, for scoring with
+    /// weights that no longer change (saves a transform per layer and call; values are the same). Gradients
+    /// still flow, but the parameters must not be updated afterwards.
+    pub fn for_inference(mut self) -> Result<Self> {
+        for b in &mut self.blocks {
+            b.s1.prepare_for_inference()?;
+            b.s2.prepare_for_inference()?;
+        }
+        Ok(self)
+    }
+
     /// Fresh parameters with PyTorch's default `Conv2d` ranges (uniform in +-1/sqrt(fan_in) for weights and
     /// biases) and all gammas 0, so the untrained flow is the identity. Seeded and reproducible.
     pub fn init_params(config: &FlowConfig, seed: u64, device: &Device) -> Result<ParamMap> {

@@ -1,5 +1,5 @@
 use candle_core::Tensor;
-use csflow_kernels::bilinear_up2;
+use csflow_kernels::{bilinear_up2, WinogradWeights};
 
 use super::model::ParamMap;
 use crate::{Error, Result};
@@ -26,6 +26,8 @@ pub struct Conv2d {
     pub weight: Tensor,
     pub bias: Tensor,
     pub stride: usize,
+    /// The weight's Winograd transform, made by [`prepare_for_inference`](Self::prepare_for_inference).
+    winograd: Option<WinogradWeights>,
 }
 
 impl Conv2d {
@@ -34,12 +36,22 @@ impl Conv2d {
             weight: get(params, &format!("{prefix}.weight"))?,
             bias: get(params, &format!("{prefix}.bias"))?,
             stride,
+            winograd: None,
         })
+    }
+
+    /// Transforms the weight once for the Winograd path; only for weights that will not change again.
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        self.winograd = WinogradWeights::new(&self.weight)?;
+        Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let k = self.weight.dim(2)?;
-        Ok(csflow_kernels::conv2d(x, &self.weight, &self.bias, self.stride, k / 2)?)
+        Ok(match &self.winograd {
+            Some(u) => csflow_kernels::conv2d_prepared(x, &self.weight, &self.bias, self.stride, k / 2, u)?,
+            None => csflow_kernels::conv2d(x, &self.weight, &self.bias, self.stride, k / 2)?,
+        })
     }
 }
 
@@ -78,6 +90,14 @@ impl CrossConvolutions {
             down_conv01: conv("down_conv01", 2)?,
             down_conv12: conv("down_conv12", 2)?,
         })
+    }
+
+    pub fn prepare_for_inference(&mut self) -> Result<()> {
+        let Self { conv_in, conv_out, up_conv10, up_conv21, down_conv01, down_conv12, .. } = self;
+        for c in conv_in.iter_mut().chain(conv_out).chain([up_conv10, up_conv21, down_conv01, down_conv12]) {
+            c.prepare_for_inference()?;
+        }
+        Ok(())
     }
 
     pub fn forward(&self, x: &[Tensor; 3]) -> Result<[Tensor; 3]> {

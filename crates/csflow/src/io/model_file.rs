@@ -129,8 +129,9 @@ pub struct ModelFile {
 }
 
 impl ModelFile {
+    /// The flow, ready for scoring (weights prepared once; see [`CsFlow::for_inference`]).
     pub fn flow(&self) -> Result<CsFlow> {
-        CsFlow::new(self.meta.flow.clone(), &self.params)
+        CsFlow::new(self.meta.flow.clone(), &self.params)?.for_inference()
     }
 }
 
@@ -167,7 +168,7 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
         None => ModelMeta::new(CsFlow::config_from_params(&params).map_err(wrap)?),
     };
     let model = ModelFile { meta, params, other };
-    model.flow().map_err(wrap)?;
+    CsFlow::new(model.meta.flow.clone(), &model.params).map_err(wrap)?;
     Ok(model)
 }
 
