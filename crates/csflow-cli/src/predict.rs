@@ -229,13 +229,12 @@ fn write_png(dest: &Path, bytes: &[u8]) -> Result<()> {
 /// Scores a features file: `{"path", "score", "normalized_score", "label", "threshold"}` per sample, plus
 /// the file's ground truth as `true_label` when it has labels.
 fn predict_features(a: &PredictArgs, features: &Path) -> Result<()> {
-    let model = load_model(&a.model)?;
-    let flow = model.flow()?;
+    let (flow, meta) = load_model(&a.model)?.into_inference_flow()?;
     let data = load_features(features)?;
     flow.check_input(&data.scales).with_context(|| format!("{}", features.display()))?;
     let (scores, _) = score_features(&flow, &data.scales, a.batch_size, None)?;
-    let threshold = a.threshold.or(model.meta.threshold);
-    let good_min = model.meta.good_min();
+    let threshold = a.threshold.or(meta.threshold);
+    let good_min = meta.good_min();
     let mut out = std::io::stdout().lock();
     for (i, (path, &score)) in data.paths.iter().zip(&scores).enumerate() {
         let score = score as f64;

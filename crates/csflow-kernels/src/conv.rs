@@ -4,9 +4,7 @@
 //! `conv_transpose2d`; here all three products are single GEMMs per sample:
 //! forward Y = W·cols(X) + b, input gradient dX = col2im(Wᵀ·G), weight gradient dW = Σ G·cols(X)ᵀ.
 
-use std::sync::Arc;
-
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, TensorId};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::f32_slice;
@@ -151,26 +149,6 @@ fn to_samples(src: &[f32], m: usize, rows: usize, hw: usize, dst: &mut [f32]) {
 struct Conv {
     stride: usize,
     pad: usize,
-    prepared: Option<WinogradWeights>,
-}
-
-/// A 3x3 layer's weight in Winograd's transformed form, made once for weights that no longer change
-/// (inference): at batch 1 the transform costs about as much as the convolution's products.
-#[derive(Clone, Debug)]
-pub struct WinogradWeights {
-    u: Arc<Vec<f32>>,
-    /// The weight it was made from, so it cannot be applied with another.
-    source: TensorId,
-}
-
-impl WinogradWeights {
-    /// The transform of w [O, I, 3, 3]; `None` for other kernel sizes.
-    pub fn new(w: &Tensor) -> Result<Option<Self>> {
-        let &[cout, cin, 3, 3] = w.dims() else { return Ok(None) };
-        let data = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let u = winograd::transform_weights(&data, cout, cin, Kernel::Forward);
-        Ok(Some(Self { u: Arc::new(u), source: w.id() }))
-    }
 }
 
 impl CustomOp3 for Conv {
@@ -195,13 +173,8 @@ impl CustomOp3 for Conv {
         }
         let n = xl.dims()[0];
         if let Some(s) = g.winograd(n) {
-            let y = match &self.prepared {
-                Some(p) => winograd::conv3x3(x, &p.u, Some(b), s),
-                None => {
-                    winograd::conv3x3(x, &winograd::transform_weights(w, g.cout, g.cin, Kernel::Forward), Some(b), s)
-                }
-            };
-            return Ok((CpuStorage::F32(y), Shape::from((n, g.cout, g.h, g.w))));
+            let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::Forward);
+            return Ok((CpuStorage::F32(winograd::conv3x3(x, &u, Some(b), s)), Shape::from((n, g.cout, g.h, g.w))));
         }
         let (k, hw) = (g.k(), g.hw_out());
         let mut out = vec![0f32; n * g.cout * hw];
@@ -328,23 +301,7 @@ impl CustomOp2 for ConvWeightGrad {
 /// `F.conv2d(x, w, b, stride, padding=pad)` for f32 tensors: x [N, C, H, W], w [O, C, kh, kw], b [O].
 /// Differentiable in all three arguments.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad, prepared: None })
-}
-
-/// [`conv2d`] with w's Winograd transform made beforehand by [`WinogradWeights::new`] (from this same w).
-pub fn conv2d_prepared(
-    x: &Tensor,
-    w: &Tensor,
-    b: &Tensor,
-    stride: usize,
-    pad: usize,
-    prepared: &WinogradWeights,
-) -> Result<Tensor> {
-    if prepared.source != w.id() {
-        candle_core::bail!("conv2d: the Winograd weights were made from another tensor than this weight");
-    }
-    let prepared = Some(prepared.clone());
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad, prepared })
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad })
 }
 
 #[cfg(test)]

@@ -15,8 +15,9 @@ mod winograd;
 
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
-pub use conv::{conv2d, conv2d_prepared, WinogradWeights};
+pub use conv::conv2d;
 pub use depthwise::{depthwise_conv2d, Padding};
+pub use winograd::{conv3x3_winograd, WinogradWeights};
 
 use candle_core::{CpuStorage, Layout, Result};
 

@@ -111,8 +111,9 @@ fn flow_input(config: &FlowConfig, batch: usize, map: usize) -> [Tensor; 3] {
 }
 
 fn flow_forward(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
-    // Prepared once, as a loaded model is.
-    let flow = CsFlow::new(config.clone(), &flow_params(&config)).unwrap().for_inference().unwrap();
+    // Prepared once, as a loaded model is (after the parameter map is gone, as there).
+    let flow = CsFlow::new(config.clone(), &flow_params(&config)).unwrap();
+    let flow = flow.for_inference().unwrap();
     let x = flow_input(&config, batch, map);
     time(reps, || {
         flow.forward(&x).unwrap().z[0].sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -137,7 +138,8 @@ fn lite0_weights() -> BTreeMap<String, Tensor> {
 fn predict(image: &str, reps: usize) -> f64 {
     let extractor = FeatureExtractor::new("efficientnet-lite0", &lite0_weights(), None, [256, 256]).unwrap();
     let flow_config = FlowConfig::new(extractor.channels(), 256);
-    let flow = CsFlow::new(flow_config.clone(), &flow_params(&flow_config)).unwrap().for_inference().unwrap();
+    let flow = CsFlow::new(flow_config.clone(), &flow_params(&flow_config)).unwrap();
+    let flow = flow.for_inference().unwrap();
     let det = Detector { extractor, flow, meta: ModelMeta::new(flow_config) };
     let path = std::path::Path::new(image);
     time(reps, || {

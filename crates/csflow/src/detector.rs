@@ -61,8 +61,9 @@ impl Detector {
                 model.meta.flow.channels
             )));
         }
-        let flow = model.flow()?;
-        Ok(Self { extractor, flow, meta: model.meta })
+        drop(weights);
+        let (flow, meta) = model.into_inference_flow()?;
+        Ok(Self { extractor, flow, meta })
     }
 
     /// Reads and scores an image file; errors name the file.

@@ -10,4 +10,4 @@ mod subnet;
 pub use config::FlowConfig;
 pub use coupling::{soft_clamp, Coupling};
 pub use model::{flatten_z, CsFlow, FlowOutput, ParamMap};
-pub use subnet::{Conv2d, CrossConvolutions};
+pub use subnet::{Conv2d, ConvWeight, CrossConvolutions};

@@ -23,34 +23,42 @@ const LEAKY_SLOPE: f64 = 0.1;
 /// A 2-d convolution with bias and zero padding k/2 (PyTorch `nn.Conv2d(.., padding=k // 2)`).
 #[derive(Clone, Debug)]
 pub struct Conv2d {
-    pub weight: Tensor,
+    pub weight: ConvWeight,
     pub bias: Tensor,
     pub stride: usize,
-    /// The weight's Winograd transform, made by [`prepare_for_inference`](Self::prepare_for_inference).
-    winograd: Option<WinogradWeights>,
+}
+
+/// A convolution's weight: as trained, or (3x3 stride-1 layers of a flow made for inference) only its
+/// Winograd transform, so the model does not hold both.
+#[derive(Clone, Debug)]
+pub enum ConvWeight {
+    Plain(Tensor),
+    Winograd(WinogradWeights),
 }
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
         Ok(Self {
-            weight: get(params, &format!("{prefix}.weight"))?,
+            weight: ConvWeight::Plain(get(params, &format!("{prefix}.weight"))?),
             bias: get(params, &format!("{prefix}.bias"))?,
             stride,
-            winograd: None,
         })
     }
 
-    /// Transforms the weight once for the Winograd path; only for weights that will not change again.
-    pub fn prepare_for_inference(&mut self) -> Result<()> {
-        self.winograd = WinogradWeights::new(&self.weight)?;
+    /// Replaces a 3x3 stride-1 weight by its Winograd transform: faster, but without gradients.
+    fn prepare_for_inference(&mut self) -> Result<()> {
+        if let (ConvWeight::Plain(w), 1) = (&self.weight, self.stride) {
+            if let Some(u) = WinogradWeights::new(w)? {
+                self.weight = ConvWeight::Winograd(u);
+            }
+        }
         Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let k = self.weight.dim(2)?;
-        Ok(match &self.winograd {
-            Some(u) => csflow_kernels::conv2d_prepared(x, &self.weight, &self.bias, self.stride, k / 2, u)?,
-            None => csflow_kernels::conv2d(x, &self.weight, &self.bias, self.stride, k / 2)?,
+        Ok(match &self.weight {
+            ConvWeight::Plain(w) => csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?,
+            ConvWeight::Winograd(u) => csflow_kernels::conv3x3_winograd(x, u, &self.bias)?,
         })
     }
 }
@@ -92,7 +100,7 @@ impl CrossConvolutions {
         })
     }
 
-    pub fn prepare_for_inference(&mut self) -> Result<()> {
+    pub(crate) fn prepare_for_inference(&mut self) -> Result<()> {
         let Self { conv_in, conv_out, up_conv10, up_conv21, down_conv01, down_conv12, .. } = self;
         for c in conv_in.iter_mut().chain(conv_out).chain([up_conv10, up_conv21, down_conv01, down_conv12]) {
             c.prepare_for_inference()?;

@@ -129,9 +129,18 @@ pub struct ModelFile {
 }
 
 impl ModelFile {
-    /// The flow, ready for scoring (weights prepared once; see [`CsFlow::for_inference`]).
+    /// The flow with the file's weights as they are (trainable).
     pub fn flow(&self) -> Result<CsFlow> {
-        CsFlow::new(self.meta.flow.clone(), &self.params)?.for_inference()
+        CsFlow::new(self.meta.flow.clone(), &self.params)
+    }
+
+    /// The flow for scoring ([`CsFlow::for_inference`]), made after the file's own copy of the weights is
+    /// released, so each plain weight is freed as its transform is made and the two are never all held at once.
+    pub fn into_inference_flow(self) -> Result<(CsFlow, ModelMeta)> {
+        let flow = self.flow()?;
+        let meta = self.meta;
+        drop(self.params);
+        Ok((flow.for_inference()?, meta))
     }
 }
 
@@ -168,7 +177,7 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
         None => ModelMeta::new(CsFlow::config_from_params(&params).map_err(wrap)?),
     };
     let model = ModelFile { meta, params, other };
-    CsFlow::new(model.meta.flow.clone(), &model.params).map_err(wrap)?;
+    model.flow().map_err(wrap)?;
     Ok(model)
 }
 
