@@ -58,6 +58,17 @@ impl Geom {
         self.ho * self.wo
     }
 
+    /// The output positions o in 0..n (along one axis) whose input position o * stride + k - pad lies in
+    /// 0..len, as a range, and the input position of its first element.
+    fn valid(&self, k: usize, n: usize, len: usize) -> (std::ops::Range<usize>, usize) {
+        let (s, p) = (self.stride, self.pad);
+        // First o with o*s + k >= p, and one past the last with o*s + k - p <= len - 1.
+        let lo = p.saturating_sub(k).div_ceil(s).min(n);
+        let hi = if len + p > k { ((len + p - k - 1) / s + 1).min(n) } else { 0 };
+        let hi = hi.max(lo);
+        (lo..hi, (lo * s + k).saturating_sub(p))
+    }
+
     /// Unfolds m samples [m, Cin, H, W] into cols [Cin*kh*kw, ld], ld = m x Ho*Wo (sample j in columns
     /// j*Ho*Wo..(j+1)*Ho*Wo).
     fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
@@ -68,20 +79,22 @@ impl Geom {
         // copying when maps are small (8x8 and below).
         cols.par_chunks_mut(ld).enumerate().for_each(|(row, out)| {
             let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+            let (ys, iy0) = g.valid(ky, g.ho, g.h);
+            let (xs, ix0) = g.valid(kx, g.wo, g.w);
             for j in 0..m {
                 let plane = &x[j * plane + ci * g.h * g.w..j * plane + (ci + 1) * g.h * g.w];
                 let out = &mut out[j * hw..(j + 1) * hw];
-                for oy in 0..g.ho {
-                    let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                    let dst = &mut out[oy * g.wo..(oy + 1) * g.wo];
-                    if iy < 0 || iy >= g.h as isize {
+                for (oy, dst) in out.chunks_exact_mut(g.wo).enumerate() {
+                    if !ys.contains(&oy) || xs.is_empty() {
                         dst.fill(0.0);
                         continue;
                     }
-                    let src = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                    for (ox, d) in dst.iter_mut().enumerate() {
-                        let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                        *d = if ix >= 0 && ix < g.w as isize { src[ix as usize] } else { 0.0 };
+                    let iy = iy0 + (oy - ys.start) * g.stride;
+                    let src = &plane[iy * g.w + ix0..(iy + 1) * g.w];
+                    dst[..xs.start].fill(0.0);
+                    dst[xs.end..].fill(0.0);
+                    for (d, &v) in dst[xs.clone()].iter_mut().zip(src.iter().step_by(g.stride)) {
+                        *d = v;
                     }
                 }
             }
@@ -98,20 +111,20 @@ impl Geom {
             let off = j * hw;
             plane.fill(0.0);
             for ky in 0..g.kh {
+                let (ys, iy0) = g.valid(ky, g.ho, g.h);
                 for kx in 0..g.kw {
+                    let (xs, ix0) = g.valid(kx, g.wo, g.w);
+                    if xs.is_empty() {
+                        continue;
+                    }
                     let r = (ci * g.kh + ky) * g.kw + kx;
                     let row = &cols[r * ld + off..r * ld + off + hw];
-                    for oy in 0..g.ho {
-                        let iy = (oy * g.stride + ky) as isize - g.pad as isize;
-                        if iy < 0 || iy >= g.h as isize {
-                            continue;
-                        }
-                        let dst = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        for ox in 0..g.wo {
-                            let ix = (ox * g.stride + kx) as isize - g.pad as isize;
-                            if ix >= 0 && ix < g.w as isize {
-                                dst[ix as usize] += row[oy * g.wo + ox];
-                            }
+                    for (n, oy) in ys.clone().enumerate() {
+                        let iy = iy0 + n * g.stride;
+                        let dst = &mut plane[iy * g.w + ix0..(iy + 1) * g.w];
+                        let src = &row[oy * g.wo + xs.start..oy * g.wo + xs.end];
+                        for (d, &v) in dst.iter_mut().step_by(g.stride).zip(src) {
+                            *d += v;
                         }
                     }
                 }
@@ -281,6 +294,10 @@ impl CustomOp2 for ConvWeightGrad {
         let (x, gr) = (f32_slice(xs, xl, self.name())?, f32_slice(gs, gl, self.name())?);
         let (n, cin, cout) = (xl.dims()[0], xl.dims()[1], gl.dims()[1]);
         let g = Geom::new(xl.dims(), &[cout, cin, self.kh, self.kw], self.stride, self.pad)?;
+        if let Some(s) = g.winograd(n) {
+            let dw = winograd::weight_grad3x3(x, gr, s);
+            return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, 3, 3))));
+        }
         let (k, hw) = (g.k(), g.hw_out());
         let mut out = vec![0f32; cout * k];
         let chunk = samples_per_chunk(k, hw, n);
@@ -327,6 +344,9 @@ mod tests {
             (1, 1, 3, 5),
             (1, 5, 2, 2),
             (1, 5, 1, 3),
+            (1, 5, 3, 1),
+            (1, 5, 1, 1),
+            (1, 5, 4, 1),
             (2, 3, 1, 1),
         ] {
             compare_with_candle(2, 3, 4, stride, k, h, w);

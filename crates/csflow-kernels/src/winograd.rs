@@ -75,6 +75,18 @@ fn bt4(d: [f32; 4]) -> [f32; 4] {
     [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
 }
 
+/// Output gradient: A g for g = [g0, g1] (the adjoint of `at4`).
+#[inline(always)]
+fn a4(g: [f32; 2]) -> [f32; 4] {
+    [g[0], g[0] + g[1], g[0] - g[1], -g[1]]
+}
+
+/// Kernel gradient: Gᵀ u for u = [u0, u1, u2, u3] (the adjoint of `g3`).
+#[inline(always)]
+fn gt4(u: [f32; 4]) -> [f32; 3] {
+    [u[0] + 0.5 * (u[1] + u[2]), 0.5 * (u[1] - u[2]), 0.5 * (u[1] + u[2]) + u[3]]
+}
+
 /// Output: Aᵀ m for m = [m0, m1, m2, m3].
 #[inline(always)]
 fn at4(m: [f32; 4]) -> [f32; 2] {
@@ -283,6 +295,43 @@ mod tests {
         }
     }
 
+    /// The weight gradient against the direct sum dW[o, i, ky, kx] = Σ grad[j, o, y, x] x[j, i, y+ky-1, x+kx-1].
+    #[test]
+    fn weight_gradient_matches_the_direct_sum() {
+        for &(n, cin, cout, h, w) in
+            &[(1, 1, 1, 1, 1), (2, 3, 4, 2, 3), (1, 5, 2, 5, 4), (3, 4, 6, 7, 7), (2, 8, 3, 8, 6)]
+        {
+            let s = Shape3x3 { n, cin, cout, h, w };
+            let (x, g) = (data(n * cin * h * w, 7), data(n * cout * h * w, 8));
+            let ours = weight_grad3x3(&x, &g, s);
+            let mut want = vec![0f64; cout * cin * 9];
+            for j in 0..n {
+                for o in 0..cout {
+                    for i in 0..cin {
+                        for ky in 0..3 {
+                            for kx in 0..3 {
+                                for yy in 0..h {
+                                    for xx in 0..w {
+                                        let (iy, ix) = ((yy + ky) as isize - 1, (xx + kx) as isize - 1);
+                                        if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                            continue;
+                                        }
+                                        want[((o * cin + i) * 3 + ky) * 3 + kx] += (g
+                                            [((j * cout + o) * h + yy) * w + xx]
+                                            * x[((j * cin + i) * h + iy as usize) * w + ix as usize])
+                                            as f64;
+                                    }
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            let err = ours.iter().zip(&want).map(|(&a, &b)| (a as f64 - b).abs()).fold(0f64, f64::max);
+            assert!(err < 2e-6 * ((n * h * w) as f64).sqrt(), "{n}x{cin}->{cout} {h}x{w}: error {err}");
+        }
+    }
+
     /// The prepared op gives the same values as the convolution op that transforms on every call.
     #[test]
     fn prepared_weights_match_the_plain_op() {
@@ -317,6 +366,85 @@ mod tests {
         assert!(pays(Shape3x3 { n: 1, cin: 8, cout: 8, h: 12, w: 12 }));
         assert!(pays(Shape3x3 { n: 16, cin: 8, cout: 8, h: 4, w: 4 }));
     }
+}
+
+/// The weight gradient of y = conv3x3(x, w) + b for the output gradient `grad` [n, cout, h, w], as [cout, cin,
+/// 3, 3]: per position ξ one product sums over all tiles, dU[ξ] = (A dY Aᵀ)[ξ] · V[ξ]ᵀ, then dW = Gᵀ dU G
+/// (the forward's transforms read backwards). 2.25x fewer multiplications than im2col's product.
+pub(crate) fn weight_grad3x3(x: &[f32], grad: &[f32], s: Shape3x3) -> Vec<f32> {
+    assert_eq!(x.len(), s.n * s.cin * s.h * s.w);
+    assert_eq!(grad.len(), s.n * s.cout * s.h * s.w);
+    let tiles = s.tiles();
+    let v = transform_input(x, s);
+    let dm = transform_output_grad(grad, s);
+    // [cout][16][cin]; overwritten by the products (which do not read it).
+    let mut du = crate::uninit(s.cout * 16 * s.cin);
+    let dst = crate::gemm::SendPtr(du.as_mut_ptr());
+    (0..16).into_par_iter().for_each(|xi| {
+        let dst = &dst;
+        // SAFETY: product ξ writes only row positions ξ*cin..(ξ+1)*cin of each output channel's 16 rows of du,
+        // disjoint from every other ξ; dm and v cover the strided extents read.
+        unsafe {
+            gemm_into(
+                dst.0.add(xi * s.cin),
+                (16 * s.cin) as isize,
+                s.cout,
+                s.cin,
+                tiles,
+                Mat { ptr: dm.as_ptr().add(xi * tiles), rs: (16 * tiles) as isize, cs: 1 },
+                Mat { ptr: v.as_ptr().add(xi * tiles), rs: 1, cs: (16 * tiles) as isize },
+                false,
+                gemm::Parallelism::None,
+            )
+        }
+    });
+    let mut dw = crate::uninit(s.cout * s.cin * 9);
+    dw.par_chunks_mut(s.cin * 9).enumerate().for_each(|(o, dwo)| {
+        let duo = &du[o * 16 * s.cin..(o + 1) * 16 * s.cin];
+        for i in 0..s.cin {
+            let at = |r: usize, q: usize| duo[(r * 4 + q) * s.cin + i];
+            // Gᵀ down each column, then G across each of the three rows.
+            let cols: [[f32; 3]; 4] = std::array::from_fn(|q| gt4([at(0, q), at(1, q), at(2, q), at(3, q)]));
+            for ky in 0..3 {
+                let row = gt4([cols[0][ky], cols[1][ky], cols[2][ky], cols[3][ky]]);
+                dwo[i * 9 + ky * 3..i * 9 + ky * 3 + 3].copy_from_slice(&row);
+            }
+        }
+    });
+    dw
+}
+
+/// The adjoint of the output transform: A dY Aᵀ for every 2x2 tile of grad [n, cout, h, w] (zero outside the
+/// map), as [cout][16][tiles].
+fn transform_output_grad(grad: &[f32], s: Shape3x3) -> Vec<f32> {
+    let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
+    let (ph, pw) = (2 * ty_n, 2 * tx_n);
+    // Every (channel, position, tile) is written below.
+    let mut dm = crate::uninit(s.cout * 16 * tiles);
+    dm.par_chunks_mut(16 * tiles).enumerate().for_each_init(
+        || vec![0f32; ph * pw],
+        |padded, (o, dmo)| {
+            for j in 0..s.n {
+                let plane = &grad[(j * s.cout + o) * s.h * s.w..][..s.h * s.w];
+                for (y, row) in plane.chunks_exact(s.w).enumerate() {
+                    padded[y * pw..y * pw + s.w].copy_from_slice(row);
+                }
+                for ty in 0..ty_n {
+                    let base = (j * ty_n + ty) * tx_n;
+                    for tx in 0..tx_n {
+                        let g = |dy: usize, dx: usize| padded[(2 * ty + dy) * pw + 2 * tx + dx];
+                        let cols = [a4([g(0, 0), g(1, 0)]), a4([g(0, 1), g(1, 1)])];
+                        for r in 0..4 {
+                            for (q, val) in a4([cols[0][r], cols[1][r]]).into_iter().enumerate() {
+                                dmo[(r * 4 + q) * tiles + base + tx] = val;
+                            }
+                        }
+                    }
+                }
+            }
+        },
+    );
+    dm
 }
 
 /// A 3x3 layer's weight in Winograd's transformed form, made once for weights that no longer change
