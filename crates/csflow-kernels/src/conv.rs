@@ -7,9 +7,9 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::f32_slice;
 use crate::gemm::{matmul, Mat};
 use crate::winograd::{self, Kernel, Shape3x3};
+use crate::{f32_slice, Activation};
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
@@ -133,6 +133,13 @@ impl Geom {
     }
 }
 
+/// Applies `act` to every element in place (nothing for the identity).
+fn activate(v: &mut [f32], act: Activation) {
+    if act != Activation::Identity {
+        v.par_chunks_mut(crate::CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = act.apply(*v)));
+    }
+}
+
 /// Column-matrix elements per GEMM: samples are batched into one product up to this size, so small maps
 /// (8x8 at batch 16) still make GEMMs wide enough to run at speed.
 const COLS_BUDGET: usize = 1 << 23;
@@ -162,6 +169,8 @@ fn to_samples(src: &[f32], m: usize, rows: usize, hw: usize, dst: &mut [f32]) {
 struct Conv {
     stride: usize,
     pad: usize,
+    /// Applied in the epilogue; anything but identity only without gradients (inference).
+    act: Activation,
 }
 
 impl CustomOp3 for Conv {
@@ -187,23 +196,39 @@ impl CustomOp3 for Conv {
         let n = xl.dims()[0];
         if let Some(s) = g.winograd(n) {
             let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::Forward);
-            return Ok((CpuStorage::F32(winograd::conv3x3(x, &u, Some(b), s)), Shape::from((n, g.cout, g.h, g.w))));
+            let mut y = winograd::conv3x3(x, &u, Some(b), s);
+            activate(&mut y, self.act);
+            return Ok((CpuStorage::F32(y), Shape::from((n, g.cout, g.h, g.w))));
         }
         let (k, hw) = (g.k(), g.hw_out());
-        let mut out = vec![0f32; n * g.cout * hw];
-        let chunk = samples_per_chunk(k, hw, n);
-        let mut cols = vec![0f32; k * hw * chunk];
-        let mut y = vec![0f32; g.cout * hw * chunk];
+        // 1x1 stride-1 kernels (the backbone's expand and project layers) multiply the input as it is: its
+        // column matrix would be a copy of it.
+        let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
+        let chunk = if pointwise { 1 } else { samples_per_chunk(k, hw, n) };
+        let mut out = crate::uninit(n * g.cout * hw);
+        let mut cols = if pointwise { Vec::new() } else { vec![0f32; k * hw * chunk] };
+        let mut y = if chunk > 1 { vec![0f32; g.cout * hw * chunk] } else { Vec::new() };
         let plane = g.cin * g.h * g.w;
+        let act = self.act;
         for s0 in (0..n).step_by(chunk) {
             let m = chunk.min(n - s0);
             let ld = m * hw;
-            g.im2col(&x[s0 * plane..(s0 + m) * plane], &mut cols[..k * ld], ld);
-            let y = &mut y[..g.cout * ld];
+            let rhs = if pointwise {
+                &x[s0 * plane..(s0 + 1) * plane]
+            } else {
+                g.im2col(&x[s0 * plane..(s0 + m) * plane], &mut cols[..k * ld], ld);
+                &cols[..k * ld]
+            };
+            let dst_out = &mut out[s0 * g.cout * hw..(s0 + m) * g.cout * hw];
+            // One sample's product is already in the output's layout; several are gathered in y first.
+            let dst = if m == 1 { &mut *dst_out } else { &mut y[..g.cout * ld] };
             // The bias goes in first and the product is accumulated onto it.
-            y.par_chunks_mut(ld).zip(b.par_iter()).for_each(|(row, &bv)| row.fill(bv));
-            matmul(y, g.cout, ld, k, Mat::plain(w.as_ptr(), k), Mat::plain(cols.as_ptr(), ld), true);
-            to_samples(y, m, g.cout, hw, &mut out[s0 * g.cout * hw..(s0 + m) * g.cout * hw]);
+            dst.par_chunks_mut(ld).zip(b.par_iter()).for_each(|(row, &bv)| row.fill(bv));
+            matmul(dst, g.cout, ld, k, Mat::plain(w.as_ptr(), k), Mat::plain(rhs.as_ptr(), ld), true);
+            activate(dst, act);
+            if m > 1 {
+                to_samples(&y[..g.cout * ld], m, g.cout, hw, dst_out);
+            }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, g.cout, g.ho, g.wo))))
     }
@@ -318,7 +343,12 @@ impl CustomOp2 for ConvWeightGrad {
 /// `F.conv2d(x, w, b, stride, padding=pad)` for f32 tensors: x [N, C, H, W], w [O, C, kh, kw], b [O].
 /// Differentiable in all three arguments.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
-    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad })
+    x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad, act: Activation::Identity })
+}
+
+/// [`conv2d`] followed by `act`, fused into the product's epilogue; without gradients (the backbone).
+pub fn conv2d_act(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize, act: Activation) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Conv { stride, pad, act })
 }
 
 #[cfg(test)]
@@ -359,6 +389,40 @@ mod tests {
     fn batched_chunks_with_a_partial_last_one() {
         assert_eq!(samples_per_chunk(128 * 25, 32 * 32, 5), 2);
         compare_with_candle(5, 128, 3, 1, 5, 32, 32);
+    }
+
+    /// The fused activation equals the activation applied after the plain op, on each path: pointwise (one
+    /// and several samples), im2col, Winograd.
+    #[test]
+    fn fused_activation_matches_activation_after_the_op() {
+        let dev = Device::Cpu;
+        for &(n, cin, cout, k, stride, hw) in &[
+            (1usize, 6usize, 5usize, 1usize, 1usize, 7usize),
+            (3, 6, 5, 1, 1, 7),
+            (2, 4, 3, 3, 2, 9),
+            (2, 4, 3, 3, 1, 16),
+        ] {
+            let x = (Tensor::from_vec(data(n * cin * hw * hw, 1), (n, cin, hw, hw), &dev).unwrap() * 8.0).unwrap();
+            let w = Tensor::from_vec(data(cout * cin * k * k, 2), (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::from_vec(data(cout, 3), cout, &dev).unwrap();
+            let plain = conv2d(&x, &w, &b, stride, k / 2).unwrap();
+            for (act, want) in [
+                (Activation::Relu6, plain.clamp(0f32, 6f32).unwrap()),
+                (Activation::Swish, plain.silu().unwrap()),
+                (Activation::Identity, plain.clone()),
+            ] {
+                let ours = conv2d_act(&x, &w, &b, stride, k / 2, act).unwrap();
+                let err: f32 = (ours - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(err < 1e-5, "{act:?} n {n} k {k} stride {stride}: {err}");
+            }
+            let relu6: Vec<f32> = conv2d_act(&x, &w, &b, stride, k / 2, Activation::Relu6)
+                .unwrap()
+                .flatten_all()
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            assert!(relu6.iter().any(|&v| v == 6.0) && relu6.iter().any(|&v| v == 0.0), "both clamps exercised");
+        }
     }
 
     fn compare_with_candle(n: usize, cin: usize, cout: usize, stride: usize, k: usize, h: usize, w: usize) {

@@ -15,7 +15,7 @@ mod winograd;
 
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
-pub use conv::conv2d;
+pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, Padding};
 pub use winograd::{conv3x3_winograd, WinogradWeights};
 

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, D};
-use csflow_kernels::{conv2d, depthwise_conv2d, Activation, Padding};
+use csflow_kernels::{conv2d_act, depthwise_conv2d, Activation, Padding};
 
 use super::config::{same_padding, EfficientNetConfig};
 use crate::{Error, Result};
@@ -54,20 +54,12 @@ impl ConvBn {
         } else {
             x.pad_with_zeros(2, p.top, p.bottom)?.pad_with_zeros(3, p.left, p.right)?
         };
-        activate(&conv2d(&x, &self.weight, &self.bias, self.stride, 0)?, act)
+        Ok(conv2d_act(&x, &self.weight, &self.bias, self.stride, 0, act)?)
     }
 
     fn depthwise(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         Ok(depthwise_conv2d(x, &self.weight, &self.bias, self.stride, self.pad, act)?)
     }
-}
-
-fn activate(x: &Tensor, act: Activation) -> Result<Tensor> {
-    Ok(match act {
-        Activation::Identity => x.clone(),
-        Activation::Swish => x.silu()?,
-        Activation::Relu6 => x.clamp(0f32, 6f32)?,
-    })
 }
 
 /// Squeeze-excitation: channel gates from the spatial mean, through a swish bottleneck and a sigmoid.
