@@ -77,7 +77,7 @@ fn adam_checks(c: &Case, full: bool) {
     for step in 0..3 {
         let loss = c.flow.forward(&c.x).unwrap().loss().unwrap();
         let l: f32 = loss.to_scalar().unwrap();
-        let norm = adam.backward_step(&loss).unwrap();
+        let norm = adam.backward_step(loss).unwrap();
         check(&format!("step {step} loss"), rel_err_vec(&[l], &losses[step..=step]), 1e-5);
         check(&format!("step {step} grad norm"), rel_err_vec(&[norm as f32], &norms[step..=step]), 1e-4);
     }

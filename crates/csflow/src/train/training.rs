@@ -114,7 +114,7 @@ impl Trainer {
                 self.adam.steps() + 1
             )));
         }
-        self.adam.backward_step(&loss)?;
+        self.adam.backward_step(loss)?;
         Ok(value)
     }
 
