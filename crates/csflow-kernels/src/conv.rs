@@ -196,8 +196,7 @@ impl CustomOp3 for Conv {
         let n = xl.dims()[0];
         if let Some(s) = g.winograd(n) {
             let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::Forward);
-            let mut y = winograd::conv3x3(x, &u, Some(b), s);
-            activate(&mut y, self.act);
+            let y = winograd::conv3x3(x, &u, Some(b), self.act, s);
             return Ok((CpuStorage::F32(y), Shape::from((n, g.cout, g.h, g.w))));
         }
         let (k, hw) = (g.k(), g.hw_out());
@@ -275,7 +274,10 @@ impl CustomOp2 for ConvInputGrad {
         if let Some(s) = g.winograd(n) {
             let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::InputGradient);
             let s = Shape3x3 { cin: s.cout, cout: s.cin, ..s };
-            return Ok((CpuStorage::F32(winograd::conv3x3(gr, &u, None, s)), Shape::from((n, g.cin, g.h, g.w))));
+            return Ok((
+                CpuStorage::F32(winograd::conv3x3(gr, &u, None, Activation::Identity, s)),
+                Shape::from((n, g.cin, g.h, g.w)),
+            ));
         }
         let (k, hw) = (g.k(), g.hw_out());
         let mut out = vec![0f32; n * g.cin * g.h * g.w];

@@ -11,12 +11,14 @@ mod bilinear;
 mod conv;
 mod depthwise;
 mod gemm;
+mod leaky_relu;
 mod winograd;
 
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, Padding};
+pub use leaky_relu::leaky_relu;
 pub use winograd::{conv3x3_winograd, WinogradWeights};
 
 use candle_core::{CpuStorage, Layout, Result};
@@ -54,13 +56,15 @@ fn has_avx2_fma() -> bool {
 const CHUNK: usize = 1 << 14;
 
 /// An activation applied in a kernel's epilogue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum Activation {
     Identity,
     /// x * sigmoid(x), EfficientNet's swish.
     Swish,
     /// min(max(x, 0), 6), EfficientNet-Lite's activation.
     Relu6,
+    /// x for x > 0, else slope * x.
+    LeakyRelu(f32),
 }
 
 impl Activation {
@@ -70,6 +74,13 @@ impl Activation {
             Activation::Identity => x,
             Activation::Swish => x / (1.0 + (-x).exp()),
             Activation::Relu6 => x.clamp(0.0, 6.0),
+            Activation::LeakyRelu(slope) => {
+                if x > 0.0 {
+                    x
+                } else {
+                    slope * x
+                }
+            }
         }
     }
 }

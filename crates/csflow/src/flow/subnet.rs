@@ -1,5 +1,5 @@
 use candle_core::Tensor;
-use csflow_kernels::{bilinear_up2, WinogradWeights};
+use csflow_kernels::{bilinear_up2, leaky_relu, Activation, WinogradWeights};
 
 use super::model::ParamMap;
 use crate::{Error, Result};
@@ -18,7 +18,7 @@ pub(crate) const CONVS: [&str; 10] = [
     "down_conv12",
 ];
 
-const LEAKY_SLOPE: f64 = 0.1;
+const LEAKY_SLOPE: f32 = 0.1;
 
 /// A 2-d convolution with bias and zero padding k/2 (PyTorch `nn.Conv2d(.., padding=k // 2)`).
 #[derive(Clone, Debug)]
@@ -58,17 +58,23 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
             ConvWeight::Plain(w) => csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?,
-            ConvWeight::Winograd(u) => csflow_kernels::conv3x3_winograd(x, u, &self.bias)?,
+            ConvWeight::Winograd(u) => csflow_kernels::conv3x3_winograd(x, u, &self.bias, Activation::Identity)?,
+        })
+    }
+
+    /// The convolution then a leaky ReLU (fused into the convolution for inference).
+    fn forward_leaky(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(match &self.weight {
+            ConvWeight::Plain(_) => leaky_relu(&self.forward(x)?, LEAKY_SLOPE)?,
+            ConvWeight::Winograd(u) => {
+                csflow_kernels::conv3x3_winograd(x, u, &self.bias, Activation::LeakyRelu(LEAKY_SLOPE))?
+            }
         })
     }
 }
 
 pub(crate) fn get(params: &ParamMap, name: &str) -> Result<Tensor> {
     params.get(name).cloned().ok_or_else(|| Error::Invalid(format!("missing parameter `{name}`")))
-}
-
-fn leaky_relu(x: &Tensor) -> Result<Tensor> {
-    Ok(x.maximum(&(x * LEAKY_SLOPE)?)?)
 }
 
 /// The CS-Flow subnet: per-scale convolutions plus up/down convolutions that exchange information between
@@ -110,9 +116,9 @@ impl CrossConvolutions {
 
     pub fn forward(&self, x: &[Tensor; 3]) -> Result<[Tensor; 3]> {
         let h = [
-            leaky_relu(&self.conv_in[0].forward(&x[0])?)?,
-            leaky_relu(&self.conv_in[1].forward(&x[1])?)?,
-            leaky_relu(&self.conv_in[2].forward(&x[2])?)?,
+            self.conv_in[0].forward_leaky(&x[0])?,
+            self.conv_in[1].forward_leaky(&x[1])?,
+            self.conv_in[2].forward_leaky(&x[2])?,
         ];
         let o0 = (self.conv_out[0].forward(&h[0])? + self.up_conv10.forward(&bilinear_up2(&h[1])?)?)?;
         let o1 = ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
