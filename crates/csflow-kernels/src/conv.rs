@@ -205,8 +205,9 @@ impl CustomOp3 for Conv {
         let pointwise = g.kh == 1 && g.kw == 1 && g.stride == 1 && g.pad == 0;
         let chunk = if pointwise { 1 } else { samples_per_chunk(k, hw, n) };
         let mut out = crate::uninit(n * g.cout * hw);
-        let mut cols = if pointwise { Vec::new() } else { vec![0f32; k * hw * chunk] };
-        let mut y = if chunk > 1 { vec![0f32; g.cout * hw * chunk] } else { Vec::new() };
+        // Buffers below are written whole before they are read (im2col, the bias fill, to_samples).
+        let mut cols = if pointwise { Vec::new() } else { crate::uninit(k * hw * chunk) };
+        let mut y = if chunk > 1 { crate::uninit(g.cout * hw * chunk) } else { Vec::new() };
         let plane = g.cin * g.h * g.w;
         let act = self.act;
         for s0 in (0..n).step_by(chunk) {
@@ -280,10 +281,11 @@ impl CustomOp2 for ConvInputGrad {
             ));
         }
         let (k, hw) = (g.k(), g.hw_out());
-        let mut out = vec![0f32; n * g.cin * g.h * g.w];
+        // col2im zeroes each plane before adding into it; the products and to_rows write their whole outputs.
+        let mut out = crate::uninit(n * g.cin * g.h * g.w);
         let chunk = samples_per_chunk(k, hw, n);
-        let mut cols = vec![0f32; k * hw * chunk];
-        let mut gt = vec![0f32; g.cout * hw * chunk];
+        let mut cols = crate::uninit(k * hw * chunk);
+        let mut gt = crate::uninit(g.cout * hw * chunk);
         let plane = g.cin * g.h * g.w;
         for s0 in (0..n).step_by(chunk) {
             let m = chunk.min(n - s0);
@@ -326,10 +328,11 @@ impl CustomOp2 for ConvWeightGrad {
             return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, 3, 3))));
         }
         let (k, hw) = (g.k(), g.hw_out());
-        let mut out = vec![0f32; cout * k];
+        // The first product overwrites it (it does not read its destination), later ones accumulate.
+        let mut out = crate::uninit(cout * k);
         let chunk = samples_per_chunk(k, hw, n);
-        let mut cols = vec![0f32; k * hw * chunk];
-        let mut gt = vec![0f32; cout * hw * chunk];
+        let mut cols = crate::uninit(k * hw * chunk);
+        let mut gt = crate::uninit(cout * hw * chunk);
         let plane = cin * g.h * g.w;
         for s0 in (0..n).step_by(chunk) {
             let m = chunk.min(n - s0);
