@@ -172,7 +172,7 @@ fn transform_input(x: &[f32], s: Shape3x3) -> Vec<f32> {
 fn transform_output(m: &[f32], s: Shape3x3, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) {
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
     let pw = 2 * tx_n;
-    y.par_chunks_mut(s.h * s.w).enumerate().for_each_init(
+    y.par_chunks_mut(s.h * s.w).enumerate().with_min_len(crate::items_per_task(s.h * s.w * 4)).for_each_init(
         || vec![0f32; 2 * pw],
         |strip, (idx, plane)| {
             let (j, o) = (idx / s.cout, idx % s.cout);
