@@ -3,6 +3,10 @@
 //! - [`atan`]: elementwise arctangent (candle has no `atan`); CS-Flow's soft clamp needs it.
 //! - [`bilinear_resize`]: bilinear resampling with `align_corners = false`, exactly as PyTorch's
 //!   `F.interpolate(mode="bilinear")`; candle's own upsampling has no backward.
+//! - [`leaky_relu`]: one pass each way, PyTorch's gradient at 0.
+//! - [`conv2d`]: im2col + `gemm`, or Winograd F(2x2, 3x3) for 3x3 stride-1 kernels, with both gradients;
+//!   [`conv2d_act`] and [`conv3x3_winograd`] (prepared [`WinogradWeights`]) fuse an activation, for inference.
+//! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
 //!
 //! The ops know nothing of CS-Flow. They take f32 tensors of any layout (made contiguous first).
 

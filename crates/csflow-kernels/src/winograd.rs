@@ -127,6 +127,14 @@ pub(crate) fn transform_weights(w: &[f32], layer_out: usize, layer_in: usize, ke
     u
 }
 
+/// Copies a plane of width w into `padded` (row length pw) starting `at` rows down and columns across; the
+/// border around it is left as it is (zero, never written).
+fn embed(plane: &[f32], w: usize, padded: &mut [f32], pw: usize, at: usize) {
+    for (y, row) in plane.chunks_exact(w).enumerate() {
+        padded[(y + at) * pw + at..][..w].copy_from_slice(row);
+    }
+}
+
 /// V = Bᵀ d B for every 4x4 tile of x [n, cin, h, w] (zero outside the map), as [cin][16][tiles].
 fn transform_input(x: &[f32], s: Shape3x3) -> Vec<f32> {
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
@@ -139,10 +147,7 @@ fn transform_input(x: &[f32], s: Shape3x3) -> Vec<f32> {
         || vec![0f32; ph * pw],
         |padded, (ci, vc)| {
             for j in 0..s.n {
-                let plane = &x[(j * s.cin + ci) * s.h * s.w..][..s.h * s.w];
-                for (y, row) in plane.chunks_exact(s.w).enumerate() {
-                    padded[(y + 1) * pw + 1..(y + 1) * pw + 1 + s.w].copy_from_slice(row);
-                }
+                embed(&x[(j * s.cin + ci) * s.h * s.w..][..s.h * s.w], s.w, padded, pw, 1);
                 for ty in 0..ty_n {
                     let rows: [&[f32]; 4] = std::array::from_fn(|r| &padded[(2 * ty + r) * pw..][..pw]);
                     let base = (j * ty_n + ty) * tx_n;
@@ -438,10 +443,7 @@ fn transform_output_grad(grad: &[f32], s: Shape3x3) -> Vec<f32> {
         || vec![0f32; ph * pw],
         |padded, (o, dmo)| {
             for j in 0..s.n {
-                let plane = &grad[(j * s.cout + o) * s.h * s.w..][..s.h * s.w];
-                for (y, row) in plane.chunks_exact(s.w).enumerate() {
-                    padded[y * pw..y * pw + s.w].copy_from_slice(row);
-                }
+                embed(&grad[(j * s.cout + o) * s.h * s.w..][..s.h * s.w], s.w, padded, pw, 0);
                 for ty in 0..ty_n {
                     let base = (j * ty_n + ty) * tx_n;
                     for tx in 0..tx_n {
