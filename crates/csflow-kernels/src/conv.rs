@@ -146,7 +146,7 @@ impl Geom {
 /// Applies `act` to every element in place (nothing for the identity).
 fn activate(v: &mut [f32], act: Activation) {
     if act != Activation::Identity {
-        v.par_chunks_mut(crate::CHUNK).for_each(|c| c.iter_mut().for_each(|v| *v = act.apply(*v)));
+        v.par_chunks_mut(crate::CHUNK).for_each(|c| act.apply_slice(c));
     }
 }
 

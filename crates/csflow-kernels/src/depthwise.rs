@@ -60,43 +60,39 @@ impl CustomOp3 for Depthwise {
             candle_core::bail!("depthwise conv: kernel {kh}x{kw} does not fit input {h}x{wd} with padding {p:?}");
         }
         let (ho, wo) = ((ph - kh) / s + 1, (pw - kw) / s + 1);
-        // Every element is written below, so the buffer skips zeroing (8.8 MB for a 240x96x96 map).
-        let mut out: Vec<f32> = Vec::with_capacity(n * c * ho * wo);
+        // The padded plane is split into `s` column phases (phase q holds padded columns q, q + s, ...), so
+        // every tap of every stride reads a contiguous window: tap (ky, kx) of output row oy starts at
+        // phase kx % s, row oy * s + ky, column kx / s.
+        let pws = pw.div_ceil(s);
+        let taps: Vec<usize> = (0..kh * kw).map(|t| (t % kw % s) * ph * pws + (t / kw) * pws + t % kw / s).collect();
         let act = self.act;
-        out.spare_capacity_mut()[..n * c * ho * wo].par_chunks_mut(ho * wo).enumerate().for_each_init(
-            || (vec![0f32; ph * pw], vec![0f32; wo]),
-            |(padded, acc), (plane_idx, o)| {
+        let mut out = crate::uninit(n * c * ho * wo);
+        out.par_chunks_mut(ho * wo).enumerate().for_each_init(
+            // Zeroed once: the interior is overwritten for every plane, the border stays zero.
+            || vec![0f32; s * ph * pws],
+            |buf, (plane_idx, o)| {
                 let ch = plane_idx % c;
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
-                for y in 0..h {
-                    padded[(y + p.top) * pw + p.left..(y + p.top) * pw + p.left + wd]
-                        .copy_from_slice(&src[y * wd..(y + 1) * wd]);
-                }
-                let filt = &w[ch * kh * kw..(ch + 1) * kh * kw];
-                for oy in 0..ho {
-                    let rows = &padded[oy * s * pw..];
+                for (y, row) in src.chunks_exact(wd).enumerate() {
+                    let y = (y + p.top) * pws;
                     if s == 1 {
-                        row_stride1_dispatch(rows, pw, filt, kh, kw, b[ch], acc);
+                        buf[y + p.left..y + p.left + wd].copy_from_slice(row);
                     } else {
-                        acc.fill(b[ch]);
-                        for ky in 0..kh {
-                            let row = &rows[ky * pw..(ky + 1) * pw];
-                            for kx in 0..kw {
-                                let wv = filt[ky * kw + kx];
-                                for (ox, a) in acc.iter_mut().enumerate() {
-                                    *a += wv * row[ox * s + kx];
-                                }
+                        for q in 0..s {
+                            // The first input column that lands in phase q, and its place there.
+                            let first = (q + s - p.left % s) % s;
+                            let count = wd.saturating_sub(first).div_ceil(s);
+                            let dst = &mut buf[q * ph * pws + y + (first + p.left) / s..][..count];
+                            for (i, d) in dst.iter_mut().enumerate() {
+                                *d = row[first + i * s];
                             }
                         }
                     }
-                    for (d, &a) in o[oy * wo..(oy + 1) * wo].iter_mut().zip(acc.iter()) {
-                        d.write(act.apply(a));
-                    }
                 }
+                let plane = Plane { buf, taps: &taps, filt: &w[ch * kh * kw..(ch + 1) * kh * kw], row_step: s * pws };
+                plane.convolve(b[ch], act, wo, o);
             },
         );
-        // SAFETY: the planes above cover all n * c * ho * wo elements, each written once.
-        unsafe { out.set_len(n * c * ho * wo) };
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
     }
 }
@@ -104,61 +100,62 @@ impl CustomOp3 for Depthwise {
 /// Outputs kept in registers while all kernel taps accumulate.
 const LANES: usize = 16;
 
-/// One output row of a stride-1 depthwise convolution: `rows` starts at the padded input row of the first
-/// tap. Accumulates LANES outputs at a time over every tap before storing them, so the inner loop is one
-/// vector FMA per tap instead of a load-FMA-store pass over the whole row.
-#[inline(always)]
-fn row_stride1<const FMA: bool>(
-    rows: &[f32],
-    pw: usize,
-    filt: &[f32],
-    kh: usize,
-    kw: usize,
-    bias: f32,
-    out: &mut [f32],
-) {
-    let wo = out.len();
-    let mut x0 = 0;
-    while x0 + LANES <= wo {
-        let mut acc = [bias; LANES];
-        for ky in 0..kh {
-            let row = &rows[ky * pw + x0..];
-            for kx in 0..kw {
-                let wv = filt[ky * kw + kx];
-                let src: &[f32; LANES] = row[kx..kx + LANES].try_into().expect("LANES-wide window");
-                for l in 0..LANES {
-                    acc[l] = if FMA { wv.mul_add(src[l], acc[l]) } else { acc[l] + wv * src[l] };
-                }
-            }
-        }
-        out[x0..x0 + LANES].copy_from_slice(&acc);
-        x0 += LANES;
-    }
-    for (i, o) in out.iter_mut().enumerate().skip(x0) {
-        let mut a = bias;
-        for ky in 0..kh {
-            for kx in 0..kw {
-                a += filt[ky * kw + kx] * rows[ky * pw + i + kx];
-            }
-        }
-        *o = a;
-    }
+/// One channel's padded input (in column phases) and what each output row reads of it.
+struct Plane<'a> {
+    buf: &'a [f32],
+    /// Offset of each tap's window from the start of output row 0.
+    taps: &'a [usize],
+    filt: &'a [f32],
+    /// Offset between consecutive output rows' windows.
+    row_step: usize,
 }
 
-/// [`row_stride1`] compiled for AVX2 + FMA, chosen at run time so one binary runs on any x86-64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn row_stride1_avx2(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: usize, bias: f32, out: &mut [f32]) {
-    row_stride1::<true>(rows, pw, filt, kh, kw, bias, out)
-}
+impl Plane<'_> {
+    fn convolve(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { self.convolve_avx2(bias, act, wo, out) };
+        }
+        self.convolve_lanes::<false>(bias, act, wo, out)
+    }
 
-fn row_stride1_dispatch(rows: &[f32], pw: usize, filt: &[f32], kh: usize, kw: usize, bias: f32, out: &mut [f32]) {
+    /// [`Plane::convolve_lanes`] compiled for AVX2 + FMA, chosen at run time so one binary runs on any x86-64.
     #[cfg(target_arch = "x86_64")]
-    if crate::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-        return unsafe { row_stride1_avx2(rows, pw, filt, kh, kw, bias, out) };
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn convolve_avx2(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        self.convolve_lanes::<true>(bias, act, wo, out)
     }
-    row_stride1::<false>(rows, pw, filt, kh, kw, bias, out)
+
+    /// Accumulates LANES outputs at a time over every tap in registers, applies the activation there and
+    /// stores them once: one vector FMA per tap instead of a load-FMA-store pass over the row.
+    #[inline(always)]
+    fn convolve_lanes<const FMA: bool>(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
+            let base = oy * self.row_step;
+            let mut x0 = 0;
+            while x0 < wo {
+                let width = LANES.min(wo - x0);
+                let mut acc = [bias; LANES];
+                for (&off, &wv) in self.taps.iter().zip(self.filt) {
+                    let start = base + off + x0;
+                    if width == LANES {
+                        let src: &[f32; LANES] = self.buf[start..start + LANES].try_into().expect("LANES-wide window");
+                        for l in 0..LANES {
+                            acc[l] = crate::madd::<FMA>(wv, src[l], acc[l]);
+                        }
+                    } else {
+                        for (a, &v) in acc.iter_mut().zip(&self.buf[start..start + width]) {
+                            *a = crate::madd::<FMA>(wv, v, *a);
+                        }
+                    }
+                }
+                act.apply_lanes::<FMA>(&mut acc[..width]);
+                out_row[x0..x0 + width].copy_from_slice(&acc[..width]);
+                x0 += width;
+            }
+        }
+    }
 }
 
 /// Depthwise convolution x [N, C, H, W] * w [C, 1, k, k] + b [C], then `act`. Inference only.
@@ -179,7 +176,8 @@ mod tests {
     use crate::test_data as data;
     use candle_core::Device;
 
-    /// Against candle's grouped convolution on an explicitly padded input.
+    /// Against candle's grouped convolution on an explicitly padded input, then candle's activation; maps wide
+    /// enough for full LANES blocks and a partial one, both strides, odd and even sizes.
     #[test]
     fn matches_grouped_convolution() {
         let dev = Device::Cpu;
@@ -189,16 +187,26 @@ mod tests {
             (5, 2, Padding { top: 1, bottom: 2, left: 1, right: 2 }),
             (5, 1, Padding::symmetric(2)),
         ] {
-            let (n, c, h, w) = (2, 5, 9, 8);
-            let x = Tensor::from_vec(data(n * c * h * w, 1), (n, c, h, w), &dev).unwrap();
-            let wt = Tensor::from_vec(data(c * k * k, 2), (c, 1, k, k), &dev).unwrap();
-            let b = Tensor::from_vec(data(c, 3), c, &dev).unwrap();
-            let ours = depthwise_conv2d(&x, &wt, &b, s, pad, Activation::Identity).unwrap();
-            let xp = x.pad_with_zeros(2, pad.top, pad.bottom).unwrap().pad_with_zeros(3, pad.left, pad.right).unwrap();
-            let theirs = xp.conv2d(&wt, 0, s, 1, c).unwrap().broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
-            assert_eq!(ours.dims(), theirs.dims());
-            let d: f32 = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            assert!(d < 1e-5, "k {k} s {s}: {d}");
+            for (h, w) in [(9, 8), (7, 41)] {
+                let (n, c) = (2, 5);
+                let x = Tensor::from_vec(data(n * c * h * w, 1), (n, c, h, w), &dev).unwrap();
+                let wt = Tensor::from_vec(data(c * k * k, 2), (c, 1, k, k), &dev).unwrap();
+                let b = Tensor::from_vec(data(c, 3), c, &dev).unwrap();
+                let xp =
+                    x.pad_with_zeros(2, pad.top, pad.bottom).unwrap().pad_with_zeros(3, pad.left, pad.right).unwrap();
+                let plain =
+                    xp.conv2d(&wt, 0, s, 1, c).unwrap().broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
+                for (act, theirs) in [
+                    (Activation::Identity, plain.clone()),
+                    (Activation::Swish, plain.silu().unwrap()),
+                    (Activation::Relu6, plain.clamp(0f32, 6f32).unwrap()),
+                ] {
+                    let ours = depthwise_conv2d(&x, &wt, &b, s, pad, act).unwrap();
+                    assert_eq!(ours.dims(), theirs.dims());
+                    let d: f32 = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                    assert!(d < 1e-5, "k {k} s {s} {h}x{w} {act:?}: {d}");
+                }
+            }
         }
     }
 }

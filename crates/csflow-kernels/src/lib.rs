@@ -10,6 +10,7 @@
 //!
 //! The ops know nothing of CS-Flow. They take f32 tensors of any layout (made contiguous first).
 
+mod activation;
 mod atan;
 mod bilinear;
 mod conv;
@@ -18,6 +19,7 @@ mod gemm;
 mod leaky_relu;
 mod winograd;
 
+pub use activation::Activation;
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};
@@ -56,6 +58,16 @@ fn has_avx2_fma() -> bool {
     *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Fused multiply-add where the target has it (`f32::mul_add` without FMA calls libm's slow `fmaf`).
+#[inline(always)]
+fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {
+    if FMA {
+        a.mul_add(b, c)
+    } else {
+        a * b + c
+    }
+}
+
 /// Elements per rayon task: small enough to spread work, large enough to amortise scheduling.
 const CHUNK: usize = 1 << 14;
 
@@ -64,36 +76,6 @@ const CHUNK: usize = 1 << 14;
 /// flow forward at 8x8 maps).
 fn items_per_task(len: usize) -> usize {
     (CHUNK / len.max(1)).max(1)
-}
-
-/// An activation applied in a kernel's epilogue.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Activation {
-    Identity,
-    /// x * sigmoid(x), EfficientNet's swish.
-    Swish,
-    /// min(max(x, 0), 6), EfficientNet-Lite's activation.
-    Relu6,
-    /// x for x > 0, else slope * x.
-    LeakyRelu(f32),
-}
-
-impl Activation {
-    #[inline(always)]
-    pub fn apply(self, x: f32) -> f32 {
-        match self {
-            Activation::Identity => x,
-            Activation::Swish => x / (1.0 + (-x).exp()),
-            Activation::Relu6 => x.clamp(0.0, 6.0),
-            Activation::LeakyRelu(slope) => {
-                if x > 0.0 {
-                    x
-                } else {
-                    slope * x
-                }
-            }
-        }
-    }
 }
 
 /// Deterministic test values in [-1, 1), varied enough to catch index mix-ups.
