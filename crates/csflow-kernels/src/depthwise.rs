@@ -68,8 +68,8 @@ impl CustomOp3 for Depthwise {
         let act = self.act;
         let mut out = crate::uninit(n * c * ho * wo);
         out.par_chunks_mut(ho * wo).enumerate().for_each_init(
-            // Zeroed once: the interior is overwritten for every plane, the border stays zero.
-            || vec![0f32; s * ph * pws],
+            // Zeroed once: the interior is overwritten for every plane, the border and the slack stay zero.
+            || vec![0f32; s * ph * pws + LANES],
             |buf, (plane_idx, o)| {
                 let ch = plane_idx % c;
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
@@ -128,7 +128,9 @@ impl Plane<'_> {
     }
 
     /// Accumulates LANES outputs at a time over every tap in registers, applies the activation there and
-    /// stores them once: one vector FMA per tap instead of a load-FMA-store pass over the row.
+    /// stores them once: one vector FMA per tap instead of a load-FMA-store pass over the row. Rows narrower
+    /// than LANES (most of a 64 px extraction) take half-width blocks; blocks read past the row end into the
+    /// next row or the buffer's slack and store only the row's part.
     #[inline(always)]
     fn convolve_lanes<const FMA: bool>(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
         for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
@@ -136,25 +138,30 @@ impl Plane<'_> {
             let mut x0 = 0;
             while x0 < wo {
                 let width = LANES.min(wo - x0);
-                let mut acc = [bias; LANES];
-                for (&off, &wv) in self.taps.iter().zip(self.filt) {
-                    let start = base + off + x0;
-                    if width == LANES {
-                        let src: &[f32; LANES] = self.buf[start..start + LANES].try_into().expect("LANES-wide window");
-                        for l in 0..LANES {
-                            acc[l] = crate::madd::<FMA>(wv, src[l], acc[l]);
-                        }
-                    } else {
-                        for (a, &v) in acc.iter_mut().zip(&self.buf[start..start + width]) {
-                            *a = crate::madd::<FMA>(wv, v, *a);
-                        }
-                    }
+                let dst = &mut out_row[x0..x0 + width];
+                if width > LANES / 2 {
+                    self.block::<LANES, FMA>(base + x0, bias, act, dst);
+                } else {
+                    self.block::<{ LANES / 2 }, FMA>(base + x0, bias, act, dst);
                 }
-                act.apply_lanes::<FMA>(&mut acc[..width]);
-                out_row[x0..x0 + width].copy_from_slice(&acc[..width]);
                 x0 += width;
             }
         }
+    }
+
+    /// N outputs whose windows start at `start` (+ each tap's offset); the first `out.len()` are stored.
+    #[inline(always)]
+    fn block<const N: usize, const FMA: bool>(&self, start: usize, bias: f32, act: Activation, out: &mut [f32]) {
+        let mut acc = [bias; N];
+        for (&off, &wv) in self.taps.iter().zip(self.filt) {
+            let src: &[f32; N] = self.buf[start + off..start + off + N].try_into().expect("N-wide window");
+            for l in 0..N {
+                acc[l] = crate::madd::<FMA>(wv, src[l], acc[l]);
+            }
+        }
+        let acc = &mut acc[..out.len()];
+        act.apply_lanes::<FMA>(acc);
+        out.copy_from_slice(acc);
     }
 }
 
