@@ -7,7 +7,7 @@
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::gemm::{matmul, Mat};
+use crate::gemm::{matmul, matmul_bias_act, Mat};
 use crate::winograd::{self, Kernel, Shape3x3};
 use crate::{f32_slice, items_per_task, Activation};
 
@@ -143,13 +143,6 @@ impl Geom {
     }
 }
 
-/// Applies `act` to every element in place (nothing for the identity).
-fn activate(v: &mut [f32], act: Activation) {
-    if act != Activation::Identity {
-        v.par_chunks_mut(crate::CHUNK).for_each(|c| act.apply_slice(c));
-    }
-}
-
 /// Column-matrix elements per GEMM: samples are batched into one product up to this size, so small maps
 /// (8x8 at batch 16) still make GEMMs wide enough to run at speed.
 const COLS_BUDGET: usize = 1 << 23;
@@ -232,13 +225,7 @@ impl CustomOp3 for Conv {
             let dst_out = &mut out[s0 * g.cout * hw..(s0 + m) * g.cout * hw];
             // One sample's product is already in the output's layout; several are gathered in y first.
             let dst = if m == 1 { &mut *dst_out } else { &mut y[..g.cout * ld] };
-            // The bias goes in first and the product is accumulated onto it.
-            dst.par_chunks_mut(ld)
-                .zip(b.par_iter())
-                .with_min_len(items_per_task(ld))
-                .for_each(|(row, &bv)| row.fill(bv));
-            matmul(dst, g.cout, ld, k, Mat::plain(w.as_ptr(), k), Mat::plain(rhs.as_ptr(), ld), true);
-            activate(dst, act);
+            matmul_bias_act(dst, g.cout, ld, k, w, rhs, b, act);
             if m > 1 {
                 to_samples(&y[..g.cout * ld], m, g.cout, hw, dst_out);
             }
