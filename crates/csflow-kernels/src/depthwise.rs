@@ -77,6 +77,22 @@ impl CustomOp3 for Depthwise {
                     let y = (y + p.top) * pws;
                     if s == 1 {
                         buf[y + p.left..y + p.left + wd].copy_from_slice(row);
+                    } else if s == 2 {
+                        // A deinterleave in pairs (vectorised) instead of two strided gathers.
+                        let (phase0, phase1) = buf.split_at_mut(ph * pws);
+                        let (first, second) = (y + p.left / 2, y + (p.left + 1) / 2);
+                        let (evens, odds) = if p.left % 2 == 0 {
+                            (&mut phase0[first..], &mut phase1[second..])
+                        } else {
+                            (&mut phase1[first..], &mut phase0[second..])
+                        };
+                        for ((pair, e), o) in row.chunks_exact(2).zip(evens.iter_mut()).zip(odds.iter_mut()) {
+                            *e = pair[0];
+                            *o = pair[1];
+                        }
+                        if wd % 2 == 1 {
+                            evens[wd / 2] = row[wd - 1];
+                        }
                     } else {
                         for q in 0..s {
                             // The first input column that lands in phase q, and its place there.
