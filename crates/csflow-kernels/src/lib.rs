@@ -58,6 +58,15 @@ fn has_avx2_fma() -> bool {
     *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Runs `f` on one of rayon's worker threads (inline when already on one).
+///
+/// Every kernel here splits its work over rayon. Called from an outside thread (a binary's main thread),
+/// each split hands the work to the pool and puts the caller to sleep until it is done: two context
+/// switches per kernel call, 17 % of a Lite0 extraction at 256 px. On a worker, the caller takes part.
+pub fn on_worker<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    rayon::scope(|_| f())
+}
+
 /// Fused multiply-add where the target has it (`f32::mul_add` without FMA calls libm's slow `fmaf`).
 #[inline(always)]
 fn madd<const FMA: bool>(a: f32, b: f32, c: f32) -> f32 {

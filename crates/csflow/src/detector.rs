@@ -75,10 +75,12 @@ impl Detector {
     /// Scores a decoded image.
     pub fn detect(&self, image: RgbImage) -> Result<Detection> {
         let [h, w] = self.extractor.size;
-        let x = to_normalized_tensor(&resize_rgb(&image, h, w)?)?;
-        let features = self.extractor.features(&pyramid(&x, 3)?)?;
-        let output = self.flow.forward(&features)?;
-        let score = image_scores(&output)?.to_vec1::<f32>()?[0];
+        let (score, output) = csflow_kernels::on_worker(|| {
+            let x = to_normalized_tensor(&resize_rgb(&image, h, w)?)?;
+            let features = self.extractor.features(&pyramid(&x, 3)?)?;
+            let output = self.flow.forward(&features)?;
+            Ok::<_, Error>((image_scores(&output)?.to_vec1::<f32>()?[0], output))
+        })?;
         Ok(Detection { score, output, image })
     }
 

@@ -82,7 +82,7 @@ impl FeatureExtractor {
             return Err(Error::Invalid(format!("expected 3 pyramid levels, got {}", pyramid.len())));
         }
         let f = |i: usize| self.net.features(&pyramid[i], self.block);
-        Ok([f(0)?, f(1)?, f(2)?])
+        csflow_kernels::on_worker(|| Ok([f(0)?, f(1)?, f(2)?]))
     }
 }
 

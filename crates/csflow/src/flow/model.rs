@@ -147,6 +147,11 @@ impl CsFlow {
     }
 
     pub fn forward(&self, x: &[Tensor; 3]) -> Result<FlowOutput> {
+        csflow_kernels::on_worker(|| self.forward_here(x))
+    }
+
+    /// [`CsFlow::forward`] on the calling thread.
+    fn forward_here(&self, x: &[Tensor; 3]) -> Result<FlowOutput> {
         self.check_input(x)?;
         let mut x = x.clone();
         let mut logdet: Option<Tensor> = None;

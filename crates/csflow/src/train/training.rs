@@ -106,6 +106,11 @@ impl Trainer {
 
     /// One optimizer step on a batch; a non-finite loss stops before the parameters change.
     pub fn step(&mut self, batch: &[Tensor; 3]) -> Result<f32> {
+        csflow_kernels::on_worker(|| self.step_here(batch))
+    }
+
+    /// [`Trainer::step`] on the calling thread.
+    fn step_here(&mut self, batch: &[Tensor; 3]) -> Result<f32> {
         let loss = self.flow.forward(batch)?.loss()?;
         let value: f32 = loss.to_scalar()?;
         if !value.is_finite() {
