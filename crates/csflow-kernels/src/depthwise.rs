@@ -200,7 +200,7 @@ mod tests {
     use candle_core::Device;
 
     /// Against candle's grouped convolution on an explicitly padded input, then candle's activation; maps wide
-    /// enough for full LANES blocks and a partial one, both strides, odd and even sizes.
+    /// enough for full LANES blocks and a partial one, strides 1-3, odd and even sizes.
     #[test]
     fn matches_grouped_convolution() {
         let dev = Device::Cpu;
@@ -209,6 +209,7 @@ mod tests {
             (3, 2, Padding { top: 0, bottom: 1, left: 0, right: 1 }),
             (5, 2, Padding { top: 1, bottom: 2, left: 1, right: 2 }),
             (5, 1, Padding::symmetric(2)),
+            (3, 3, Padding { top: 1, bottom: 1, left: 2, right: 0 }),
         ] {
             for (h, w) in [(9, 8), (7, 41)] {
                 let (n, c) = (2, 5);
