@@ -88,12 +88,6 @@ fn gt4(u: [f32; 4]) -> [f32; 3] {
     [u[0] + 0.5 * (u[1] + u[2]), 0.5 * (u[1] - u[2]), 0.5 * (u[1] + u[2]) + u[3]]
 }
 
-/// Output: Aᵀ m for m = [m0, m1, m2, m3].
-#[inline(always)]
-fn at4(m: [f32; 4]) -> [f32; 2] {
-    [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
-}
-
 /// U = G g Gᵀ for every (output, input) pair of the convolution `kernel` describes, as [out][16][in].
 /// `w` is the layer's weight [layer_out, layer_in, 3, 3].
 pub(crate) fn transform_weights(w: &[f32], layer_out: usize, layer_in: usize, kernel: Kernel) -> Vec<f32> {
@@ -173,37 +167,89 @@ fn transform_input(x: &[f32], s: Shape3x3) -> Vec<f32> {
 }
 
 /// Y = Aᵀ M A (+ bias) for every tile, written to y [n, cout, h, w] (the parts of edge tiles outside the map
-/// are dropped).
+/// are dropped). `m` is [cout][16][tiles] followed by TX readable values.
+///
+/// Each output channel's tiles (all samples) are contiguous in each of its 16 coefficient rows, so the
+/// transform runs over TX tiles per vector step and only the 2x2 results are stored one by one: per tile
+/// with 16 scalar loads it cost as much as the channel's GEMM (cout 256 on 8x8 maps).
 fn transform_output(m: &[f32], s: Shape3x3, bias: Option<&[f32]>, act: Activation, y: &mut [f32]) {
+    let tiles = s.tiles();
+    assert!(m.len() >= s.cout * 16 * tiles + TX && y.len() == s.n * s.cout * s.h * s.w);
+    let out = crate::gemm::SendPtr(y.as_mut_ptr());
+    (0..s.cout).into_par_iter().with_min_len(crate::items_per_task(16 * tiles)).for_each(|o| {
+        let out = &out;
+        let b = bias.map_or(0.0, |b| b[o]);
+        // SAFETY: channel o writes only the planes (j, o) of y, disjoint from every other channel's.
+        unsafe { output_channel(&m[o * 16 * tiles..], s, b, act, out.0.add(o * s.h * s.w)) }
+    });
+}
+
+/// Tiles per vector step of the output transform.
+const TX: usize = 8;
+
+/// One coefficient of TX consecutive tiles.
+type Lanes = [f32; TX];
+
+/// Output: Aᵀ m for m = [m0, m1, m2, m3], on TX tiles at once.
+#[inline(always)]
+fn at4(m: [Lanes; 4]) -> [Lanes; 2] {
+    [std::array::from_fn(|l| m[0][l] + m[1][l] + m[2][l]), std::array::from_fn(|l| m[1][l] - m[2][l] - m[3][l])]
+}
+
+/// # Safety
+/// `y0` points at plane (0, o) of y [n, cout, h, w] and the caller owns planes (j, o) for every j.
+unsafe fn output_channel(mo: &[f32], s: Shape3x3, b: f32, act: Activation, y0: *mut f32) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time); the rest is the caller's.
+        return unsafe { output_channel_avx2(mo, s, b, act, y0) };
+    }
+    unsafe { output_channel_lanes::<false>(mo, s, b, act, y0) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn output_channel_avx2(mo: &[f32], s: Shape3x3, b: f32, act: Activation, y0: *mut f32) {
+    unsafe { output_channel_lanes::<true>(mo, s, b, act, y0) }
+}
+
+#[inline(always)]
+unsafe fn output_channel_lanes<const FMA: bool>(mo: &[f32], s: Shape3x3, b: f32, act: Activation, y0: *mut f32) {
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
-    let pw = 2 * tx_n;
-    y.par_chunks_mut(s.h * s.w).enumerate().with_min_len(crate::items_per_task(s.h * s.w * 4)).for_each_init(
-        || vec![0f32; 2 * pw],
-        |strip, (idx, plane)| {
-            let (j, o) = (idx / s.cout, idx % s.cout);
-            let mo = &m[o * 16 * tiles..(o + 1) * 16 * tiles];
-            let b = bias.map_or(0.0, |b| b[o]);
-            for ty in 0..ty_n {
-                let base = (j * ty_n + ty) * tx_n;
-                for tx in 0..tx_n {
-                    let t = base + tx;
-                    let mt: [[f32; 4]; 4] =
-                        std::array::from_fn(|r| std::array::from_fn(|q| mo[(r * 4 + q) * tiles + t]));
-                    // Aᵀ M down each column, then A across each of the two rows.
-                    let cols: [[f32; 2]; 4] = std::array::from_fn(|q| at4([mt[0][q], mt[1][q], mt[2][q], mt[3][q]]));
-                    for dy in 0..2 {
-                        let [a, c] = at4([cols[0][dy], cols[1][dy], cols[2][dy], cols[3][dy]]);
-                        strip[dy * pw + 2 * tx] = act.apply(a + b);
-                        strip[dy * pw + 2 * tx + 1] = act.apply(c + b);
+    let (mut j, mut ty, mut tx) = (0, 0, 0);
+    let mut t0 = 0;
+    while t0 < tiles {
+        // Whole vectors even for the last, partial step: lanes past it are computed and not stored.
+        let m: [Lanes; 16] = std::array::from_fn(|xi| mo[xi * tiles + t0..][..TX].try_into().expect("TX lanes"));
+        // Aᵀ M down each column, then A across each of the two rows.
+        let cols: [[Lanes; 2]; 4] = std::array::from_fn(|q| at4([m[q], m[4 + q], m[8 + q], m[12 + q]]));
+        let mut outs: [[Lanes; 2]; 2] =
+            std::array::from_fn(|dy| at4([cols[0][dy], cols[1][dy], cols[2][dy], cols[3][dy]]));
+        for v in outs.iter_mut().flatten() {
+            v.iter_mut().for_each(|x| *x += b);
+            act.apply_lanes::<FMA>(v);
+        }
+        for l in 0..TX.min(tiles - t0) {
+            let (yy, xx) = (2 * ty, 2 * tx);
+            // SAFETY: (j, yy + dy, xx + dx) lies in plane (j, o) of the caller's y, within h x w.
+            unsafe {
+                let plane = y0.add(j * s.cout * s.h * s.w);
+                for (dy, row) in outs.iter().enumerate().take(s.h - yy) {
+                    for (dx, v) in row.iter().enumerate().take(s.w - xx) {
+                        *plane.add((yy + dy) * s.w + xx + dx) = v[l];
                     }
                 }
-                // Two output rows per tile row; the last may fall outside an odd-sized map.
-                for dy in 0..2.min(s.h - 2 * ty) {
-                    plane[(2 * ty + dy) * s.w..(2 * ty + dy + 1) * s.w].copy_from_slice(&strip[dy * pw..dy * pw + s.w]);
+            }
+            tx += 1;
+            if tx == tx_n {
+                (tx, ty) = (0, ty + 1);
+                if ty == ty_n {
+                    (ty, j) = (0, j + 1);
                 }
             }
-        },
-    );
+        }
+        t0 += TX;
+    }
 }
 
 /// y [n, cout, h, w] = conv3x3(x [n, cin, h, w], U) + bias, U from [`transform_weights`].
@@ -213,7 +259,9 @@ pub(crate) fn conv3x3(x: &[f32], u: &[f32], bias: Option<&[f32]>, act: Activatio
     let tiles = s.tiles();
     let v = transform_input(x, s);
     // Overwritten by the products (which do not read it).
-    let mut m = crate::uninit(s.cout * 16 * tiles);
+    let mut m = crate::uninit(s.cout * 16 * tiles + TX);
+    // The output transform's last vector step reads up to TX - 1 values past the products.
+    m[s.cout * 16 * tiles..].fill(0.0);
     let dst = crate::gemm::SendPtr(m.as_mut_ptr());
     // The 16 products are independent: one per task, each single-threaded, which keeps every thread busy
     // even when a product alone is too small to split.
