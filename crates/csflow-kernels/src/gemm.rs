@@ -6,6 +6,7 @@ use rayon::prelude::*;
 use crate::Activation;
 
 /// A matrix operand as used in a product: pointer and (row, column) strides in elements.
+#[derive(Clone, Copy)]
 pub(crate) struct Mat {
     pub ptr: *const f32,
     pub rs: isize,
@@ -70,23 +71,38 @@ pub(crate) unsafe fn gemm_into(
 }
 
 /// dst [m, n] (row-major, exclusive) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n], on all rayon threads.
+///
+/// Split into blocks of rows or columns (whichever dimension is longer), each multiplied single-threaded: on
+/// the training step's shapes that ran 5-25 % faster than the `gemm` crate's own rayon split (measured on
+/// 24x144x4096, 672x112x256, 192x2304x1024).
 pub(crate) fn matmul(dst: &mut [f32], m: usize, n: usize, k: usize, lhs: Mat, rhs: Mat, accumulate: bool) {
     assert_eq!(dst.len(), m * n);
-    // SAFETY: dst is an exclusive m x n row-major buffer; the callers' shapes size lhs and rhs.
-    unsafe {
-        gemm_into(
-            dst.as_mut_ptr(),
-            n as isize,
-            m,
-            n,
-            k,
-            lhs,
-            rhs,
-            accumulate,
-            Parallelism::Rayon(rayon::current_num_threads()),
-        )
-    }
+    let by_rows = m > n;
+    let len = if by_rows { m } else { n };
+    let step = len.div_ceil(4 * rayon::current_num_threads()).max(16).next_multiple_of(16);
+    let out = SendPtr(dst.as_mut_ptr());
+    let operands = (SendMat(lhs), SendMat(rhs));
+    (0..len.div_ceil(step)).into_par_iter().for_each(|blk| {
+        let (out, (lhs, rhs)) = (&out, &operands);
+        let (at, width) = (blk * step, step.min(len - blk * step));
+        // SAFETY: block blk owns rows (or columns) at..at + width of dst, an exclusive m x n row-major buffer;
+        // the callers' shapes size lhs and rhs, read from that row of lhs (or column of rhs).
+        unsafe {
+            if by_rows {
+                let lhs = Mat { ptr: lhs.0.ptr.offset(at as isize * lhs.0.rs), ..lhs.0 };
+                gemm_into(out.0.add(at * n), n as isize, width, n, k, lhs, rhs.0, accumulate, Parallelism::None)
+            } else {
+                let rhs = Mat { ptr: rhs.0.ptr.offset(at as isize * rhs.0.cs), ..rhs.0 };
+                gemm_into(out.0.add(at), n as isize, m, width, k, lhs.0, rhs, accumulate, Parallelism::None)
+            }
+        }
+    });
 }
+
+/// A read-only operand shared by the tasks of one product.
+struct SendMat(Mat);
+// SAFETY: the matrix is only read, while the buffer it points into outlives the tasks.
+unsafe impl Sync for SendMat {}
 
 /// dst [m, n] (row-major) = act(bias[row] + lhs [m, k] · rhs [k, n]), with rhs row-major and `n` columns.
 ///
