@@ -52,6 +52,17 @@ impl Activation {
         self.apply_lanes::<false>(v)
     }
 
+    /// `v + bias`, activated, in place: a product's epilogue.
+    pub(crate) fn apply_slice_with_bias(self, v: &mut [f32], bias: f32) {
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() {
+            // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+            return unsafe { apply_slice_with_bias_avx2(self, v, bias) };
+        }
+        v.iter_mut().for_each(|x| *x += bias);
+        self.apply_lanes::<false>(v)
+    }
+
     /// The loop behind [`Activation::apply_slice`], to be inlined into kernels compiled for AVX2 + FMA (where
     /// `FMA` is true): written so that LLVM turns it into 8-wide vector code.
     #[inline(always)]
@@ -67,6 +78,13 @@ impl Activation {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn apply_slice_avx2(act: Activation, v: &mut [f32]) {
+    act.apply_lanes::<true>(v)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn apply_slice_with_bias_avx2(act: Activation, v: &mut [f32], bias: f32) {
+    v.iter_mut().for_each(|x| *x += bias);
     act.apply_lanes::<true>(v)
 }
 

@@ -106,8 +106,8 @@ unsafe impl Sync for SendMat {}
 
 /// dst [m, n] (row-major) = act(bias[row] + lhs [m, k] · rhs [k, n]), with rhs row-major and `n` columns.
 ///
-/// One parallel pass over column blocks, each filled with the bias, multiplied single-threaded and activated
-/// while it is still in cache: three passes (fill, product, activation) with a thread wake-up each cost more
+/// One parallel pass over column blocks, each multiplied single-threaded, then given its bias and activation
+/// while still in cache: three passes (bias fill, product, activation) with a thread wake-up each cost more
 /// than the product on the small maps of an extraction at 64-256 px.
 pub(crate) fn matmul_bias_act(
     dst: &mut [f32],
@@ -129,8 +129,8 @@ pub(crate) fn matmul_bias_act(
             // SAFETY: block blk owns columns j0..j0 + nb of every row; rows are n apart in an m x n buffer.
             unsafe { std::slice::from_raw_parts_mut(out.0.add(r * n + j0), nb) }
         };
-        (0..m).for_each(|r| row(r).fill(bias[r]));
-        // SAFETY: as above; lhs is m x k and rhs k x n row-major, read from column j0.
+        // SAFETY: as above; lhs is m x k and rhs k x n row-major, read from column j0. The product only
+        // stores (it does not read dst), then each row gets its bias and activation while in cache.
         unsafe {
             gemm_into(
                 out.0.add(j0),
@@ -140,11 +140,11 @@ pub(crate) fn matmul_bias_act(
                 k,
                 Mat::plain(lhs.as_ptr(), k),
                 Mat::plain(rhs.as_ptr().add(j0), n),
-                true,
+                false,
                 Parallelism::None,
             )
         };
-        (0..m).for_each(|r| act.apply_slice(row(r)));
+        (0..m).for_each(|r| act.apply_slice_with_bias(row(r), bias[r]));
     });
 }
 
