@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use csflow::backbone::{EfficientNet, EfficientNetConfig};
+use csflow::backbone::EfficientNetConfig;
 use csflow::detector::Detector;
 use csflow::extract::FeatureExtractor;
 use csflow::flow::{CsFlow, FlowConfig, ParamMap};
@@ -82,16 +82,14 @@ fn random_weights(c: &EfficientNetConfig) -> BTreeMap<String, Tensor> {
     w
 }
 
+/// The three-level extraction as `fit`, `test` and `predict` run it (`FeatureExtractor::features`).
 fn extraction(config: EfficientNetConfig, size: usize, reps: usize) -> f64 {
-    let block = config.feature_block;
     let weights = if config.name == "efficientnet-lite0" { lite0_weights() } else { random_weights(&config) };
-    let net = EfficientNet::load(config.clone(), &weights, Some(block)).unwrap();
+    let extractor = FeatureExtractor::new(&config.name, &weights, None, [size, size]).unwrap();
     let xs: Vec<Tensor> =
         (0..3).map(|s| Tensor::randn(0f32, 1.0, (1, 3, size >> s, size >> s), &Device::Cpu).unwrap()).collect();
     time(reps, || {
-        for x in &xs {
-            net.features(x, block).unwrap();
-        }
+        extractor.features(&xs).unwrap();
     })
 }
 
