@@ -114,16 +114,33 @@ impl CrossConvolutions {
         Ok(())
     }
 
+    /// The largest scale runs beside the two smaller ones (as in extraction): each thread runs its own
+    /// sequence of kernels and steals from the other's when done, instead of both meeting at every kernel's
+    /// end on maps of 2x2 to 8x8.
     pub fn forward(&self, x: &[Tensor; 3]) -> Result<[Tensor; 3]> {
-        let h = [
-            self.conv_in[0].forward_leaky(&x[0])?,
-            self.conv_in[1].forward_leaky(&x[1])?,
-            self.conv_in[2].forward_leaky(&x[2])?,
-        ];
-        let o0 = (self.conv_out[0].forward(&h[0])? + self.up_conv10.forward(&bilinear_up2(&h[1])?)?)?;
-        let o1 = ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
-            + self.up_conv21.forward(&bilinear_up2(&h[2])?)?)?;
-        let o2 = (self.conv_out[2].forward(&h[2])? + self.down_conv12.forward(&h[1])?)?;
-        Ok([o0.broadcast_mul(&self.gamma[0])?, o1.broadcast_mul(&self.gamma[1])?, o2.broadcast_mul(&self.gamma[2])?])
+        let (h0, (h1, h2)) = rayon::join(
+            || self.conv_in[0].forward_leaky(&x[0]),
+            || (self.conv_in[1].forward_leaky(&x[1]), self.conv_in[2].forward_leaky(&x[2])),
+        );
+        let h = [h0?, h1?, h2?];
+        let (o0, (o1, o2)) = rayon::join(
+            || -> Result<Tensor> {
+                let o0 = (self.conv_out[0].forward(&h[0])? + self.up_conv10.forward(&bilinear_up2(&h[1])?)?)?;
+                Ok(o0.broadcast_mul(&self.gamma[0])?)
+            },
+            || -> (Result<Tensor>, Result<Tensor>) {
+                let o1 = || -> Result<Tensor> {
+                    let o1 = ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
+                        + self.up_conv21.forward(&bilinear_up2(&h[2])?)?)?;
+                    Ok(o1.broadcast_mul(&self.gamma[1])?)
+                };
+                let o2 = || -> Result<Tensor> {
+                    let o2 = (self.conv_out[2].forward(&h[2])? + self.down_conv12.forward(&h[1])?)?;
+                    Ok(o2.broadcast_mul(&self.gamma[2])?)
+                };
+                (o1(), o2())
+            },
+        );
+        Ok([o0?, o1?, o2?])
     }
 }
