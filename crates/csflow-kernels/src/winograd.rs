@@ -196,6 +196,8 @@ fn at4(m: [Lanes; 4]) -> [Lanes; 2] {
     [std::array::from_fn(|l| m[0][l] + m[1][l] + m[2][l]), std::array::from_fn(|l| m[1][l] - m[2][l] - m[3][l])]
 }
 
+/// The output transform of one channel: `mo` from its 16 coefficient rows on, results into its planes of y.
+///
 /// # Safety
 /// `y0` points at plane (0, o) of y [n, cout, h, w] and the caller owns planes (j, o) for every j.
 unsafe fn output_channel(mo: &[f32], s: Shape3x3, b: f32, act: Activation, y0: *mut f32) {
