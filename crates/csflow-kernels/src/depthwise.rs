@@ -51,6 +51,9 @@ impl CustomOp3 for Depthwise {
                 wl.dims()
             );
         };
+        if h == 0 || wd == 0 {
+            candle_core::bail!("depthwise conv: empty input {h}x{wd}");
+        }
         if wc != c || one != 1 || b.len() != c {
             candle_core::bail!("depthwise conv: {c} channels but weight {:?} and bias {}", wl.dims(), b.len());
         }
@@ -232,5 +235,16 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A map with no columns is refused with an error, not a panic.
+    #[test]
+    fn empty_input_is_an_error() {
+        let dev = Device::Cpu;
+        let x = Tensor::zeros((1, 2, 3, 0), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((2, 1, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let b = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
+        let err = depthwise_conv2d(&x, &w, &b, 1, Padding::symmetric(1), Activation::Identity).unwrap_err();
+        assert!(err.to_string().contains("empty input 3x0"), "{err}");
     }
 }
