@@ -1,7 +1,7 @@
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
-use crate::{f32_slice, CHUNK};
+use crate::{f32_slice, Activation, CHUNK};
 
 /// x for x > 0, slope * x otherwise; its gradient is 1 or slope by the same test (PyTorch's, also at 0).
 /// One pass each way, where `maximum(x, slope * x)` takes two forward and about ten backward.
@@ -14,11 +14,12 @@ impl CustomOp1 for LeakyRelu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let src = f32_slice(storage, layout, self.name())?;
-        let slope = self.0;
+        let act = Activation::LeakyRelu(self.0);
         let mut out = crate::uninit(src.len());
-        out.par_chunks_mut(CHUNK)
-            .zip(src.par_chunks(CHUNK))
-            .for_each(|(o, s)| o.iter_mut().zip(s).for_each(|(o, &s)| *o = if s > 0.0 { s } else { slope * s }));
+        out.par_chunks_mut(CHUNK).zip(src.par_chunks(CHUNK)).for_each(|(o, s)| {
+            o.copy_from_slice(s);
+            act.apply_slice(o);
+        });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 

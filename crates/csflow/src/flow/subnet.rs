@@ -123,24 +123,20 @@ impl CrossConvolutions {
             || (self.conv_in[1].forward_leaky(&x[1]), self.conv_in[2].forward_leaky(&x[2])),
         );
         let h = [h0?, h1?, h2?];
-        let (o0, (o1, o2)) = rayon::join(
-            || -> Result<Tensor> {
-                let o0 = (self.conv_out[0].forward(&h[0])? + self.up_conv10.forward(&bilinear_up2(&h[1])?)?)?;
-                Ok(o0.broadcast_mul(&self.gamma[0])?)
-            },
-            || -> (Result<Tensor>, Result<Tensor>) {
-                let o1 = || -> Result<Tensor> {
-                    let o1 = ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
-                        + self.up_conv21.forward(&bilinear_up2(&h[2])?)?)?;
-                    Ok(o1.broadcast_mul(&self.gamma[1])?)
-                };
-                let o2 = || -> Result<Tensor> {
-                    let o2 = (self.conv_out[2].forward(&h[2])? + self.down_conv12.forward(&h[1])?)?;
-                    Ok(o2.broadcast_mul(&self.gamma[2])?)
-                };
-                (o1(), o2())
-            },
-        );
+        let (o0, (o1, o2)) = rayon::join(|| self.output(0, &h), || (self.output(1, &h), self.output(2, &h)));
         Ok([o0?, o1?, o2?])
+    }
+
+    /// Scale `i` of the second layer: its own convolution plus those from the neighbouring scales, times gamma.
+    fn output(&self, i: usize, h: &[Tensor; 3]) -> Result<Tensor> {
+        let o = match i {
+            0 => (self.conv_out[0].forward(&h[0])? + self.up_conv10.forward(&bilinear_up2(&h[1])?)?)?,
+            1 => {
+                ((self.conv_out[1].forward(&h[1])? + self.down_conv01.forward(&h[0])?)?
+                    + self.up_conv21.forward(&bilinear_up2(&h[2])?)?)?
+            }
+            _ => (self.conv_out[2].forward(&h[2])? + self.down_conv12.forward(&h[1])?)?,
+        };
+        Ok(o.broadcast_mul(&self.gamma[i])?)
     }
 }
