@@ -76,43 +76,74 @@ impl CustomOp3 for Depthwise {
             |buf, (plane_idx, o)| {
                 let ch = plane_idx % c;
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
-                for (y, row) in src.chunks_exact(wd).enumerate() {
-                    let y = (y + p.top) * pws;
-                    if s == 1 {
-                        buf[y + p.left..y + p.left + wd].copy_from_slice(row);
-                    } else if s == 2 {
-                        // A deinterleave in pairs (vectorised) instead of two strided gathers.
-                        let (phase0, phase1) = buf.split_at_mut(ph * pws);
-                        let (first, second) = (y + p.left / 2, y + (p.left + 1) / 2);
-                        let (evens, odds) = if p.left % 2 == 0 {
-                            (&mut phase0[first..], &mut phase1[second..])
-                        } else {
-                            (&mut phase1[first..], &mut phase0[second..])
-                        };
-                        for ((pair, e), o) in row.chunks_exact(2).zip(evens.iter_mut()).zip(odds.iter_mut()) {
-                            *e = pair[0];
-                            *o = pair[1];
-                        }
-                        if wd % 2 == 1 {
-                            evens[wd / 2] = row[wd - 1];
-                        }
-                    } else {
-                        for q in 0..s {
-                            // The first input column that lands in phase q, and its place there.
-                            let first = (q + s - p.left % s) % s;
-                            let count = wd.saturating_sub(first).div_ceil(s);
-                            let dst = &mut buf[q * ph * pws + y + (first + p.left) / s..][..count];
-                            for (i, d) in dst.iter_mut().enumerate() {
-                                *d = row[first + i * s];
-                            }
-                        }
-                    }
-                }
+                fill_phases(buf, src, wd, s, p, ph, pws);
                 let plane = Plane { buf, taps: &taps, filt: &w[ch * kh * kw..(ch + 1) * kh * kw], row_step: s * pws };
                 plane.convolve(b[ch], act, wo, o);
             },
         );
         Ok((CpuStorage::F32(out), Shape::from((n, c, ho, wo))))
+    }
+}
+
+/// Copies one channel's rows into the interior of its zero-bordered, column-phased plane (`s` phases of
+/// `ph` rows by `pws` columns).
+fn fill_phases(buf: &mut [f32], src: &[f32], wd: usize, s: usize, p: Padding, ph: usize, pws: usize) {
+    for (y, row) in src.chunks_exact(wd).enumerate() {
+        let y = (y + p.top) * pws;
+        if s == 1 {
+            copy_row(&mut buf[y + p.left..y + p.left + wd], row);
+        } else if s == 2 {
+            let (phase0, phase1) = buf.split_at_mut(ph * pws);
+            let (first, second) = (y + p.left / 2, y + p.left.div_ceil(2));
+            let (evens, odds) = if p.left.is_multiple_of(2) {
+                (&mut phase0[first..], &mut phase1[second..])
+            } else {
+                (&mut phase1[first..], &mut phase0[second..])
+            };
+            deinterleave(row, evens, odds);
+        } else {
+            for q in 0..s {
+                // The first input column that lands in phase q, and its place there.
+                let first = (q + s - p.left % s) % s;
+                let count = wd.saturating_sub(first).div_ceil(s);
+                let dst = &mut buf[q * ph * pws + y + (first + p.left) / s..][..count];
+                for (i, d) in dst.iter_mut().enumerate() {
+                    *d = row[first + i * s];
+                }
+            }
+        }
+    }
+}
+
+/// `dst = src` for a row: inline vector moves where AVX2 is there (a `memcpy` call per short row cost more
+/// than the copy).
+fn copy_row(dst: &mut [f32], src: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        return unsafe { x86::copy_row(dst, src) };
+    }
+    dst.copy_from_slice(src)
+}
+
+/// Even elements of `row` to `evens`, odd ones to `odds` (a stride-2 plane's two column phases).
+fn deinterleave(row: &[f32], evens: &mut [f32], odds: &mut [f32]) {
+    let pairs = row.len() / 2;
+    #[cfg(target_arch = "x86_64")]
+    let done = if crate::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
+        unsafe { x86::deinterleave(row, evens, odds) }
+    } else {
+        0
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let done = 0;
+    for i in done..pairs {
+        evens[i] = row[2 * i];
+        odds[i] = row[2 * i + 1];
+    }
+    if row.len() % 2 == 1 {
+        evens[pairs] = row[row.len() - 1];
     }
 }
 
@@ -134,24 +165,16 @@ impl Plane<'_> {
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked at run time).
-            return unsafe { self.convolve_avx2(bias, act, wo, out) };
+            return unsafe { x86::convolve(self, bias, act, wo, out) };
         }
-        self.convolve_lanes::<false>(bias, act, wo, out)
+        self.convolve_lanes(bias, act, wo, out)
     }
 
-    /// [`Plane::convolve_lanes`] compiled for AVX2 + FMA, chosen at run time so one binary runs on any x86-64.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn convolve_avx2(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
-        self.convolve_lanes::<true>(bias, act, wo, out)
-    }
-
-    /// Accumulates LANES outputs at a time over every tap in registers, applies the activation there and
-    /// stores them once: one vector FMA per tap instead of a load-FMA-store pass over the row. Rows narrower
-    /// than LANES (most of a 64 px extraction) take half-width blocks; blocks read past the row end into the
-    /// next row or the buffer's slack and store only the row's part.
-    #[inline(always)]
-    fn convolve_lanes<const FMA: bool>(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+    /// Accumulates LANES outputs at a time over every tap, applies the activation and stores them once (the
+    /// portable path; [`x86::convolve`] is the same with explicit AVX2). Rows narrower than LANES take
+    /// half-width blocks; blocks read past the row end into the next row or the buffer's slack and store only
+    /// the row's part.
+    fn convolve_lanes(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
         for (oy, out_row) in out.chunks_exact_mut(wo).enumerate() {
             let base = oy * self.row_step;
             let mut x0 = 0;
@@ -159,9 +182,9 @@ impl Plane<'_> {
                 let width = LANES.min(wo - x0);
                 let dst = &mut out_row[x0..x0 + width];
                 if width > LANES / 2 {
-                    self.block::<LANES, FMA>(base + x0, bias, act, dst);
+                    self.block::<LANES>(base + x0, bias, act, dst);
                 } else {
-                    self.block::<{ LANES / 2 }, FMA>(base + x0, bias, act, dst);
+                    self.block::<{ LANES / 2 }>(base + x0, bias, act, dst);
                 }
                 x0 += width;
             }
@@ -170,17 +193,166 @@ impl Plane<'_> {
 
     /// N outputs whose windows start at `start` (+ each tap's offset); the first `out.len()` are stored.
     #[inline(always)]
-    fn block<const N: usize, const FMA: bool>(&self, start: usize, bias: f32, act: Activation, out: &mut [f32]) {
+    fn block<const N: usize>(&self, start: usize, bias: f32, act: Activation, out: &mut [f32]) {
         let mut acc = [bias; N];
         for (&off, &wv) in self.taps.iter().zip(self.filt) {
             let src: &[f32; N] = self.buf[start + off..start + off + N].try_into().expect("N-wide window");
             for l in 0..N {
-                acc[l] = crate::madd::<FMA>(wv, src[l], acc[l]);
+                acc[l] = crate::madd::<false>(wv, src[l], acc[l]);
             }
         }
         let acc = &mut acc[..out.len()];
-        act.apply_lanes::<FMA>(acc);
+        act.apply_lanes::<false>(acc);
         out.copy_from_slice(acc);
+    }
+}
+
+/// The AVX2 + FMA kernels, with explicit intrinsics: stores of a block's first n lanes are masked moves, not
+/// `memcpy` calls of a run-time length (those calls were a third of the depthwise time).
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{Plane, LANES};
+    use crate::Activation;
+
+    /// A mask selecting the first `n` (at most 8) of 8 lanes.
+    #[inline(always)]
+    unsafe fn first_lanes(n: usize) -> __m256i {
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
+    }
+
+    /// Stores the first `n` of 8 lanes of `v` at `p`.
+    #[inline(always)]
+    unsafe fn store_first(p: *mut f32, v: __m256, n: usize) {
+        if n >= 8 {
+            _mm256_storeu_ps(p, v)
+        } else if n > 0 {
+            _mm256_maskstore_ps(p, first_lanes(n), v)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn copy_row(dst: &mut [f32], src: &[f32]) {
+        assert_eq!(dst.len(), src.len());
+        let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
+        let mut i = 0;
+        while i + 8 <= src.len() {
+            _mm256_storeu_ps(d.add(i), _mm256_loadu_ps(s.add(i)));
+            i += 8;
+        }
+        let n = src.len() - i;
+        if n > 0 {
+            let m = first_lanes(n);
+            _mm256_maskstore_ps(d.add(i), m, _mm256_maskload_ps(s.add(i), m));
+        }
+    }
+
+    /// Deinterleaves whole groups of 8 pairs; returns how many pairs it did (the caller does the rest).
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn deinterleave(row: &[f32], evens: &mut [f32], odds: &mut [f32]) -> usize {
+        let groups = (row.len() / 16).min(evens.len() / 8).min(odds.len() / 8);
+        for g in 0..groups {
+            let a = _mm256_loadu_ps(row.as_ptr().add(16 * g));
+            let b = _mm256_loadu_ps(row.as_ptr().add(16 * g + 8));
+            // Within each 128-bit half: [a0 a2 b0 b2], then the 64-bit quarters reordered to a0 a2 a4 a6 b0 ...
+            let e = _mm256_shuffle_ps::<0b10_00_10_00>(a, b);
+            let o = _mm256_shuffle_ps::<0b11_01_11_01>(a, b);
+            let e = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(e)));
+            let o = _mm256_castpd_ps(_mm256_permute4x64_pd::<0b11_01_10_00>(_mm256_castps_pd(o)));
+            _mm256_storeu_ps(evens.as_mut_ptr().add(8 * g), e);
+            _mm256_storeu_ps(odds.as_mut_ptr().add(8 * g), o);
+        }
+        groups * 8
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn convolve(plane: &Plane, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        // The furthest any block reads: the last row's last block, 8 or 16 lanes wide, at the largest tap.
+        let last_x0 = (wo - 1) / LANES * LANES;
+        let last_read = if wo - last_x0 > LANES / 2 { LANES } else { LANES / 2 };
+        let rows = out.len() / wo;
+        let max_tap = plane.taps.iter().copied().max().unwrap_or(0);
+        assert!(rows == 0 || (rows - 1) * plane.row_step + last_x0 + max_tap + last_read <= plane.buf.len());
+        assert_eq!(plane.taps.len(), plane.filt.len());
+        // Four rows at a time: eight (or four) independent accumulator chains hide the FMA latency that
+        // bounded one row's two chains.
+        let mut oy = 0;
+        while oy < rows {
+            let r = if rows - oy >= ROWS { ROWS } else { 1 };
+            let mut x0 = 0;
+            while x0 < wo {
+                let width = LANES.min(wo - x0);
+                let (start, dst) = (oy * plane.row_step + x0, out.as_mut_ptr().add(oy * wo + x0));
+                match (width > LANES / 2, r) {
+                    (true, ROWS) => block::<2, ROWS>(plane, start, bias, act, dst, wo, width),
+                    (true, _) => block::<2, 1>(plane, start, bias, act, dst, wo, width),
+                    (false, ROWS) => block::<1, ROWS>(plane, start, bias, act, dst, wo, width),
+                    (false, _) => block::<1, 1>(plane, start, bias, act, dst, wo, width),
+                }
+                x0 += width;
+            }
+            oy += r;
+        }
+    }
+
+    /// Output rows a block covers at once.
+    const ROWS: usize = 4;
+
+    /// `R` rows of `V` vectors of 8 outputs; row r's windows start at `start + r * row_step` (+ each tap's
+    /// offset) and its first `width` (at most 8 V) outputs are stored at `out + r * wo`. Reads stay in the
+    /// buffer as [`convolve`] asserts once per plane; writes stay in the caller's rows.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn block<const V: usize, const R: usize>(
+        plane: &Plane,
+        start: usize,
+        bias: f32,
+        act: Activation,
+        out: *mut f32,
+        wo: usize,
+        width: usize,
+    ) {
+        debug_assert!(width <= 8 * V);
+        let src = plane.buf.as_ptr().add(start);
+        let mut acc = [[_mm256_set1_ps(bias); V]; R];
+        for (&off, &wv) in plane.taps.iter().zip(plane.filt) {
+            let w = _mm256_set1_ps(wv);
+            for (r, row) in acc.iter_mut().enumerate() {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(src.add(r * plane.row_step + off + 8 * v)), *a);
+                }
+            }
+        }
+        for (r, row) in acc.iter_mut().enumerate() {
+            activate(row, act);
+            for (v, a) in row.iter().enumerate() {
+                store_first(out.add(r * wo + 8 * v), *a, width.saturating_sub(8 * v));
+            }
+        }
+    }
+
+    /// The activation on accumulators in registers (swish through the vectorised exp on a stack copy).
+    #[inline(always)]
+    unsafe fn activate<const V: usize>(acc: &mut [__m256; V], act: Activation) {
+        match act {
+            Activation::Identity => {}
+            Activation::Relu6 => {
+                for a in acc.iter_mut() {
+                    *a = _mm256_min_ps(_mm256_max_ps(*a, _mm256_setzero_ps()), _mm256_set1_ps(6.0));
+                }
+            }
+            _ => {
+                let mut lanes = [[0f32; 8]; V];
+                for (l, a) in lanes.iter_mut().zip(acc.iter()) {
+                    _mm256_storeu_ps(l.as_mut_ptr(), *a);
+                    act.apply_lanes::<true>(l);
+                }
+                for (a, l) in acc.iter_mut().zip(&lanes) {
+                    *a = _mm256_loadu_ps(l.as_ptr());
+                }
+            }
+        }
     }
 }
 
