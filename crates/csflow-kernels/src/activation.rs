@@ -73,6 +73,35 @@ impl Activation {
             other => v.iter_mut().for_each(|x| *x = other.apply_cheap(*x)),
         }
     }
+
+    /// The activation on AVX2 accumulators in registers: ReLU6 as two vector ops, swish through
+    /// [`Activation::apply_lanes`] on a stack copy (where the polynomial exp vectorises).
+    ///
+    /// # Safety
+    /// The CPU must support AVX2 and FMA.
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    pub(crate) unsafe fn apply_registers<const V: usize>(self, acc: &mut [std::arch::x86_64::__m256; V]) {
+        use std::arch::x86_64::*;
+        match self {
+            Activation::Identity => {}
+            Activation::Relu6 => {
+                for a in acc.iter_mut() {
+                    *a = _mm256_min_ps(_mm256_max_ps(*a, _mm256_setzero_ps()), _mm256_set1_ps(6.0));
+                }
+            }
+            _ => {
+                let mut lanes = [[0f32; 8]; V];
+                for (l, a) in lanes.iter_mut().zip(acc.iter()) {
+                    _mm256_storeu_ps(l.as_mut_ptr(), *a);
+                    self.apply_lanes::<true>(l);
+                }
+                for (a, l) in acc.iter_mut().zip(&lanes) {
+                    *a = _mm256_loadu_ps(l.as_ptr());
+                }
+            }
+        }
+    }
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -216,19 +216,13 @@ mod x86 {
     use super::{Plane, LANES};
     use crate::Activation;
 
-    /// A mask selecting the first `n` (at most 8) of 8 lanes.
-    #[inline(always)]
-    unsafe fn first_lanes(n: usize) -> __m256i {
-        _mm256_cmpgt_epi32(_mm256_set1_epi32(n as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
-    }
-
     /// Stores the first `n` of 8 lanes of `v` at `p`.
     #[inline(always)]
     unsafe fn store_first(p: *mut f32, v: __m256, n: usize) {
         if n >= 8 {
             _mm256_storeu_ps(p, v)
         } else if n > 0 {
-            _mm256_maskstore_ps(p, first_lanes(n), v)
+            _mm256_maskstore_ps(p, crate::first_lanes(n), v)
         }
     }
 
@@ -243,7 +237,7 @@ mod x86 {
         }
         let n = src.len() - i;
         if n > 0 {
-            let m = first_lanes(n);
+            let m = crate::first_lanes(n);
             _mm256_maskstore_ps(d.add(i), m, _mm256_maskload_ps(s.add(i), m));
         }
     }
@@ -325,32 +319,9 @@ mod x86 {
             }
         }
         for (r, row) in acc.iter_mut().enumerate() {
-            activate(row, act);
+            act.apply_registers(row);
             for (v, a) in row.iter().enumerate() {
                 store_first(out.add(r * wo + 8 * v), *a, width.saturating_sub(8 * v));
-            }
-        }
-    }
-
-    /// The activation on accumulators in registers (swish through the vectorised exp on a stack copy).
-    #[inline(always)]
-    unsafe fn activate<const V: usize>(acc: &mut [__m256; V], act: Activation) {
-        match act {
-            Activation::Identity => {}
-            Activation::Relu6 => {
-                for a in acc.iter_mut() {
-                    *a = _mm256_min_ps(_mm256_max_ps(*a, _mm256_setzero_ps()), _mm256_set1_ps(6.0));
-                }
-            }
-            _ => {
-                let mut lanes = [[0f32; 8]; V];
-                for (l, a) in lanes.iter_mut().zip(acc.iter()) {
-                    _mm256_storeu_ps(l.as_mut_ptr(), *a);
-                    act.apply_lanes::<true>(l);
-                }
-                for (a, l) in acc.iter_mut().zip(&lanes) {
-                    *a = _mm256_loadu_ps(l.as_ptr());
-                }
             }
         }
     }

@@ -17,6 +17,7 @@ mod conv;
 mod depthwise;
 mod gemm;
 mod leaky_relu;
+mod pointwise;
 mod winograd;
 
 pub use activation::Activation;
@@ -25,6 +26,7 @@ pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, Padding};
 pub use leaky_relu::leaky_relu;
+pub use pointwise::{pointwise_conv, PointwiseWeights};
 pub use winograd::{conv3x3_winograd, WinogradWeights};
 
 use candle_core::{CpuStorage, Layout, Result};
@@ -56,6 +58,17 @@ fn uninit(n: usize) -> Vec<f32> {
 fn has_avx2_fma() -> bool {
     static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+}
+
+/// An AVX2 mask selecting the first `n` (at most 8) of 8 lanes, for masked loads and stores of a row's tail.
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn first_lanes(n: usize) -> std::arch::x86_64::__m256i {
+    use std::arch::x86_64::*;
+    _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 }
 
 /// Runs `f` on one of rayon's worker threads (inline when already on one).

@@ -3,7 +3,9 @@
 //! Run: `cargo bench -p csflow --bench workloads -- <workload> [reps]`; workloads: flow-forward-paper (batch 1),
 //! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
 //! lite0-256 and b5-768 (three-scale extraction, batch 1), predict (one 512 px PNG to score and full-size map
-//! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96).
+//! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
+//! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
+//! stderr, the kernel's total as the median).
 //! Weights are random: time does not depend on their values.
 
 use std::collections::BTreeMap;
@@ -17,7 +19,7 @@ use csflow::flow::{CsFlow, FlowConfig, ParamMap};
 use csflow::io::ModelMeta;
 use csflow::score::MapMode;
 use csflow::train::{TrainConfig, Trainer};
-use csflow_kernels::{depthwise_conv2d, Activation, Padding};
+use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -172,10 +174,77 @@ fn main() {
                 depthwise_conv2d(&x, &w, &b, 1, Padding::symmetric(2), Activation::Identity).unwrap();
             })
         }
+        "pointwise" => pointwise(reps),
         other => {
             eprintln!("unknown workload `{other}`");
             std::process::exit(2);
         }
     };
     println!(r#"{{"median": {median}, "threads": {}}}"#, rayon::current_num_threads());
+}
+
+/// Each 1x1 layer shape (out, in, pixels) of Lite0 at 256 px and B5 at 768 px, timed (minimum of `reps`)
+/// through [`pointwise_conv`] and through the im2col convolution's `gemm` product; prints one line per shape
+/// and returns the kernel's total.
+fn pointwise(reps: usize) -> f64 {
+    let dev = Device::Cpu;
+    let shapes = [
+        (96, 16, 16384),
+        (24, 96, 4096),
+        (144, 24, 4096),
+        (24, 144, 4096),
+        (40, 144, 1024),
+        (240, 40, 1024),
+        (80, 240, 256),
+        (480, 80, 256),
+        (112, 480, 256),
+        (672, 112, 256),
+        (192, 672, 64),
+        (1152, 192, 64),
+        (192, 1152, 64),
+        (144, 24, 147456),
+        (40, 144, 36864),
+        (240, 40, 36864),
+        (384, 64, 9216),
+        (64, 384, 9216),
+        (768, 128, 2304),
+        (128, 768, 2304),
+        (1056, 176, 2304),
+        (176, 1056, 2304),
+        (1824, 304, 576),
+        (304, 1824, 576),
+    ];
+    let min = |f: &mut dyn FnMut()| {
+        f();
+        (0..reps)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let mut total = 0.0;
+    for (o, c, hw) in shapes {
+        let x = Tensor::randn(0f32, 1.0, (1, c, hw, 1), &dev).unwrap();
+        let w = Tensor::randn(0f32, 0.1, (o, c, 1, 1), &dev).unwrap();
+        let b = Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap();
+        let packed = PointwiseWeights::new(&w, &b).unwrap();
+        let ours = min(&mut || {
+            pointwise_conv(&x, &packed, Activation::Relu6, None).unwrap();
+        });
+        let gemm = min(&mut || {
+            conv2d_act(&x, &w, &b, 1, 0, Activation::Relu6).unwrap();
+        });
+        let gflops = |t: f64| 2.0 * (o * c * hw) as f64 / t / 1e9;
+        eprintln!(
+            "{o:>5} x {c:>5} x {hw:>6}: pointwise {:>8.3} ms {:>6.1} GFLOPS | gemm {:>8.3} ms {:>6.1} GFLOPS",
+            ours * 1e3,
+            gflops(ours),
+            gemm * 1e3,
+            gflops(gemm)
+        );
+        total += ours;
+    }
+    total
 }

@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor, D};
-use csflow_kernels::{conv2d_act, depthwise_conv2d, Activation, Padding};
+use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights};
 
 use super::config::{same_padding, EfficientNetConfig};
 use crate::{Error, Result};
@@ -43,6 +43,12 @@ impl Weights<'_> {
         let bias = (beta - (mean * &scale)?)?.to_dtype(DType::F32)?;
         Ok(ConvBn { weight, bias, stride, pad })
     }
+
+    /// A 1x1 convolution + BatchNorm, folded and packed for [`pointwise_conv`].
+    fn pointwise(&self, conv: &str, bn: &str, out: usize, cin: usize) -> Result<PointwiseWeights> {
+        let folded = self.conv_bn(conv, bn, [out, cin, 1, 1], 1, Padding::symmetric(0))?;
+        Ok(PointwiseWeights::new(&folded.weight, &folded.bias)?)
+    }
 }
 
 impl ConvBn {
@@ -83,10 +89,10 @@ impl SqueezeExcite {
 
 #[derive(Clone, Debug)]
 struct MbConv {
-    expand: Option<ConvBn>,
+    expand: Option<PointwiseWeights>,
     depthwise: ConvBn,
     se: Option<SqueezeExcite>,
-    project: ConvBn,
+    project: PointwiseWeights,
     skip: bool,
 }
 
@@ -131,15 +137,7 @@ impl EfficientNet {
             let p = format!("_blocks.{i}");
             let mid = b.input_filters * b.expand_ratio;
             let expand = (b.expand_ratio != 1)
-                .then(|| {
-                    w.conv_bn(
-                        &format!("{p}._expand_conv"),
-                        &format!("{p}._bn0"),
-                        [mid, b.input_filters, 1, 1],
-                        1,
-                        Padding::symmetric(0),
-                    )
-                })
+                .then(|| w.pointwise(&format!("{p}._expand_conv"), &format!("{p}._bn0"), mid, b.input_filters))
                 .transpose()?;
             let depthwise = w.conv_bn(
                 &format!("{p}._depthwise_conv"),
@@ -157,13 +155,7 @@ impl EfficientNet {
                 }),
                 None => None,
             };
-            let project = w.conv_bn(
-                &format!("{p}._project_conv"),
-                &format!("{p}._bn2"),
-                [b.output_filters, mid, 1, 1],
-                1,
-                Padding::symmetric(0),
-            )?;
+            let project = w.pointwise(&format!("{p}._project_conv"), &format!("{p}._bn2"), b.output_filters, mid)?;
             blocks.push(MbConv { expand, depthwise, se, project, skip: b.skip });
         }
         let head = if last_block.is_none() {
@@ -183,16 +175,14 @@ impl EfficientNet {
         for b in self.blocks.iter().take(upto + 1) {
             let input = x.clone();
             if let Some(e) = &b.expand {
-                x = e.forward(&x, self.act)?;
+                x = pointwise_conv(&x, e, self.act, None)?;
             }
             x = b.depthwise.depthwise(&x, self.act)?;
             if let Some(se) = &b.se {
                 x = se.forward(&x)?;
             }
-            x = b.project.forward(&x, Activation::Identity)?;
-            if b.skip {
-                x = (x + input)?;
-            }
+            // The skip connection is added in the projection's epilogue.
+            x = pointwise_conv(&x, &b.project, Activation::Identity, b.skip.then_some(&input))?;
         }
         Ok(x)
     }
