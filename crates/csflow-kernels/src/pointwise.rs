@@ -56,10 +56,24 @@ impl PointwiseWeights {
     }
 }
 
-/// act(W · x + b [+ residual]) for x [N, C, H, W]: the residual (shape [N, O, H, W]) is added before the
-/// activation. Inference only.
-pub fn pointwise_conv(x: &Tensor, w: &PointwiseWeights, act: Activation, residual: Option<&Tensor>) -> Result<Tensor> {
-    let op = Pointwise { w, act };
+/// act(W · (x · scale) + b [+ residual]) for x [N, C, H, W]: `scale` [N, C] multiplies each input
+/// channel (squeeze-excitation gates, applied as the input is packed instead of in a pass of their own);
+/// the residual [N, O, H, W] is added before the activation. Inference only.
+pub fn pointwise_conv(
+    x: &Tensor,
+    w: &PointwiseWeights,
+    act: Activation,
+    residual: Option<&Tensor>,
+    scale: Option<&Tensor>,
+) -> Result<Tensor> {
+    let scale = match scale {
+        Some(s) if s.dims() != [x.dim(0)?, w.cin] => {
+            candle_core::bail!("pointwise conv: scale {:?} for input {:?}", s.dims(), x.dims())
+        }
+        Some(s) => Some(s.flatten_all()?.to_vec1::<f32>()?),
+        None => None,
+    };
+    let op = Pointwise { w, act, scale };
     let x = x.contiguous()?;
     match residual {
         Some(r) => x.apply_op2_no_bwd(&r.contiguous()?, &op),
@@ -70,6 +84,8 @@ pub fn pointwise_conv(x: &Tensor, w: &PointwiseWeights, act: Activation, residua
 struct Pointwise<'a> {
     w: &'a PointwiseWeights,
     act: Activation,
+    /// Per sample and input channel, [N * C].
+    scale: Option<Vec<f32>>,
 }
 
 impl Pointwise<'_> {
@@ -92,7 +108,7 @@ impl Pointwise<'_> {
             #[cfg(target_arch = "x86_64")]
             if crate::has_avx2_fma() {
                 // SAFETY: the CPU supports AVX2 and FMA (checked at run time); sizes checked above.
-                unsafe { x86::run(w, self.act, x, residual, &mut out, n, hw) };
+                unsafe { x86::run(w, self.act, x, self.scale.as_deref(), residual, &mut out, n, hw) };
                 return Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))));
             }
             self.portable(x, residual, &mut out, hw);
@@ -100,11 +116,21 @@ impl Pointwise<'_> {
         Ok((CpuStorage::F32(out), Shape::from((n, o, h, wd))))
     }
 
-    /// Through the `gemm` crate's product, then the residual and activation in a second pass.
+    /// Through the `gemm` crate's product, with the scale, residual and activation in passes of their own.
     fn portable(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32], hw: usize) {
         let (w, (o, c)) = (self.w, (self.w.cout, self.w.cin));
+        let mut scaled = Vec::new();
         for (s, dst) in out.chunks_exact_mut(o * hw).enumerate() {
-            let rhs = &x[s * c * hw..(s + 1) * c * hw];
+            let mut rhs = &x[s * c * hw..(s + 1) * c * hw];
+            if let Some(g) = &self.scale {
+                scaled.clear();
+                scaled.extend(
+                    rhs.chunks_exact(hw)
+                        .zip(&g[s * c..(s + 1) * c])
+                        .flat_map(|(row, &g)| row.iter().map(move |v| v * g)),
+                );
+                rhs = &scaled;
+            }
             match residual {
                 None => crate::gemm::matmul_bias_act(dst, o, hw, c, &w.weight, rhs, &w.bias, self.act),
                 Some(r) => {
@@ -179,10 +205,12 @@ mod x86 {
 
     /// # Safety
     /// The CPU supports AVX2 and FMA; x is [n, cin, hw], residual (if any) and out are [n, cout, hw].
+    #[allow(clippy::too_many_arguments)]
     pub(super) unsafe fn run(
         w: &PointwiseWeights,
         act: Activation,
         x: &[f32],
+        scale: Option<&[f32]>,
         residual: Option<&[f32]>,
         out: &mut [f32],
         n: usize,
@@ -195,10 +223,11 @@ mod x86 {
             let dst = &dst;
             let xs = &x[t.sample * c * hw..(t.sample + 1) * c * hw];
             let res = residual.map(|r| &r[t.sample * o * hw..(t.sample + 1) * o * hw]);
+            let scale = scale.map(|g| &g[t.sample * c..(t.sample + 1) * c]);
             // SAFETY: the CPU supports AVX2 and FMA; this task alone writes rows of its panels in columns
             // t.col..t.col + t.width of its sample's [cout, hw] output (tasks split samples, columns and
             // panels disjointly).
-            unsafe { task(w, act, &t, xs, res, dst.0.add(t.sample * o * hw), hw) }
+            unsafe { task(w, act, &t, xs, scale, res, dst.0.add(t.sample * o * hw), hw) }
         });
     }
 
@@ -227,6 +256,7 @@ mod x86 {
         act: Activation,
         t: &Task,
         xs: &[f32],
+        scale: Option<&[f32]>,
         res: Option<&[f32]>,
         dst: *mut f32,
         hw: usize,
@@ -244,16 +274,18 @@ mod x86 {
                 let (col0, bw) = (t.col + b0 * NR, (nb * NR).min(t.width - b0 * NR));
                 for k in 0..kc {
                     let row = &xs[(k0 + k) * hw + col0..(k0 + k) * hw + col0 + bw];
+                    let g = _mm256_set1_ps(scale.map_or(1.0, |g| g[k0 + k]));
                     for (j, piece) in row.chunks(NR).enumerate() {
                         let to = packed[(j * kc + k) * NR..(j * kc + k + 1) * NR].as_mut_ptr();
                         // Vector moves, not a `memcpy` call per 64 bytes; a last piece is zero-filled.
                         if piece.len() == NR {
-                            _mm256_storeu_ps(to, _mm256_loadu_ps(piece.as_ptr()));
-                            _mm256_storeu_ps(to.add(8), _mm256_loadu_ps(piece.as_ptr().add(8)));
+                            _mm256_storeu_ps(to, _mm256_mul_ps(g, _mm256_loadu_ps(piece.as_ptr())));
+                            _mm256_storeu_ps(to.add(8), _mm256_mul_ps(g, _mm256_loadu_ps(piece.as_ptr().add(8))));
                         } else {
                             for v in 0..NR / 8 {
                                 let m = crate::first_lanes(piece.len().saturating_sub(8 * v));
-                                _mm256_storeu_ps(to.add(8 * v), _mm256_maskload_ps(piece.as_ptr().add(8 * v), m));
+                                let vals = _mm256_maskload_ps(piece.as_ptr().add(8 * v), m);
+                                _mm256_storeu_ps(to.add(8 * v), _mm256_mul_ps(g, vals));
                             }
                         }
                     }
@@ -367,7 +399,7 @@ mod tests {
 
     /// Against direct f64 sums: channel counts with a partial last panel, maps with whole strips, a partial
     /// strip wider and narrower than 8, one pixel; batch 2 (per-sample offsets); 520 input channels (three
-    /// slices of the channel sum); with and without a residual.
+    /// slices of the channel sum); with and without a residual and input-channel scale.
     #[test]
     fn matches_direct_sums() {
         let dev = Device::Cpu;
@@ -387,16 +419,21 @@ mod tests {
             )
             .unwrap();
             let r = Tensor::from_vec(rv.clone(), (n, o, h, wd), &dev).unwrap();
-            for (act, residual) in
-                [(Activation::Relu6, None), (Activation::Swish, Some(&r)), (Activation::Identity, Some(&r))]
-            {
+            let gv = data(n * c, 5);
+            let g = Tensor::from_vec(gv.clone(), (n, c), &dev).unwrap();
+            for (act, residual, scale) in [
+                (Activation::Relu6, None, None),
+                (Activation::Swish, Some(&r), Some(&g)),
+                (Activation::Identity, Some(&r), None),
+            ] {
                 let got: Vec<f32> =
-                    pointwise_conv(&x, &pw, act, residual).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-                for (idx, &g) in got.iter().enumerate() {
+                    pointwise_conv(&x, &pw, act, residual, scale).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+                for (idx, &got) in got.iter().enumerate() {
                     let (s, ch, p) = (idx / (o * hw), idx / hw % o, idx % hw);
                     let mut sum = bv[ch] as f64;
                     for k in 0..c {
-                        sum += wv[ch * c + k] as f64 * xv[(s * c + k) * hw + p] as f64;
+                        let gate = if scale.is_some() { gv[s * c + k] as f64 } else { 1.0 };
+                        sum += wv[ch * c + k] as f64 * xv[(s * c + k) * hw + p] as f64 * gate;
                     }
                     if residual.is_some() {
                         sum += rv[idx] as f64;
@@ -406,7 +443,7 @@ mod tests {
                         Activation::Swish => sum / (1.0 + (-sum).exp()),
                         _ => sum,
                     };
-                    assert!((g as f64 - want).abs() < 1e-5, "{n}x{c}->{o} {h}x{wd} {act:?} [{idx}]: {g} vs {want}");
+                    assert!((got as f64 - want).abs() < 1e-5, "{n}x{c}->{o} {h}x{wd} {act:?} [{idx}]: {got} vs {want}");
                 }
             }
         }
@@ -422,10 +459,21 @@ mod tests {
         )
         .unwrap();
         let x = Tensor::zeros((1, 5, 2, 2), candle_core::DType::F32, &dev).unwrap();
-        assert!(pointwise_conv(&x, &pw, Activation::Identity, None).unwrap_err().to_string().contains("5 channels"));
+        assert!(pointwise_conv(&x, &pw, Activation::Identity, None, None)
+            .unwrap_err()
+            .to_string()
+            .contains("5 channels"));
         let x = Tensor::zeros((1, 3, 2, 2), candle_core::DType::F32, &dev).unwrap();
         let r = Tensor::zeros((1, 4, 2, 1), candle_core::DType::F32, &dev).unwrap();
-        assert!(pointwise_conv(&x, &pw, Activation::Identity, Some(&r)).unwrap_err().to_string().contains("residual"));
+        assert!(pointwise_conv(&x, &pw, Activation::Identity, Some(&r), None)
+            .unwrap_err()
+            .to_string()
+            .contains("residual"));
+        let g = Tensor::zeros((1, 4), candle_core::DType::F32, &dev).unwrap();
+        assert!(pointwise_conv(&x, &pw, Activation::Identity, None, Some(&g))
+            .unwrap_err()
+            .to_string()
+            .contains("scale"));
         let bad = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &dev).unwrap();
         assert!(PointwiseWeights::new(&bad, &Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).is_err());
     }

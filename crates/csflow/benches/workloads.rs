@@ -231,7 +231,7 @@ fn pointwise(reps: usize) -> f64 {
         let b = Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap();
         let packed = PointwiseWeights::new(&w, &b).unwrap();
         let ours = min(&mut || {
-            pointwise_conv(&x, &packed, Activation::Relu6, None).unwrap();
+            pointwise_conv(&x, &packed, Activation::Relu6, None, None).unwrap();
         });
         let gemm = min(&mut || {
             conv2d_act(&x, &w, &b, 1, 0, Activation::Relu6).unwrap();

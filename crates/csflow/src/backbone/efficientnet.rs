@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use candle_core::{DType, Tensor, D};
+use candle_core::{DType, Tensor};
 use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights};
 
 use super::config::{same_padding, EfficientNetConfig};
@@ -68,7 +68,8 @@ impl ConvBn {
     }
 }
 
-/// Squeeze-excitation: channel gates from the spatial mean, through a swish bottleneck and a sigmoid.
+/// Squeeze-excitation: channel gates from the spatial mean, through a swish bottleneck and a sigmoid. The
+/// gates multiply the projection's input channels inside [`pointwise_conv`].
 #[derive(Clone, Debug)]
 struct SqueezeExcite {
     reduce_w: Tensor,
@@ -78,12 +79,12 @@ struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The gates [N, C] for x [N, C, H, W].
+    fn gates(&self, x: &Tensor) -> Result<Tensor> {
         let s = x.mean((2, 3))?; // [N, C]
         let s = s.matmul(&self.reduce_w.t()?)?.broadcast_add(&self.reduce_b)?.silu()?;
         let s = s.matmul(&self.expand_w.t()?)?.broadcast_add(&self.expand_b)?;
-        let s = (s.neg()?.exp()? + 1.0)?.recip()?; // sigmoid
-        Ok(x.broadcast_mul(&s.unsqueeze(D::Minus1)?.unsqueeze(D::Minus1)?)?)
+        Ok((s.neg()?.exp()? + 1.0)?.recip()?) // sigmoid
     }
 }
 
@@ -175,14 +176,12 @@ impl EfficientNet {
         for b in self.blocks.iter().take(upto + 1) {
             let input = x.clone();
             if let Some(e) = &b.expand {
-                x = pointwise_conv(&x, e, self.act, None)?;
+                x = pointwise_conv(&x, e, self.act, None, None)?;
             }
             x = b.depthwise.depthwise(&x, self.act)?;
-            if let Some(se) = &b.se {
-                x = se.forward(&x)?;
-            }
-            // The skip connection is added in the projection's epilogue.
-            x = pointwise_conv(&x, &b.project, Activation::Identity, b.skip.then_some(&input))?;
+            let gates = b.se.as_ref().map(|se| se.gates(&x)).transpose()?;
+            // The gates scale the projection's input and the skip connection is added in its epilogue.
+            x = pointwise_conv(&x, &b.project, Activation::Identity, b.skip.then_some(&input), gates.as_ref())?;
         }
         Ok(x)
     }
