@@ -229,16 +229,16 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn copy_row(dst: &mut [f32], src: &[f32]) {
         assert_eq!(dst.len(), src.len());
-        let (d, s) = (dst.as_mut_ptr(), src.as_ptr());
-        let mut i = 0;
-        while i + 8 <= src.len() {
-            _mm256_storeu_ps(d.add(i), _mm256_loadu_ps(s.add(i)));
-            i += 8;
+        let (d, s, n) = (dst.as_mut_ptr(), src.as_ptr(), src.len());
+        if n > 16 {
+            // Long rows: `memmove` is as fast as vector moves (a loop of them would become one anyway).
+            return dst.copy_from_slice(src);
         }
-        let n = src.len() - i;
-        if n > 0 {
-            let m = crate::first_lanes(n);
-            _mm256_maskstore_ps(d.add(i), m, _mm256_maskload_ps(s.add(i), m));
+        // Up to two masked moves, no loop (LLVM turns a copy loop into a `memmove` call, which cost more
+        // than the copy on rows of 2-16 values).
+        for v in 0..2 {
+            let m = crate::first_lanes(n.saturating_sub(8 * v));
+            _mm256_maskstore_ps(d.add(8 * v), m, _mm256_maskload_ps(s.add(8 * v), m));
         }
     }
 
