@@ -3,9 +3,9 @@
 //!
 //! In NCHW a 1x1 convolution is W [O, C] · X [C, H·W] per sample. The `gemm` crate packs both operands on
 //! every call and is weakest at the small inner sizes of the expand layers (C = 16-40: 49 GFLOPS against
-//! oneDNN's 70 on this machine's 144x24x4096); here the weights are packed at load into panels of six rows,
-//! X is read in place (a 16-column strip of all C rows stays in L2 while every panel passes over it) and
-//! the epilogue needs no second pass over the output.
+//! oneDNN's 70 on this machine's 144x24x4096); here the weights are packed once at load into panels of six
+//! rows, X is packed in L2-sized blocks of 16-column strips (long contiguous reads of each row) that every
+//! panel then passes over, and the epilogue needs no second pass over the output.
 
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -17,11 +17,10 @@ const MR: usize = 6;
 /// Columns per strip (two AVX2 vectors).
 const NR: usize = 16;
 
-/// A 1x1 convolution's weights and bias, with the weights also packed in panels of [`MR`] output channels
-/// (`packed[p][k][i]` = `weight[p * MR + i][k]`, zero past the last channel).
+/// A 1x1 convolution's weights, packed in panels of [`MR`] output channels (`packed[p][k][i]` =
+/// `weight[p * MR + i][k]`, zero past the last channel), and its bias.
 #[derive(Clone, Debug)]
 pub struct PointwiseWeights {
-    weight: Vec<f32>,
     packed: Vec<f32>,
     bias: Vec<f32>,
     cout: usize,
@@ -48,11 +47,17 @@ impl PointwiseWeights {
                 packed[(p * cin + k) * MR + i] = v;
             }
         }
-        Ok(Self { weight, packed, bias, cout, cin })
+        Ok(Self { packed, bias, cout, cin })
     }
 
-    pub fn out_channels(&self) -> usize {
-        self.cout
+    /// The weight [cout, cin], unpacked (for the portable path, so that only the packed copy is kept).
+    fn unpacked(&self) -> Vec<f32> {
+        (0..self.cout * self.cin)
+            .map(|idx| {
+                let (o, k) = (idx / self.cin, idx % self.cin);
+                self.packed[((o / MR) * self.cin + k) * MR + o % MR]
+            })
+            .collect()
     }
 }
 
@@ -119,6 +124,7 @@ impl Pointwise<'_> {
     /// Through the `gemm` crate's product, with the scale, residual and activation in passes of their own.
     fn portable(&self, x: &[f32], residual: Option<&[f32]>, out: &mut [f32], hw: usize) {
         let (w, (o, c)) = (self.w, (self.w.cout, self.w.cin));
+        let weight = w.unpacked();
         let mut scaled = Vec::new();
         for (s, dst) in out.chunks_exact_mut(o * hw).enumerate() {
             let mut rhs = &x[s * c * hw..(s + 1) * c * hw];
@@ -132,9 +138,9 @@ impl Pointwise<'_> {
                 rhs = &scaled;
             }
             match residual {
-                None => crate::gemm::matmul_bias_act(dst, o, hw, c, &w.weight, rhs, &w.bias, self.act),
+                None => crate::gemm::matmul_bias_act(dst, o, hw, c, &weight, rhs, &w.bias, self.act),
                 Some(r) => {
-                    crate::gemm::matmul_bias_act(dst, o, hw, c, &w.weight, rhs, &w.bias, Activation::Identity);
+                    crate::gemm::matmul_bias_act(dst, o, hw, c, &weight, rhs, &w.bias, Activation::Identity);
                     dst.iter_mut().zip(&r[s * o * hw..(s + 1) * o * hw]).for_each(|(d, r)| *d += r);
                     self.act.apply_slice(dst);
                 }
@@ -446,6 +452,34 @@ mod tests {
                     assert!((got as f64 - want).abs() < 1e-5, "{n}x{c}->{o} {h}x{wd} {act:?} [{idx}]: {got} vs {want}");
                 }
             }
+        }
+    }
+
+    /// The portable path (CPUs without AVX2) gives the kernel's values: unpacked weights through the `gemm`
+    /// crate, scale, residual and activation in passes of their own.
+    #[test]
+    fn portable_path_matches_the_kernel() {
+        let dev = Device::Cpu;
+        let (n, c, o, hw) = (2usize, 11usize, 8usize, 21usize);
+        let x = Tensor::from_vec(data(n * c * hw, 1), (n, c, hw, 1), &dev).unwrap();
+        let wt = Tensor::from_vec(data(o * c, 2), (o, c), &dev).unwrap();
+        let pw = PointwiseWeights::new(&wt, &Tensor::from_vec(data(o, 3), o, &dev).unwrap()).unwrap();
+        assert_eq!(pw.unpacked(), wt.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+        let r = Tensor::from_vec(data(n * o * hw, 4), (n, o, hw, 1), &dev).unwrap();
+        let g = Tensor::from_vec(data(n * c, 5), (n, c), &dev).unwrap();
+        let kernel: Vec<f32> = pointwise_conv(&x, &pw, Activation::Swish, Some(&r), Some(&g))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let op = Pointwise { w: &pw, act: Activation::Swish, scale: Some(g.flatten_all().unwrap().to_vec1().unwrap()) };
+        let mut portable = vec![f32::NAN; n * o * hw];
+        let (xv, rv): (Vec<f32>, Vec<f32>) =
+            (x.flatten_all().unwrap().to_vec1().unwrap(), r.flatten_all().unwrap().to_vec1().unwrap());
+        op.portable(&xv, Some(&rv), &mut portable, hw);
+        for (i, (a, b)) in kernel.iter().zip(&portable).enumerate() {
+            assert!((a - b).abs() < 1e-5, "[{i}]: kernel {a}, portable {b}");
         }
     }
 
