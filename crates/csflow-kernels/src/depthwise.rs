@@ -54,6 +54,9 @@ impl CustomOp3 for Depthwise {
         if h == 0 || wd == 0 {
             candle_core::bail!("depthwise conv: empty input {h}x{wd}");
         }
+        if kh == 0 || kw == 0 {
+            candle_core::bail!("depthwise conv: empty kernel {kh}x{kw}");
+        }
         if wc != c || one != 1 || b.len() != c {
             candle_core::bail!("depthwise conv: {c} channels but weight {:?} and bias {}", wl.dims(), b.len());
         }
@@ -238,7 +241,8 @@ mod x86 {
         // than the copy on rows of 2-16 values).
         for v in 0..2 {
             let m = crate::first_lanes(n.saturating_sub(8 * v));
-            _mm256_maskstore_ps(d.add(8 * v), m, _mm256_maskload_ps(s.add(8 * v), m));
+            // wrapping: past a short row's end the address is formed but, masked off, not touched.
+            _mm256_maskstore_ps(d.wrapping_add(8 * v), m, _mm256_maskload_ps(s.wrapping_add(8 * v), m));
         }
     }
 
@@ -380,7 +384,7 @@ mod tests {
         }
     }
 
-    /// A map with no columns is refused with an error, not a panic.
+    /// A map with no columns, or a kernel with no taps, is refused with an error, not a panic.
     #[test]
     fn empty_input_is_an_error() {
         let dev = Device::Cpu;
@@ -389,5 +393,9 @@ mod tests {
         let b = Tensor::zeros(2, candle_core::DType::F32, &dev).unwrap();
         let err = depthwise_conv2d(&x, &w, &b, 1, Padding::symmetric(1), Activation::Identity).unwrap_err();
         assert!(err.to_string().contains("empty input 3x0"), "{err}");
+        let x = Tensor::zeros((1, 2, 3, 3), candle_core::DType::F32, &dev).unwrap();
+        let w = Tensor::zeros((2, 1, 0, 0), candle_core::DType::F32, &dev).unwrap();
+        let err = depthwise_conv2d(&x, &w, &b, 1, Padding::symmetric(0), Activation::Identity).unwrap_err();
+        assert!(err.to_string().contains("empty kernel"), "{err}");
     }
 }

@@ -34,6 +34,9 @@ impl PointwiseWeights {
             &[o, c] | &[o, c, 1, 1] => (o, c),
             d => candle_core::bail!("pointwise conv: weight must be [O, C] or [O, C, 1, 1], got {d:?}"),
         };
+        if cin == 0 {
+            candle_core::bail!("pointwise conv: weight {:?} has no input channels", weight.dims());
+        }
         if bias.dims() != [cout] {
             candle_core::bail!("pointwise conv: bias {:?} for {cout} output channels", bias.dims());
         }
@@ -103,13 +106,8 @@ impl Pointwise<'_> {
             candle_core::bail!("pointwise conv: input has {c} channels, weights expect {}", w.cin);
         }
         let (o, hw) = (w.cout, h * wd);
-        if let Some(r) = residual {
-            if r.len() != n * o * hw {
-                candle_core::bail!("pointwise conv: residual has {} values for output [{n}, {o}, {h}, {wd}]", r.len());
-            }
-        }
         let mut out = crate::uninit(n * o * hw);
-        if hw > 0 && o > 0 {
+        if n > 0 && hw > 0 && o > 0 {
             #[cfg(target_arch = "x86_64")]
             if crate::has_avx2_fma() {
                 // SAFETY: the CPU supports AVX2 and FMA (checked at run time); sizes checked above.
@@ -166,6 +164,15 @@ impl CustomOp2 for Pointwise<'_> {
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
         let name = "csflow-pointwise-conv";
+        if let &[n, _, h, wd] = xl.dims() {
+            if rl.dims() != [n, self.w.cout, h, wd] {
+                candle_core::bail!(
+                    "pointwise conv: residual {:?} for output [{n}, {}, {h}, {wd}]",
+                    rl.dims(),
+                    self.w.cout
+                );
+            }
+        }
         self.run(f32_slice(xs, xl, name)?, xl.dims(), Some(f32_slice(rs, rl, name)?))
     }
 }
@@ -290,7 +297,8 @@ mod x86 {
                         } else {
                             for v in 0..NR / 8 {
                                 let m = crate::first_lanes(piece.len().saturating_sub(8 * v));
-                                let vals = _mm256_maskload_ps(piece.as_ptr().add(8 * v), m);
+                                // wrapping: past a short piece's end the address is formed but, masked off, not read.
+                                let vals = _mm256_maskload_ps(piece.as_ptr().wrapping_add(8 * v), m);
                                 _mm256_storeu_ps(to.add(8 * v), _mm256_mul_ps(g, vals));
                             }
                         }
@@ -483,7 +491,7 @@ mod tests {
         }
     }
 
-    /// Mismatched shapes are errors, not panics.
+    /// Mismatched shapes are errors, not panics; an empty batch gives an empty output.
     #[test]
     fn mismatched_shapes_are_errors() {
         let dev = Device::Cpu;
@@ -508,6 +516,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("scale"));
+        let empty = Tensor::zeros((0, 3, 2, 2), candle_core::DType::F32, &dev).unwrap();
+        assert_eq!(pointwise_conv(&empty, &pw, Activation::Identity, None, None).unwrap().dims(), [0, 4, 2, 2]);
+        let no_inputs = Tensor::zeros((4, 0), candle_core::DType::F32, &dev).unwrap();
+        assert!(PointwiseWeights::new(&no_inputs, &Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).is_err());
         let bad = Tensor::zeros((4, 3, 3, 3), candle_core::DType::F32, &dev).unwrap();
         assert!(PointwiseWeights::new(&bad, &Tensor::zeros(4, candle_core::DType::F32, &dev).unwrap()).is_err());
     }
