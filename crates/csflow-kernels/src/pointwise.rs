@@ -261,9 +261,11 @@ mod x86 {
 
     /// One task: blocks of strips are packed (`[strip][k][NR]`, zero past the map's last column) with long
     /// contiguous reads of each input row, then each group of panels passes over the block, strip by strip
-    /// (a strip stays in L1 or L2 while the group's panels use it). Read in place, a strip's rows are 64-byte pieces a map's width apart (pages apart at
-    /// 64x64 and larger) and the first panel waited on each of them.
+    /// (a strip stays in L1 or L2 while the group's panels use it). Read in place, a strip's rows were
+    /// 64-byte pieces a map's width apart (pages apart at 64x64 and larger) and the first panel waited on
+    /// each of them.
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn task(
         w: &PointwiseWeights,
         act: Activation,
