@@ -75,10 +75,39 @@ impl Geom {
         let g = *self;
         let (hw, plane) = (g.hw_out(), g.cin * g.h * g.w);
         let m = ld / hw;
+        // Strided or narrow outputs (the flow's stride-2 convolutions, 2x2-8x8 maps) gather through a table of
+        // input offsets per tap, usize::MAX where the tap falls in the padding: per output row, the copy of
+        // 2-8 values cost less than the two zero fills and the call around it.
+        let gather = g.stride > 1 || g.wo < 16;
+        let table: Vec<usize> = if gather {
+            (0..g.kh * g.kw * hw)
+                .map(|i| {
+                    let (ky, kx, oy, ox) = (i / hw / g.kw, i / hw % g.kw, i % hw / g.wo, i % g.wo);
+                    let (iy, ix) = ((oy * g.stride + ky).wrapping_sub(g.pad), (ox * g.stride + kx).wrapping_sub(g.pad));
+                    if iy < g.h && ix < g.w {
+                        iy * g.w + ix
+                    } else {
+                        usize::MAX
+                    }
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         // One parallel pass over the rows for all samples: per-sample passes cost more in scheduling than in
         // copying when maps are small (8x8 and below).
         cols.par_chunks_mut(ld).enumerate().with_min_len(items_per_task(ld)).for_each(|(row, out)| {
             let (ci, ky, kx) = (row / (g.kh * g.kw), (row / g.kw) % g.kh, row % g.kw);
+            if gather {
+                let taps = &table[(ky * g.kw + kx) * hw..][..hw];
+                for (j, out) in out.chunks_exact_mut(hw).enumerate() {
+                    let plane = &x[j * plane + ci * g.h * g.w..j * plane + (ci + 1) * g.h * g.w];
+                    for (d, &at) in out.iter_mut().zip(taps) {
+                        *d = plane.get(at).copied().unwrap_or(0.0);
+                    }
+                }
+                return;
+            }
             let (ys, iy0) = g.valid(ky, g.ho, g.h);
             let (xs, ix0) = g.valid(kx, g.wo, g.w);
             for j in 0..m {
