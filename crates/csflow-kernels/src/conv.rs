@@ -118,20 +118,13 @@ impl Geom {
                         dst.fill(0.0);
                         continue;
                     }
-                    let iy = iy0 + (oy - ys.start) * g.stride;
+                    // Stride 1 here (strided outputs took the gather above).
+                    let iy = iy0 + oy - ys.start;
                     let src = &plane[iy * g.w + ix0..(iy + 1) * g.w];
                     dst[..xs.start].fill(0.0);
                     dst[xs.end..].fill(0.0);
                     let dst = &mut dst[xs.clone()];
-                    if g.stride == 1 {
-                        dst.copy_from_slice(&src[..dst.len()]);
-                    } else {
-                        // Indexed, not `zip(step_by)`: that iterator pair was 10 % of a flow forward.
-                        let src = &src[..(dst.len() - 1) * g.stride + 1];
-                        for (i, d) in dst.iter_mut().enumerate() {
-                            *d = src[i * g.stride];
-                        }
-                    }
+                    dst.copy_from_slice(&src[..dst.len()]);
                 }
             }
         });
@@ -392,7 +385,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Against candle's own convolution (an independent implementation), values and all three gradients;
-    /// also kernels wider than the map. (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input
+    /// also kernels wider than the map, and rows of 16 or more (im2col's row-copy path; narrower or strided
+    /// outputs gather). (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input
     /// gradient there comes out [2, 3, 2, 4] for a [2, 3, 2, 3] input.)
     #[test]
     fn matches_candle_conv_and_its_gradients() {
@@ -412,6 +406,7 @@ mod tests {
             (1, 5, 1, 1),
             (1, 5, 4, 1),
             (2, 3, 1, 1),
+            (1, 5, 4, 18),
         ] {
             compare_with_candle(2, 3, 4, stride, k, h, w);
         }

@@ -201,7 +201,7 @@ impl Plane<'_> {
         for (&off, &wv) in self.taps.iter().zip(self.filt) {
             let src: &[f32; N] = self.buf[start + off..start + off + N].try_into().expect("N-wide window");
             for l in 0..N {
-                acc[l] = crate::madd::<false>(wv, src[l], acc[l]);
+                acc[l] += wv * src[l];
             }
         }
         let acc = &mut acc[..out.len()];

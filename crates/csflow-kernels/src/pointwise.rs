@@ -147,23 +147,25 @@ impl Pointwise<'_> {
     }
 }
 
+/// The op's name in both of its forms (with and without a residual).
+const NAME: &str = "csflow-pointwise-conv";
+
 impl CustomOp1 for Pointwise<'_> {
     fn name(&self) -> &'static str {
-        "csflow-pointwise-conv"
+        NAME
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        self.run(f32_slice(xs, xl, "csflow-pointwise-conv")?, xl.dims(), None)
+        self.run(f32_slice(xs, xl, NAME)?, xl.dims(), None)
     }
 }
 
 impl CustomOp2 for Pointwise<'_> {
     fn name(&self) -> &'static str {
-        "csflow-pointwise-conv"
+        NAME
     }
 
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout, rs: &CpuStorage, rl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let name = "csflow-pointwise-conv";
         if let &[n, _, h, wd] = xl.dims() {
             if rl.dims() != [n, self.w.cout, h, wd] {
                 candle_core::bail!(
@@ -173,7 +175,7 @@ impl CustomOp2 for Pointwise<'_> {
                 );
             }
         }
-        self.run(f32_slice(xs, xl, name)?, xl.dims(), Some(f32_slice(rs, rl, name)?))
+        self.run(f32_slice(xs, xl, NAME)?, xl.dims(), Some(f32_slice(rs, rl, NAME)?))
     }
 }
 
