@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tenso
 use rayon::prelude::*;
 
 use crate::gemm::{matmul, matmul_bias_act, Mat};
-use crate::winograd::{self, Kernel, Shape3x3};
+use crate::winograd::{self, Kernel};
 use crate::{f32_slice, items_per_task, Activation};
 
 /// Geometry of one convolution.
@@ -46,12 +46,12 @@ impl Geom {
         self.cin * self.kh * self.kw
     }
 
-    /// The Winograd shape for n samples when this is a 3x3, stride-1, padding-1 convolution (the flow's
+    /// The Winograd shape for n samples when this is a square stride-1 "same" convolution (the flow's
     /// per-scale and up convolutions) on maps large enough for [`winograd`] to pay.
-    fn winograd(&self, n: usize) -> Option<Shape3x3> {
+    fn winograd(&self, n: usize) -> Option<winograd::Shape> {
         let g = *self;
-        let s = Shape3x3 { n, cin: g.cin, cout: g.cout, h: g.h, w: g.w };
-        (g.kh == 3 && g.kw == 3 && g.stride == 1 && g.pad == 1 && winograd::pays(s)).then_some(s)
+        let s = winograd::Shape { n, cin: g.cin, cout: g.cout, h: g.h, w: g.w, k: g.kh };
+        (g.kh == g.kw && g.stride == 1 && g.pad == g.kh / 2 && winograd::pays(s)).then_some(s)
     }
 
     fn hw_out(&self) -> usize {
@@ -220,8 +220,8 @@ impl CustomOp3 for Conv {
         }
         let n = xl.dims()[0];
         if let Some(s) = g.winograd(n) {
-            let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::Forward);
-            let y = winograd::conv3x3(x, &u, Some(b), self.act, s);
+            let u = winograd::transform_weights(w, g.cout, g.cin, s.k, Kernel::Forward);
+            let y = winograd::conv(x, &u, Some(b), self.act, s);
             return Ok((CpuStorage::F32(y), Shape::from((n, g.cout, g.h, g.w))));
         }
         let (k, hw) = (g.k(), g.hw_out());
@@ -295,10 +295,10 @@ impl CustomOp2 for ConvInputGrad {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not match the forward", gl.dims());
         }
         if let Some(s) = g.winograd(n) {
-            let u = winograd::transform_weights(w, g.cout, g.cin, Kernel::InputGradient);
-            let s = Shape3x3 { cin: s.cout, cout: s.cin, ..s };
+            let u = winograd::transform_weights(w, g.cout, g.cin, s.k, Kernel::InputGradient);
+            let s = winograd::Shape { cin: s.cout, cout: s.cin, ..s };
             return Ok((
-                CpuStorage::F32(winograd::conv3x3(gr, &u, None, Activation::Identity, s)),
+                CpuStorage::F32(winograd::conv(gr, &u, None, Activation::Identity, s)),
                 Shape::from((n, g.cin, g.h, g.w)),
             ));
         }
@@ -346,8 +346,8 @@ impl CustomOp2 for ConvWeightGrad {
         let (n, cin, cout) = (xl.dims()[0], xl.dims()[1], gl.dims()[1]);
         let g = Geom::new(xl.dims(), &[cout, cin, self.kh, self.kw], self.stride, self.pad)?;
         if let Some(s) = g.winograd(n) {
-            let dw = winograd::weight_grad3x3(x, gr, s);
-            return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, 3, 3))));
+            let dw = winograd::weight_grad(x, gr, s);
+            return Ok((CpuStorage::F32(dw), Shape::from((cout, cin, s.k, s.k))));
         }
         let (k, hw) = (g.k(), g.hw_out());
         // The first product overwrites it (it does not read its destination), later ones accumulate.
@@ -412,12 +412,20 @@ mod tests {
         }
     }
 
-    /// Five samples whose column matrices exceed the batching budget: GEMMs of 2, 2 and 1 samples (5x5: the
+    /// Five samples whose column matrices exceed the batching budget: GEMMs of 2, 2 and 1 samples (7x7: the
     /// im2col path, not Winograd's).
     #[test]
     fn batched_chunks_with_a_partial_last_one() {
-        assert_eq!(samples_per_chunk(128 * 25, 32 * 32, 5), 2);
-        compare_with_candle(5, 128, 3, 1, 5, 32, 32);
+        assert_eq!(samples_per_chunk(64 * 49, 32 * 32, 5), 2);
+        compare_with_candle(5, 64, 3, 1, 7, 32, 32);
+    }
+
+    /// 3x3 and 5x5 stride-1 layers on maps with enough tiles take the Winograd path, all three products.
+    #[test]
+    fn winograd_layers_match_candle() {
+        for k in [3, 5] {
+            compare_with_candle(2, 4, 3, 1, k, 12, 11);
+        }
     }
 
     /// The fused activation equals the activation applied after the plain op, on each path: pointwise (one

@@ -4,8 +4,9 @@
 //! - [`bilinear_resize`]: bilinear resampling with `align_corners = false`, exactly as PyTorch's
 //!   `F.interpolate(mode="bilinear")`; candle's own upsampling has no backward.
 //! - [`leaky_relu`]: one pass each way, PyTorch's gradient at 0.
-//! - [`conv2d`]: im2col + `gemm`, or Winograd F(2x2, 3x3) for 3x3 stride-1 kernels, with both gradients;
-//!   [`conv2d_act`] and [`conv3x3_winograd`] (prepared [`WinogradWeights`]) fuse an activation, for inference.
+//! - [`conv2d`]: im2col + `gemm`, or Winograd F(2x2, 3x3) / F(2x2, 5x5) for stride-1 3x3 and 5x5 kernels,
+//!   with both gradients;
+//!   [`conv2d_act`] and [`conv_winograd`] (prepared [`WinogradWeights`]) fuse an activation, for inference.
 //! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
 //!
 //! The ops know nothing of CS-Flow. They take f32 tensors of any layout (made contiguous first).
@@ -27,7 +28,7 @@ pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, Padding};
 pub use leaky_relu::leaky_relu;
 pub use pointwise::{pointwise_conv, PointwiseWeights};
-pub use winograd::{conv3x3_winograd, WinogradWeights};
+pub use winograd::{conv_winograd, WinogradWeights};
 
 use candle_core::{CpuStorage, Layout, Result};
 

@@ -5,7 +5,8 @@
 //! lite0-256 and b5-768 (three-scale extraction, batch 1), predict (one 512 px PNG to score and full-size map
 //! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
 //! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
-//! stderr, the kernel's total as the median).
+//! stderr, the kernel's total as the median), flow-layers (each convolution shape of the paper-size flow at
+//! batch 1, Winograd against im2col; a table on stderr).
 //! Weights are random: time does not depend on their values.
 
 use std::collections::BTreeMap;
@@ -19,7 +20,9 @@ use csflow::flow::{CsFlow, FlowConfig, ParamMap};
 use csflow::io::ModelMeta;
 use csflow::score::MapMode;
 use csflow::train::{TrainConfig, Trainer};
-use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights};
+use csflow_kernels::{
+    conv2d_act, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights, WinogradWeights,
+};
 
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -175,6 +178,7 @@ fn main() {
             })
         }
         "pointwise" => pointwise(reps),
+        "flow-layers" => flow_layers(reps),
         other => {
             eprintln!("unknown workload `{other}`");
             std::process::exit(2);
@@ -245,6 +249,65 @@ fn pointwise(reps: usize) -> f64 {
             gflops(gemm)
         );
         total += ours;
+    }
+    total
+}
+
+/// Each convolution shape of the paper-size subnets at batch 1 (in, out, map, stride, count per subnet),
+/// timed (minimum of `reps`) with `copies` weight sets in turn so that, as in the flow, the weights come from
+/// memory rather than cache; stride-1 layers through Winograd and through im2col. Prints one line per shape and
+/// returns the total of the faster paths over all subnets (three 3x3 blocks, one 5x5 block).
+fn flow_layers(reps: usize) -> f64 {
+    let dev = Device::Cpu;
+    let mut total = 0.0;
+    for (k, subnets) in [(3, 6), (5, 2)] {
+        let shapes = [
+            (152, 1024, 24, 1, 1),
+            (152, 1024, 12, 1, 1),
+            (152, 1024, 6, 1, 1),
+            (1024, 304, 24, 1, 2),
+            (1024, 304, 12, 1, 2),
+            (1024, 304, 6, 1, 1),
+            (1024, 304, 24, 2, 1),
+            (1024, 304, 12, 2, 1),
+        ];
+        let copies = 6;
+        for (c, o, hw, stride, count) in shapes {
+            let x = Tensor::randn(0f32, 1.0, (1, c, hw, hw), &dev).unwrap();
+            let ws: Vec<Tensor> = (0..copies).map(|_| Tensor::randn(0f32, 0.02, (o, c, k, k), &dev).unwrap()).collect();
+            let b = Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap();
+            let min = |run: &mut dyn FnMut(usize)| {
+                run(0);
+                (1..=reps)
+                    .map(|i| {
+                        let t = Instant::now();
+                        run(i);
+                        t.elapsed().as_secs_f64()
+                    })
+                    .fold(f64::MAX, f64::min)
+            };
+            let im2col = min(&mut |i| {
+                conv2d_act(&x, &ws[i % copies], &b, stride, k / 2, Activation::Identity).unwrap();
+            });
+            let out = hw / stride;
+            let gflops = |t: f64| 2.0 * (o * c * k * k * out * out) as f64 / t / 1e9;
+            let mut line = format!(
+                "{k}x{k} {c:>5} -> {o:>5} on {hw:>2}x{hw:<2} stride {stride} (x{count}): im2col {:>7.3} ms {:>6.1} GFLOPS",
+                im2col * 1e3,
+                gflops(im2col)
+            );
+            let mut best = im2col;
+            if stride == 1 {
+                let us: Vec<_> = ws.iter().map(|w| WinogradWeights::new(w).unwrap().unwrap()).collect();
+                let wino = min(&mut |i| {
+                    conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
+                });
+                line += &format!(" | winograd {:>7.3} ms {:>6.1} direct-GFLOPS", wino * 1e3, gflops(wino));
+                best = best.min(wino);
+            }
+            eprintln!("{line}");
+            total += best * (count * subnets) as f64;
+        }
     }
     total
 }

@@ -28,7 +28,7 @@ pub struct Conv2d {
     pub stride: usize,
 }
 
-/// A convolution's weight: as trained, or (3x3 stride-1 layers of a flow made for inference) only its
+/// A convolution's weight: as trained, or (3x3 and 5x5 stride-1 layers of a flow made for inference) only its
 /// Winograd transform, so the model does not hold both.
 #[derive(Clone, Debug)]
 pub enum ConvWeight {
@@ -45,7 +45,7 @@ impl Conv2d {
         })
     }
 
-    /// Replaces a 3x3 stride-1 weight by its Winograd transform: faster, but without gradients.
+    /// Replaces a 3x3 or 5x5 stride-1 weight by its Winograd transform: faster, but without gradients.
     fn prepare_for_inference(&mut self) -> Result<()> {
         if let (ConvWeight::Plain(w), 1) = (&self.weight, self.stride) {
             if let Some(u) = WinogradWeights::new(w)? {
@@ -58,7 +58,7 @@ impl Conv2d {
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(match &self.weight {
             ConvWeight::Plain(w) => csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?,
-            ConvWeight::Winograd(u) => csflow_kernels::conv3x3_winograd(x, u, &self.bias, Activation::Identity)?,
+            ConvWeight::Winograd(u) => csflow_kernels::conv_winograd(x, u, &self.bias, Activation::Identity)?,
         })
     }
 
@@ -67,7 +67,7 @@ impl Conv2d {
         Ok(match &self.weight {
             ConvWeight::Plain(_) => leaky_relu(&self.forward(x)?, LEAKY_SLOPE)?,
             ConvWeight::Winograd(u) => {
-                csflow_kernels::conv3x3_winograd(x, u, &self.bias, Activation::LeakyRelu(LEAKY_SLOPE))?
+                csflow_kernels::conv_winograd(x, u, &self.bias, Activation::LeakyRelu(LEAKY_SLOPE))?
             }
         })
     }
@@ -106,10 +106,14 @@ impl CrossConvolutions {
         })
     }
 
+    /// Freed memory is returned to the kernel after each layer, so the process never holds more than one
+    /// layer's plain weight beside the transforms (a transform is larger than the weight it replaces, so it
+    /// cannot reuse the freed weight's place in the heap).
     pub(crate) fn prepare_for_inference(&mut self) -> Result<()> {
         let Self { conv_in, conv_out, up_conv10, up_conv21, down_conv01, down_conv12, .. } = self;
         for c in conv_in.iter_mut().chain(conv_out).chain([up_conv10, up_conv21, down_conv01, down_conv12]) {
             c.prepare_for_inference()?;
+            crate::memory::release_freed_memory();
         }
         Ok(())
     }
