@@ -79,21 +79,23 @@ impl Geom {
         // input offsets per tap, usize::MAX where the tap falls in the padding: per output row, the copy of
         // 2-8 values cost less than the two zero fills and the call around it.
         let gather = g.stride > 1 || g.wo < 16;
-        let table: Vec<usize> = if gather {
-            (0..g.kh * g.kw * hw)
-                .map(|i| {
-                    let (ky, kx, oy, ox) = (i / hw / g.kw, i / hw % g.kw, i % hw / g.wo, i % g.wo);
-                    let (iy, ix) = ((oy * g.stride + ky).wrapping_sub(g.pad), (ox * g.stride + kx).wrapping_sub(g.pad));
-                    if iy < g.h && ix < g.w {
-                        iy * g.w + ix
-                    } else {
-                        usize::MAX
-                    }
-                })
-                .collect()
-        } else {
-            Vec::new()
-        };
+        // Built by nested loops: with a division per entry it took as long as the stem's gather itself.
+        let mut table = Vec::with_capacity(if gather { g.kh * g.kw * hw } else { 0 });
+        if gather {
+            for (ky, kx) in (0..g.kh).flat_map(|ky| (0..g.kw).map(move |kx| (ky, kx))) {
+                for oy in 0..g.ho {
+                    let iy = (oy * g.stride + ky).wrapping_sub(g.pad);
+                    table.extend((0..g.wo).map(|ox| {
+                        let ix = (ox * g.stride + kx).wrapping_sub(g.pad);
+                        if iy < g.h && ix < g.w {
+                            iy * g.w + ix
+                        } else {
+                            usize::MAX
+                        }
+                    }));
+                }
+            }
+        }
         // One parallel pass over the rows for all samples: per-sample passes cost more in scheduling than in
         // copying when maps are small (8x8 and below).
         cols.par_chunks_mut(ld).enumerate().with_min_len(items_per_task(ld)).for_each(|(row, out)| {
