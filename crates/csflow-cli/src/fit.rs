@@ -332,7 +332,7 @@ pub fn run(a: FitArgs) -> Result<()> {
     bar.finish_and_clear();
 
     let params = trainer.params();
-    let flow = CsFlow::new(config, &params)?.for_inference()?;
+    let flow = CsFlow::new(config, &params)?.for_inference(meta.map_sizes)?;
     // The good maps' range on the finest latent grid: bilinear upsampling cannot exceed its maximum, and the
     // grid is small at any input size.
     let map_size = (dims(0)[0], dims(0)[1]);

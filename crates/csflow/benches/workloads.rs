@@ -116,7 +116,7 @@ fn flow_input(config: &FlowConfig, batch: usize, map: usize) -> [Tensor; 3] {
 fn flow_forward(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
     // Prepared once, as a loaded model is (after the parameter map is gone, as there).
     let flow = CsFlow::new(config.clone(), &flow_params(&config)).unwrap();
-    let flow = flow.for_inference().unwrap();
+    let flow = flow.for_inference(Some([0, 1, 2].map(|s| [map >> s; 2]))).unwrap();
     let x = flow_input(&config, batch, map);
     time(reps, || {
         flow.forward(&x).unwrap().z[0].sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -142,7 +142,8 @@ fn predict(image: &str, reps: usize) -> f64 {
     let extractor = FeatureExtractor::new("efficientnet-lite0", &lite0_weights(), None, [256, 256]).unwrap();
     let flow_config = FlowConfig::new(extractor.channels(), 256);
     let flow = CsFlow::new(flow_config.clone(), &flow_params(&flow_config)).unwrap();
-    let flow = flow.for_inference().unwrap();
+    // Lite0 at 256 px: latent maps 8, 4 and 2.
+    let flow = flow.for_inference(Some([[8, 8], [4, 4], [2, 2]])).unwrap();
     let det = Detector { extractor, flow, meta: ModelMeta::new(flow_config) };
     let path = std::path::Path::new(image);
     time(reps, || {

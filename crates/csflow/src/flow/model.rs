@@ -10,6 +10,12 @@ use crate::{Error, Result};
 /// Named parameters, keyed by the authors' state_dict names.
 pub type ParamMap = BTreeMap<String, Tensor>;
 
+/// Fewest 2x2 output tiles (over the batch) for which an inference flow's convolutions take the Winograd
+/// path where they also hold plain weights ([`CsFlow::for_inference`]): 9 tiles (the paper's 6x6 map) ran
+/// 2-2.5x faster than im2col (1024 -> 304 channels, 3x3 and 5x5), 4 and 1 tiles (the CPU size's 4x4 and 2x2
+/// maps at batch 1) slower.
+pub const MIN_WINOGRAD_TILES: usize = 8;
+
 /// What the flow returns for a batch.
 #[derive(Debug)]
 pub struct FlowOutput {
@@ -63,15 +69,25 @@ impl CsFlow {
         Ok(Self { config, blocks, perms, inv_perms })
     }
 
-    /// The same flow with every 3x3 and 5x5 stride-1 weight replaced by its Winograd transform, made once: for
+    /// The same flow with its 3x3 and 5x5 stride-1 weights replaced by their Winograd transforms, made once: for
     /// scoring (saves a transform per layer and call; values agree to rounding). Such a flow has no gradients.
+    ///
+    /// `maps` are the latent map sizes [h, w] per scale when known (model files record them): a scale whose
+    /// map has fewer than [`MIN_WINOGRAD_TILES`] 2x2 tiles at batch 1 keeps its plain weights beside the
+    /// transforms and uses them for single images. There the products read each transformed weight for only
+    /// 1-4 tiles, so they wait on memory, and the transform holds 16/9 (3x3) or 36/25 (5x5) as many values:
+    /// `predict` at the CPU size (maps 8, 4, 2) took 10-15 % less CPU time with plain weights on its two
+    /// smaller maps, while batches of 16 ran 10 % slower without the transforms there. Unknown sizes keep
+    /// only the transforms.
     /// Freed memory is returned to the kernel layer by layer, so the process does not hold the plain weights
     /// and their transforms at once (for the paper's flow that is 0.6 GB of peak or more).
-    pub fn for_inference(mut self) -> Result<Self> {
+    pub fn for_inference(mut self, maps: Option<[[usize; 2]; 3]>) -> Result<Self> {
+        let winograd_only =
+            maps.map_or([true; 3], |m| m.map(|[h, w]| h.div_ceil(2) * w.div_ceil(2) >= MIN_WINOGRAD_TILES));
         crate::memory::release_freed_memory();
         for b in &mut self.blocks {
-            b.s1.prepare_for_inference()?;
-            b.s2.prepare_for_inference()?;
+            b.s1.prepare_for_inference(winograd_only)?;
+            b.s2.prepare_for_inference(winograd_only)?;
         }
         Ok(self)
     }

@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 use csflow_kernels::{bilinear_up2, leaky_relu, Activation, WinogradWeights};
 
-use super::model::ParamMap;
+use super::model::{ParamMap, MIN_WINOGRAD_TILES};
 use crate::{Error, Result};
 
 /// The ten convolutions of one subnet, by their names in the authors' state_dict.
@@ -28,12 +28,17 @@ pub struct Conv2d {
     pub stride: usize,
 }
 
-/// A convolution's weight: as trained, or (3x3 and 5x5 stride-1 layers of a flow made for inference) only its
-/// Winograd transform, so the model does not hold both.
+/// A convolution's weight: as trained, or (3x3 and 5x5 stride-1 layers of a flow made for inference) its
+/// Winograd transform instead, or both where the layer's map is small ([`CsFlow::for_inference`]).
+///
+/// [`CsFlow::for_inference`]: super::CsFlow::for_inference
 #[derive(Clone, Debug)]
 pub enum ConvWeight {
     Plain(Tensor),
     Winograd(WinogradWeights),
+    /// Both forms: the plain weight for inputs with fewer than [`MIN_WINOGRAD_TILES`] tiles (one image), the
+    /// transform for batches.
+    Both(Tensor, WinogradWeights),
 }
 
 impl Conv2d {
@@ -45,29 +50,45 @@ impl Conv2d {
         })
     }
 
-    /// Replaces a 3x3 or 5x5 stride-1 weight by its Winograd transform: faster, but without gradients.
-    fn prepare_for_inference(&mut self) -> Result<()> {
+    /// Replaces a 3x3 or 5x5 stride-1 weight by its Winograd transform (faster, but without gradients), or
+    /// adds the transform beside it when `keep_plain`.
+    fn prepare_for_inference(&mut self, keep_plain: bool) -> Result<()> {
         if let (ConvWeight::Plain(w), 1) = (&self.weight, self.stride) {
             if let Some(u) = WinogradWeights::new(w)? {
-                self.weight = ConvWeight::Winograd(u);
+                self.weight = if keep_plain { ConvWeight::Both(w.clone(), u) } else { ConvWeight::Winograd(u) };
             }
         }
         Ok(())
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(match &self.weight {
-            ConvWeight::Plain(w) => csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?,
-            ConvWeight::Winograd(u) => csflow_kernels::conv_winograd(x, u, &self.bias, Activation::Identity)?,
-        })
+        self.forward_act(x, Activation::Identity)
     }
 
     /// The convolution then a leaky ReLU (fused into the convolution for inference).
     fn forward_leaky(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_act(x, Activation::LeakyRelu(LEAKY_SLOPE))
+    }
+
+    /// The convolution then `act` (identity or the subnet's leaky ReLU); differentiable with plain weights.
+    fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        let winograd = |u| csflow_kernels::conv_winograd(x, u, &self.bias, act);
         Ok(match &self.weight {
-            ConvWeight::Plain(_) => leaky_relu(&self.forward(x)?, LEAKY_SLOPE)?,
-            ConvWeight::Winograd(u) => {
-                csflow_kernels::conv_winograd(x, u, &self.bias, Activation::LeakyRelu(LEAKY_SLOPE))?
+            ConvWeight::Plain(w) => {
+                let y = csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?;
+                match act {
+                    Activation::LeakyRelu(slope) => leaky_relu(&y, slope)?,
+                    _ => y,
+                }
+            }
+            ConvWeight::Winograd(u) => winograd(u)?,
+            ConvWeight::Both(w, u) => {
+                let (n, _, h, wd) = x.dims4()?;
+                if n * h.div_ceil(2) * wd.div_ceil(2) >= MIN_WINOGRAD_TILES {
+                    winograd(u)?
+                } else {
+                    csflow_kernels::conv2d_act(x, w, &self.bias, 1, w.dim(2)? / 2, act)?
+                }
             }
         })
     }
@@ -106,13 +127,21 @@ impl CrossConvolutions {
         })
     }
 
-    /// Freed memory is returned to the kernel after each layer, so the process never holds more than one
-    /// layer's plain weight beside the transforms (a transform is larger than the weight it replaces, so it
-    /// cannot reuse the freed weight's place in the heap).
-    pub(crate) fn prepare_for_inference(&mut self) -> Result<()> {
-        let Self { conv_in, conv_out, up_conv10, up_conv21, down_conv01, down_conv12, .. } = self;
-        for c in conv_in.iter_mut().chain(conv_out).chain([up_conv10, up_conv21, down_conv01, down_conv12]) {
-            c.prepare_for_inference()?;
+    /// Prepares the stride-1 convolutions: Winograd only on the scales marked in `winograd_only`, both forms
+    /// on the others (see [`CsFlow::for_inference`]). Freed memory is returned to the kernel after each layer, so the
+    /// process never holds more than one layer's plain weight beside the transforms (a transform is larger
+    /// than the weight it replaces, so it cannot reuse the freed weight's place in the heap).
+    ///
+    /// [`CsFlow::for_inference`]: super::CsFlow::for_inference
+    pub(crate) fn prepare_for_inference(&mut self, winograd_only: [bool; 3]) -> Result<()> {
+        let Self { conv_in, conv_out, up_conv10, up_conv21, .. } = self;
+        // Each convolution with the scale whose map it runs on (the up convolutions on the finer one's).
+        let [in0, in1, in2] = conv_in;
+        let [out0, out1, out2] = conv_out;
+        for (c, scale) in
+            [(in0, 0), (in1, 1), (in2, 2), (out0, 0), (out1, 1), (out2, 2), (up_conv10, 0), (up_conv21, 1)]
+        {
+            c.prepare_for_inference(!winograd_only[scale])?;
             crate::memory::release_freed_memory();
         }
         Ok(())

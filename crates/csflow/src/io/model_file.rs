@@ -140,7 +140,7 @@ impl ModelFile {
         let flow = self.flow()?;
         let meta = self.meta;
         drop(self.params);
-        Ok((flow.for_inference()?, meta))
+        Ok((flow.for_inference(meta.map_sizes)?, meta))
     }
 }
 
