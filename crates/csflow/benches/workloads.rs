@@ -6,7 +6,7 @@
 //! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
 //! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
 //! stderr, the kernel's total as the median), flow-layers (each convolution shape of the paper-size flow at
-//! batch 1, Winograd against im2col; a table on stderr).
+//! batch 1, prepared Winograd weights against the plain ones; a table on stderr).
 //! Weights are random: time does not depend on their values.
 
 use std::collections::BTreeMap;
@@ -287,17 +287,17 @@ fn flow_layers(reps: usize) -> f64 {
                     })
                     .fold(f64::MAX, f64::min)
             };
-            let im2col = min(&mut |i| {
+            let plain = min(&mut |i| {
                 conv2d_act(&x, &ws[i % copies], &b, stride, k / 2, Activation::Identity).unwrap();
             });
             let out = hw / stride;
             let gflops = |t: f64| 2.0 * (o * c * k * k * out * out) as f64 / t / 1e9;
             let mut line = format!(
-                "{k}x{k} {c:>5} -> {o:>5} on {hw:>2}x{hw:<2} stride {stride} (x{count}): im2col {:>7.3} ms {:>6.1} GFLOPS",
-                im2col * 1e3,
-                gflops(im2col)
+                "{k}x{k} {c:>5} -> {o:>5} on {hw:>2}x{hw:<2} stride {stride} (x{count}): plain {:>7.3} ms {:>6.1} GFLOPS",
+                plain * 1e3,
+                gflops(plain)
             );
-            let mut best = im2col;
+            let mut best = plain;
             if stride == 1 {
                 let us: Vec<_> = ws.iter().map(|w| WinogradWeights::new(w).unwrap().unwrap()).collect();
                 let wino = min(&mut |i| {
