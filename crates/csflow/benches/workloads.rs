@@ -256,8 +256,9 @@ fn pointwise(reps: usize) -> f64 {
 
 /// Each convolution shape of the paper-size subnets at batch 1 (in, out, map, stride, count per subnet),
 /// timed (minimum of `reps`) with `copies` weight sets in turn so that, as in the flow, the weights come from
-/// memory rather than cache; stride-1 layers through Winograd and through im2col. Prints one line per shape and
-/// returns the total of the faster paths over all subnets (three 3x3 blocks, one 5x5 block).
+/// memory rather than cache: through the plain weights (im2col, or from 32 tiles Winograd with the weight
+/// transform made per call, as in training) and, for stride-1 layers, through prepared Winograd weights. Prints
+/// one line per shape and returns the total of the faster paths over all subnets (three 3x3 blocks, one 5x5).
 fn flow_layers(reps: usize) -> f64 {
     let dev = Device::Cpu;
     let mut total = 0.0;
