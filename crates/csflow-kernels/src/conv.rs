@@ -387,8 +387,8 @@ mod tests {
     use candle_core::{Device, Var};
 
     /// Against candle's own convolution (an independent implementation), values and all three gradients;
-    /// also kernels wider than the map, and rows of 16 or more (im2col's row-copy path; narrower or strided
-    /// outputs gather). (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input
+    /// also kernels wider than the map, and rows of 16 or more (im2col's row-copy path with 2x18 maps;
+    /// narrower or strided outputs gather; 8x8 3x3 and 4x18 5x5 at batch 2 have 32 tiles or more: Winograd). (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input
     /// gradient there comes out [2, 3, 2, 4] for a [2, 3, 2, 3] input.)
     #[test]
     fn matches_candle_conv_and_its_gradients() {
@@ -409,6 +409,7 @@ mod tests {
             (1, 5, 4, 1),
             (2, 3, 1, 1),
             (1, 5, 4, 18),
+            (1, 5, 2, 18),
         ] {
             compare_with_candle(2, 3, 4, stride, k, h, w);
         }
@@ -426,6 +427,8 @@ mod tests {
     #[test]
     fn winograd_layers_match_candle() {
         for k in [3, 5] {
+            let g = Geom::new(&[2, 4, 12, 11], &[3, 4, k, k], 1, k / 2).unwrap();
+            assert!(g.winograd(2).is_some(), "{k}x{k} takes the Winograd path");
             compare_with_candle(2, 4, 3, 1, k, 12, 11);
         }
     }

@@ -64,8 +64,8 @@ pub(crate) enum Kernel {
 
 /// Below this many tiles (over the whole batch) the weight transform, made on every call when the weights
 /// are being trained, costs more than the smaller products save (measured, 2 threads: 1024 -> 304 channels on
-/// a 6x6 map, 9 tiles, 10.5 ms against im2col's 3.6-4.6 ms). Prepared weights ([`WinogradWeights`]) have
-/// no such cost and always take this path.
+/// a 6x6 map, 9 tiles, 10.5 ms against im2col's 3.6-4.6 ms; measured on 3x3 kernels and kept for 5x5, whose
+/// products save more). Prepared weights ([`WinogradWeights`]) have no such cost.
 const MIN_TILES: usize = 32;
 
 /// Whether Winograd beats im2col for this shape.
@@ -458,8 +458,9 @@ mod tests {
         }
     }
 
-    /// The largest |a - b| over the largest |b|.
+    /// The largest |a - b| over the largest |b| (every value of ours finite: a NaN would not raise a maximum).
     fn relative_error(ours: &[f32], want: &[f32]) -> f64 {
+        assert!(ours.iter().all(|v| v.is_finite()), "non-finite output");
         let err = ours.iter().zip(want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         (err / want.iter().fold(0f32, |m, v| m.max(v.abs()))) as f64
     }
@@ -668,7 +669,7 @@ fn transform_output_grad<const A: usize, const R: usize, T: Tile<A, R>>(grad: &[
 
 /// A 3x3 or 5x5 layer's weight in Winograd's transformed form, made once for weights that no longer change
 /// (inference): at batch 1 the transform costs about as much as the convolution's products. It holds 16/9
-/// (3x3) or 36/25 (5x5) of the weight's values and replaces the weight.
+/// (3x3) or 36/25 (5x5) of the weight's values.
 #[derive(Clone, Debug)]
 pub struct WinogradWeights {
     u: Arc<Vec<f32>>,
@@ -696,9 +697,9 @@ impl WinogradWeights {
 }
 
 /// `F.conv2d(x, w, b, padding=k // 2)` for the w that `u` was made from; x [N, I, H, W], b [O]. Without
-/// gradients (an inference path). At any map size: with the transform made, it is as fast as im2col or
-/// faster even on 2x2 maps at batch 1 (measured, 3x3: 1024 -> 304 on 6x6, 1.7-2.0 ms vs 3.6-4.6 ms;
-/// 256 -> 192 on 2x2, 0.32-0.35 vs 0.32-0.37 ms).
+/// gradients (an inference path). With the transform made it beats im2col from about 8 tiles (measured,
+/// 3x3: 1024 -> 304 on 6x6, 1.7-2.0 ms vs 3.6-4.6 ms); below, inside a whole flow at batch 1, im2col on the
+/// smaller plain weights does better (see `csflow::flow::MIN_WINOGRAD_TILES`).
 /// `act` is applied in the output transform's epilogue.
 pub fn conv_winograd(x: &Tensor, u: &WinogradWeights, b: &Tensor, act: Activation) -> candle_core::Result<Tensor> {
     x.contiguous()?.apply_op2_no_bwd(&b.contiguous()?, &Prepared(u.clone(), act))

@@ -79,7 +79,7 @@ impl CsFlow {
     /// `predict` at the CPU size (maps 8, 4, 2) took 10-15 % less CPU time with plain weights on its two
     /// smaller maps, while batches of 16 ran 10 % slower without the transforms there. Unknown sizes keep
     /// only the transforms.
-    /// Freed memory is returned to the kernel layer by layer, so the process does not hold the plain weights
+    /// Freed memory is returned to the kernel layer by layer, so the process does not hold all plain weights
     /// and their transforms at once (for the paper's flow that is 0.6 GB of peak or more).
     pub fn for_inference(mut self, maps: Option<[[usize; 2]; 3]>) -> Result<Self> {
         let winograd_only =

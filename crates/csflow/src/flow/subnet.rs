@@ -77,8 +77,9 @@ impl Conv2d {
             ConvWeight::Plain(w) => {
                 let y = csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?;
                 match act {
+                    Activation::Identity => y,
                     Activation::LeakyRelu(slope) => leaky_relu(&y, slope)?,
-                    _ => y,
+                    other => unreachable!("the subnet applies only identity and leaky ReLU, not {other:?}"),
                 }
             }
             ConvWeight::Winograd(u) => winograd(u)?,
