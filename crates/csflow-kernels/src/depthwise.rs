@@ -366,15 +366,7 @@ mod tests {
                 let x = Tensor::from_vec(data(n * c * h * w, 1), (n, c, h, w), &dev).unwrap();
                 let wt = Tensor::from_vec(data(c * k * k, 2), (c, 1, k, k), &dev).unwrap();
                 let b = Tensor::from_vec(data(c, 3), c, &dev).unwrap();
-                let xp =
-                    x.pad_with_zeros(2, pad.top, pad.bottom).unwrap().pad_with_zeros(3, pad.left, pad.right).unwrap();
-                let plain =
-                    xp.conv2d(&wt, 0, s, 1, c).unwrap().broadcast_add(&b.reshape((1, c, 1, 1)).unwrap()).unwrap();
-                for (act, theirs) in [
-                    (Activation::Identity, plain.clone()),
-                    (Activation::Swish, plain.silu().unwrap()),
-                    (Activation::Relu6, plain.clamp(0f32, 6f32).unwrap()),
-                ] {
+                for (act, theirs) in crate::candle_reference(&x, &wt, &b, s, pad, c) {
                     let ours = depthwise_conv2d(&x, &wt, &b, s, pad, act).unwrap();
                     assert_eq!(ours.dims(), theirs.dims());
                     let d: f32 = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();

@@ -19,6 +19,7 @@ mod depthwise;
 mod gemm;
 mod leaky_relu;
 mod pointwise;
+mod stem;
 mod winograd;
 
 pub use activation::Activation;
@@ -28,6 +29,7 @@ pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, Padding};
 pub use leaky_relu::leaky_relu;
 pub use pointwise::{pointwise_conv, PointwiseWeights};
+pub use stem::stem_conv;
 pub use winograd::{conv_winograd, WinogradWeights};
 
 use candle_core::{CpuStorage, Layout, Result};
@@ -105,4 +107,25 @@ fn items_per_task(len: usize) -> usize {
 #[cfg(test)]
 pub(crate) fn test_data(n: usize, seed: usize) -> Vec<f32> {
     (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 504.5 - 1.0).collect()
+}
+
+/// The reference for the inference-only convolutions: candle's own convolution of x padded explicitly, plus
+/// the bias, followed by each activation the kernels fuse (candle's silu and clamp).
+#[cfg(test)]
+pub(crate) fn candle_reference(
+    x: &candle_core::Tensor,
+    w: &candle_core::Tensor,
+    b: &candle_core::Tensor,
+    stride: usize,
+    pad: Padding,
+    groups: usize,
+) -> Vec<(Activation, candle_core::Tensor)> {
+    let xp = x.pad_with_zeros(2, pad.top, pad.bottom).unwrap().pad_with_zeros(3, pad.left, pad.right).unwrap();
+    let o = w.dim(0).unwrap();
+    let plain = xp.conv2d(w, 0, stride, 1, groups).unwrap().broadcast_add(&b.reshape((1, o, 1, 1)).unwrap()).unwrap();
+    vec![
+        (Activation::Identity, plain.clone()),
+        (Activation::Swish, plain.silu().unwrap()),
+        (Activation::Relu6, plain.clamp(0f32, 6f32).unwrap()),
+    ]
 }

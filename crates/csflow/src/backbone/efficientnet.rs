@@ -1,7 +1,7 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights};
+use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, stem_conv, Activation, Padding, PointwiseWeights};
 
 use super::config::{same_padding, EfficientNetConfig};
 use crate::{Error, Result};
@@ -52,7 +52,7 @@ impl Weights<'_> {
 }
 
 impl ConvBn {
-    /// Dense convolution (any kernel size), then the activation.
+    /// Dense convolution (any kernel size), then the activation (the classifier head's 1x1).
     fn forward(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         let p = self.pad;
         let x = if p == Padding::symmetric(0) {
@@ -61,6 +61,11 @@ impl ConvBn {
             x.pad_with_zeros(2, p.top, p.bottom)?.pad_with_zeros(3, p.left, p.right)?
         };
         Ok(conv2d_act(&x, &self.weight, &self.bias, self.stride, 0, act)?)
+    }
+
+    /// The stem's dense convolution (3 input channels, padding inside the kernel), then the activation.
+    fn stem(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Ok(stem_conv(x, &self.weight, &self.bias, self.stride, self.pad, act)?)
     }
 
     fn depthwise(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
@@ -172,7 +177,7 @@ impl EfficientNet {
     }
 
     fn run_blocks(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
-        let mut x = self.stem.forward(x, self.act)?;
+        let mut x = self.stem.stem(x, self.act)?;
         for b in self.blocks.iter().take(upto + 1) {
             let input = x.clone();
             if let Some(e) = &b.expand {
