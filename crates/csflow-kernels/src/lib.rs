@@ -8,6 +8,10 @@
 //!   with both gradients;
 //!   [`conv2d_act`] and [`conv_winograd`] (prepared [`WinogradWeights`]) fuse an activation, for inference.
 //! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
+//! - [`pointwise_conv`]: 1x1 convolutions on packed weights ([`PointwiseWeights`]) with fused bias, residual,
+//!   input-channel scale and activation, for inference.
+//! - [`stem_conv`]: dense convolution of few input channels (the backbone's stem), padding, bias and
+//!   activation fused, for inference.
 //!
 //! The ops know nothing of CS-Flow. They take f32 tensors of any layout (made contiguous first).
 
