@@ -388,8 +388,9 @@ mod tests {
 
     /// Against candle's own convolution (an independent implementation), values and all three gradients;
     /// also kernels wider than the map, and rows of 16 or more (im2col's row-copy path with 2x18 maps;
-    /// narrower or strided outputs gather; 8x8 3x3 and 4x18 5x5 at batch 2 have 32 tiles or more: Winograd). (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input
-    /// gradient there comes out [2, 3, 2, 4] for a [2, 3, 2, 3] input.)
+    /// narrower or strided outputs gather; 8x8 3x3 and 4x18 5x5 at batch 2 have 32 tiles or more: Winograd).
+    /// (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input gradient there comes out [2, 3, 2, 4]
+    /// for a [2, 3, 2, 3] input.)
     #[test]
     fn matches_candle_conv_and_its_gradients() {
         for &(stride, k, h, w) in &[

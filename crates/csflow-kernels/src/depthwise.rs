@@ -20,6 +20,26 @@ impl Padding {
     pub fn symmetric(p: usize) -> Self {
         Self { top: p, bottom: p, left: p, right: p }
     }
+
+    /// The output size (ho, wo) of a kh x kw kernel at `stride` on an h x w input with this padding, or an
+    /// error naming `op` where the kernel does not fit or the stride is 0.
+    pub(crate) fn output_size(
+        self,
+        op: &str,
+        h: usize,
+        w: usize,
+        kh: usize,
+        kw: usize,
+        stride: usize,
+    ) -> Result<(usize, usize)> {
+        let (ph, pw) = (h + self.top + self.bottom, w + self.left + self.right);
+        if stride == 0 || kh == 0 || kw == 0 || ph < kh || pw < kw {
+            candle_core::bail!(
+                "{op}: kernel {kh}x{kw} does not fit input {h}x{w} with padding {self:?} and stride {stride}"
+            );
+        }
+        Ok(((ph - kh) / stride + 1, (pw - kw) / stride + 1))
+    }
 }
 
 struct Depthwise {
@@ -61,11 +81,8 @@ impl CustomOp3 for Depthwise {
             candle_core::bail!("depthwise conv: {c} channels but weight {:?} and bias {}", wl.dims(), b.len());
         }
         let (s, p) = (self.stride, self.pad);
+        let (ho, wo) = p.output_size("depthwise conv", h, wd, kh, kw, s)?;
         let (ph, pw) = (h + p.top + p.bottom, wd + p.left + p.right);
-        if s == 0 || ph < kh || pw < kw {
-            candle_core::bail!("depthwise conv: kernel {kh}x{kw} does not fit input {h}x{wd} with padding {p:?}");
-        }
-        let (ho, wo) = ((ph - kh) / s + 1, (pw - kw) / s + 1);
         // The padded plane is split into `s` column phases (phase q holds padded columns q, q + s, ...), so
         // every tap of every stride reads a contiguous window: tap (ky, kx) of output row oy starts at
         // phase kx % s, row oy * s + ky, column kx / s.

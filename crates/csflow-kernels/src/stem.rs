@@ -64,11 +64,8 @@ impl CustomOp3 for Stem {
             candle_core::bail!("stem conv: input has {cin} channels, weight {:?}, bias {} values", wl.dims(), b.len());
         }
         let (s, p) = (self.stride, self.pad);
-        let (ph, pw) = (h + p.top + p.bottom, wd + p.left + p.right);
-        if s == 0 || kh == 0 || kw == 0 || ph < kh || pw < kw {
-            candle_core::bail!("stem conv: kernel {kh}x{kw} does not fit input {h}x{wd} with padding {p:?}");
-        }
-        let g = Geom { h, w: wd, cout, kh, kw, ho: (ph - kh) / s + 1, wo: (pw - kw) / s + 1 };
+        let (ho, wo) = p.output_size("stem conv", h, wd, kh, kw, s)?;
+        let g = Geom { h, w: wd, cout, kh, kw, ho, wo };
         let mut out = crate::uninit(n * cout * g.ho * g.wo);
         let k = cin * kh * kw;
         let ld = g.wo.div_ceil(BLOCK) * BLOCK;

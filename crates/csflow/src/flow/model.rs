@@ -16,6 +16,11 @@ pub type ParamMap = BTreeMap<String, Tensor>;
 /// maps at batch 1) slower.
 pub const MIN_WINOGRAD_TILES: usize = 8;
 
+/// 2x2 output tiles of n maps h x w: what a Winograd F(2x2, ·) convolution multiplies per position.
+pub(crate) fn winograd_tiles(n: usize, h: usize, w: usize) -> usize {
+    n * h.div_ceil(2) * w.div_ceil(2)
+}
+
 /// What the flow returns for a batch.
 #[derive(Debug)]
 pub struct FlowOutput {
@@ -82,8 +87,7 @@ impl CsFlow {
     /// Freed memory is returned to the kernel layer by layer, so the process does not hold all plain weights
     /// and their transforms at once (for the paper's flow that is 0.6 GB of peak or more).
     pub fn for_inference(mut self, maps: Option<[[usize; 2]; 3]>) -> Result<Self> {
-        let winograd_only =
-            maps.map_or([true; 3], |m| m.map(|[h, w]| h.div_ceil(2) * w.div_ceil(2) >= MIN_WINOGRAD_TILES));
+        let winograd_only = maps.map_or([true; 3], |m| m.map(|[h, w]| winograd_tiles(1, h, w) >= MIN_WINOGRAD_TILES));
         crate::memory::release_freed_memory();
         for b in &mut self.blocks {
             b.s1.prepare_for_inference(winograd_only)?;

@@ -1,7 +1,7 @@
 use candle_core::Tensor;
 use csflow_kernels::{bilinear_up2, leaky_relu, Activation, WinogradWeights};
 
-use super::model::{ParamMap, MIN_WINOGRAD_TILES};
+use super::model::{winograd_tiles, ParamMap, MIN_WINOGRAD_TILES};
 use crate::{Error, Result};
 
 /// The ten convolutions of one subnet, by their names in the authors' state_dict.
@@ -85,7 +85,7 @@ impl Conv2d {
             ConvWeight::Winograd(u) => winograd(u)?,
             ConvWeight::Both(w, u) => {
                 let (n, _, h, wd) = x.dims4()?;
-                if n * h.div_ceil(2) * wd.div_ceil(2) >= MIN_WINOGRAD_TILES {
+                if winograd_tiles(n, h, wd) >= MIN_WINOGRAD_TILES {
                     winograd(u)?
                 } else {
                     csflow_kernels::conv2d_act(x, w, &self.bias, 1, w.dim(2)? / 2, act)?
