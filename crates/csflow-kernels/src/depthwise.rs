@@ -82,22 +82,19 @@ impl CustomOp3 for Depthwise {
         }
         let (s, p) = (self.stride, self.pad);
         let (ho, wo) = p.output_size("depthwise conv", h, wd, kh, kw, s)?;
-        let (ph, pw) = (h + p.top + p.bottom, wd + p.left + p.right);
-        // The padded plane is split into `s` column phases (phase q holds padded columns q, q + s, ...), so
-        // every tap of every stride reads a contiguous window: tap (ky, kx) of output row oy starts at
-        // phase kx % s, row oy * s + ky, column kx / s.
-        let pws = pw.div_ceil(s);
-        let taps: Vec<usize> = (0..kh * kw).map(|t| (t % kw % s) * ph * pws + (t / kw) * pws + t % kw / s).collect();
+        let phased = Phased::new(s, p, wd, h + p.top + p.bottom);
+        let taps = phased.taps(kh, kw);
         let act = self.act;
         let mut out = crate::uninit(n * c * ho * wo);
         out.par_chunks_mut(ho * wo).enumerate().for_each_init(
             // Zeroed once: the interior is overwritten for every plane, the border and the slack stay zero.
-            || vec![0f32; s * ph * pws + LANES],
+            || vec![0f32; phased.len() + LANES],
             |buf, (plane_idx, o)| {
                 let ch = plane_idx % c;
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
-                fill_phases(buf, src, wd, s, p, ph, pws);
-                let plane = Plane { buf, taps: &taps, filt: &w[ch * kh * kw..(ch + 1) * kh * kw], row_step: s * pws };
+                phased.fill(buf, src, wd, p.top);
+                let filt = &w[ch * kh * kw..(ch + 1) * kh * kw];
+                let plane = Plane { buf, taps: &taps, filt, row_step: phased.row_step() };
                 plane.convolve(b[ch], act, wo, o);
             },
         );
@@ -105,30 +102,66 @@ impl CustomOp3 for Depthwise {
     }
 }
 
-/// Copies one channel's rows into the interior of its zero-bordered, column-phased plane (`s` phases of
-/// `ph` rows by `pws` columns).
-fn fill_phases(buf: &mut [f32], src: &[f32], wd: usize, s: usize, p: Padding, ph: usize, pws: usize) {
-    for (y, row) in src.chunks_exact(wd).enumerate() {
-        let y = (y + p.top) * pws;
-        if s == 1 {
-            copy_row(&mut buf[y + p.left..y + p.left + wd], row);
-        } else if s == 2 {
-            let (phase0, phase1) = buf.split_at_mut(ph * pws);
-            let (first, second) = (y + p.left / 2, y + p.left.div_ceil(2));
-            let (evens, odds) = if p.left.is_multiple_of(2) {
-                (&mut phase0[first..], &mut phase1[second..])
+/// A channel's zero-bordered input split into `s` column phases (phase q holds padded columns q, q + s, ...)
+/// of `ph` rows by `pws` columns, `left` zero columns before the input's first: every tap of every stride
+/// then reads a contiguous window.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Phased {
+    pub(crate) s: usize,
+    pub(crate) left: usize,
+    pub(crate) ph: usize,
+    pub(crate) pws: usize,
+}
+
+impl Phased {
+    /// For rows of `wd` values with `pad`'s columns, `ph` rows (padding ones included) per phase.
+    pub(crate) fn new(s: usize, pad: Padding, wd: usize, ph: usize) -> Self {
+        Self { s, left: pad.left, ph, pws: (wd + pad.left + pad.right).div_ceil(s) }
+    }
+
+    /// Values in the plane (all phases).
+    pub(crate) fn len(&self) -> usize {
+        self.s * self.ph * self.pws
+    }
+
+    /// Offset between consecutive output rows' windows.
+    pub(crate) fn row_step(&self) -> usize {
+        self.s * self.pws
+    }
+
+    /// The offset of each tap's window from the start of output row 0's: tap (ky, kx) of output row oy
+    /// starts at phase kx % s, row oy * s + ky, column kx / s.
+    pub(crate) fn taps(&self, kh: usize, kw: usize) -> Vec<usize> {
+        let (s, ph, pws) = (self.s, self.ph, self.pws);
+        (0..kh * kw).map(|t| (t % kw % s) * ph * pws + (t / kw) * pws + t % kw / s).collect()
+    }
+
+    /// Copies rows of `wd` values into the plane's interior from plane row `row0` on (the border is left as
+    /// it is).
+    pub(crate) fn fill(&self, buf: &mut [f32], src: &[f32], wd: usize, row0: usize) {
+        let Self { s, left, ph, pws } = *self;
+        for (y, row) in src.chunks_exact(wd).enumerate() {
+            let y = (y + row0) * pws;
+            if s == 1 {
+                copy_row(&mut buf[y + left..y + left + wd], row);
+            } else if s == 2 {
+                let (phase0, phase1) = buf.split_at_mut(ph * pws);
+                let (first, second) = (y + left / 2, y + left.div_ceil(2));
+                let (evens, odds) = if left.is_multiple_of(2) {
+                    (&mut phase0[first..], &mut phase1[second..])
+                } else {
+                    (&mut phase1[first..], &mut phase0[second..])
+                };
+                deinterleave(row, evens, odds);
             } else {
-                (&mut phase1[first..], &mut phase0[second..])
-            };
-            deinterleave(row, evens, odds);
-        } else {
-            for q in 0..s {
-                // The first input column that lands in phase q, and its place there.
-                let first = (q + s - p.left % s) % s;
-                let count = wd.saturating_sub(first).div_ceil(s);
-                let dst = &mut buf[q * ph * pws + y + (first + p.left) / s..][..count];
-                for (i, d) in dst.iter_mut().enumerate() {
-                    *d = row[first + i * s];
+                for q in 0..s {
+                    // The first input column that lands in phase q, and its place there.
+                    let first = (q + s - left % s) % s;
+                    let count = wd.saturating_sub(first).div_ceil(s);
+                    let dst = &mut buf[q * ph * pws + y + (first + left) / s..][..count];
+                    for (i, d) in dst.iter_mut().enumerate() {
+                        *d = row[first + i * s];
+                    }
                 }
             }
         }
@@ -168,20 +201,21 @@ fn deinterleave(row: &[f32], evens: &mut [f32], odds: &mut [f32]) {
 }
 
 /// Outputs kept in registers while all kernel taps accumulate.
-const LANES: usize = 16;
+pub(crate) const LANES: usize = 16;
 
 /// One channel's padded input (in column phases) and what each output row reads of it.
-struct Plane<'a> {
-    buf: &'a [f32],
+pub(crate) struct Plane<'a> {
+    pub(crate) buf: &'a [f32],
     /// Offset of each tap's window from the start of output row 0.
-    taps: &'a [usize],
-    filt: &'a [f32],
+    pub(crate) taps: &'a [usize],
+    pub(crate) filt: &'a [f32],
     /// Offset between consecutive output rows' windows.
-    row_step: usize,
+    pub(crate) row_step: usize,
 }
 
 impl Plane<'_> {
-    fn convolve(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+    /// The outputs' rows (`wo` each, as many as `out` holds), biased and activated.
+    pub(crate) fn convolve(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx2_fma() {
             // SAFETY: the CPU supports AVX2 and FMA (checked at run time).

@@ -10,6 +10,8 @@
 //! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
 //! - [`pointwise_conv`]: 1x1 convolutions on packed weights ([`PointwiseWeights`]) with fused bias, residual,
 //!   input-channel scale and activation, for inference.
+//! - [`InvertedResidual`]: expand, depthwise, project and skip in bands of rows that stay in L2, for
+//!   inference.
 //! - [`stem_conv`]: dense convolution of few input channels (the backbone's stem), padding, bias and
 //!   activation fused, for inference.
 //!
@@ -22,6 +24,7 @@ mod conv;
 mod depthwise;
 mod gemm;
 mod leaky_relu;
+mod mbconv;
 mod pointwise;
 mod stem;
 mod winograd;
@@ -32,6 +35,7 @@ pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, Padding};
 pub use leaky_relu::leaky_relu;
+pub use mbconv::InvertedResidual;
 pub use pointwise::{pointwise_conv, PointwiseWeights};
 pub use stem::stem_conv;
 pub use winograd::{conv_winograd, WinogradWeights};

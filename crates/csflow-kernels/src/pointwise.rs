@@ -23,8 +23,8 @@ const NR: usize = 16;
 pub struct PointwiseWeights {
     packed: Vec<f32>,
     bias: Vec<f32>,
-    cout: usize,
-    cin: usize,
+    pub(crate) cout: usize,
+    pub(crate) cin: usize,
 }
 
 impl PointwiseWeights {
@@ -51,6 +51,11 @@ impl PointwiseWeights {
             }
         }
         Ok(Self { packed, bias, cout, cin })
+    }
+
+    /// Packed panels of output channels.
+    pub(crate) fn panels(&self) -> usize {
+        self.cout.div_ceil(MR)
     }
 
     /// The weight [cout, cin], unpacked (for the portable path, so that only the packed copy is kept).
@@ -180,7 +185,7 @@ impl CustomOp2 for Pointwise<'_> {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     use super::*;
@@ -188,11 +193,11 @@ mod x86 {
 
     /// A task: one sample's columns `col..col + width` (whole strips but maybe the last) for panels
     /// `panels`.
-    struct Task {
-        sample: usize,
-        col: usize,
-        width: usize,
-        panels: std::ops::Range<usize>,
+    pub(crate) struct Task {
+        pub(crate) sample: usize,
+        pub(crate) col: usize,
+        pub(crate) width: usize,
+        pub(crate) panels: std::ops::Range<usize>,
     }
 
     /// Splits the work into about four tasks per thread: column ranges of whole strips first, then panel
@@ -242,7 +247,7 @@ mod x86 {
             // SAFETY: the CPU supports AVX2 and FMA; this task alone writes rows of its panels in columns
             // t.col..t.col + t.width of its sample's [cout, hw] output (tasks split samples, columns and
             // panels disjointly).
-            unsafe { task(w, act, &t, xs, scale, res, dst.0.add(t.sample * o * hw), hw) }
+            unsafe { task(w, act, &t, (xs, hw), scale, res, (dst.0.add(t.sample * o * hw), hw)) }
         });
     }
 
@@ -266,17 +271,22 @@ mod x86 {
     /// (a strip stays in L1 or L2 while the group's panels use it). Read in place, a strip's rows were
     /// 64-byte pieces a map's width apart (pages apart at 64x64 and larger) and the first panel waited on
     /// each of them.
+    ///
+    /// `x` is the input with the distance between its channel rows, `dst` the output with its own (shared
+    /// by the residual): a block can read a band of a map's rows and write into another map's rows.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `x` holds `cin` rows of at least `t.col + t.width` values, `dst` (and
+    /// the residual) `cout` rows the same, and no other thread writes the rows of `t.panels` there.
     #[target_feature(enable = "avx2,fma")]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn task(
+    pub(crate) unsafe fn task(
         w: &PointwiseWeights,
         act: Activation,
         t: &Task,
-        xs: &[f32],
+        (xs, ldx): (&[f32], usize),
         scale: Option<&[f32]>,
         res: Option<&[f32]>,
-        dst: *mut f32,
-        hw: usize,
+        (dst, hw): (*mut f32, usize),
     ) {
         let c = w.cin;
         let strips = t.width.div_ceil(NR);
@@ -290,7 +300,7 @@ mod x86 {
                 let nb = per_block.min(strips - b0);
                 let (col0, bw) = (t.col + b0 * NR, (nb * NR).min(t.width - b0 * NR));
                 for k in 0..kc {
-                    let row = &xs[(k0 + k) * hw + col0..(k0 + k) * hw + col0 + bw];
+                    let row = &xs[(k0 + k) * ldx + col0..(k0 + k) * ldx + col0 + bw];
                     let g = _mm256_set1_ps(scale.map_or(1.0, |g| g[k0 + k]));
                     for (j, piece) in row.chunks(NR).enumerate() {
                         let to = packed[(j * kc + k) * NR..(j * kc + k + 1) * NR].as_mut_ptr();

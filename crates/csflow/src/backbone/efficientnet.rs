@@ -1,7 +1,9 @@
 use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
-use csflow_kernels::{conv2d_act, depthwise_conv2d, pointwise_conv, stem_conv, Activation, Padding, PointwiseWeights};
+use csflow_kernels::{
+    conv2d_act, depthwise_conv2d, pointwise_conv, stem_conv, Activation, InvertedResidual, Padding, PointwiseWeights,
+};
 
 use super::config::{same_padding, EfficientNetConfig};
 use crate::{Error, Result};
@@ -179,6 +181,20 @@ impl EfficientNet {
     fn run_blocks(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
         let mut x = self.stem.stem(x, self.act)?;
         for b in self.blocks.iter().take(upto + 1) {
+            if b.se.is_none() {
+                let d = &b.depthwise;
+                x = InvertedResidual {
+                    expand: b.expand.as_ref(),
+                    depthwise: (&d.weight, &d.bias),
+                    stride: d.stride,
+                    pad: d.pad,
+                    project: &b.project,
+                    act: self.act,
+                    skip: b.skip,
+                }
+                .forward(&x)?;
+                continue;
+            }
             let input = x.clone();
             if let Some(e) = &b.expand {
                 x = pointwise_conv(&x, e, self.act, None, None)?;

@@ -1,0 +1,399 @@
+//! The inverted-residual block of MobileNetV2 and EfficientNet without squeeze-excitation (1x1 expand,
+//! depthwise, 1x1 project, skip) as one op that walks bands of output rows, for inference.
+//!
+//! Layer by layer, a large expanded map (six times the block's channels: 6 MB in Lite0's second block at
+//! 256 px) is written to freshly allocated memory that has long left the caches, read back by the depthwise
+//! convolution, and its output makes the same trip to the projection. Here each thread takes a range of
+//! output rows and walks it in bands: it expands only the input rows a band adds into a ring of rows (rows
+//! the previous band's windows share stay where they are), copies each channel's rows into one padded plane
+//! that stays in L1, convolves it into the band's depthwise output and projects that straight into the
+//! block's output, skip included. The ring and the band's output are rewritten while still in cache.
+//! Squeeze-excitation needs the whole depthwise output before the projection, so blocks with it run layer by
+//! layer; so do small maps, whose layers stay in cache anyway and whose few rows per band would re-read the
+//! (then larger) weights too often.
+
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+
+use crate::{depthwise_conv2d, f32_slice, pointwise_conv, Activation, Padding, PointwiseWeights};
+
+/// One inverted-residual block's layers, for [`InvertedResidual::forward`].
+#[derive(Clone, Copy, Debug)]
+pub struct InvertedResidual<'a> {
+    /// The 1x1 expansion; absent where the expand ratio is 1.
+    pub expand: Option<&'a PointwiseWeights>,
+    /// The depthwise weight [C, 1, k, k] and bias [C], C the expanded channels.
+    pub depthwise: (&'a Tensor, &'a Tensor),
+    pub stride: usize,
+    pub pad: Padding,
+    pub project: &'a PointwiseWeights,
+    /// After the expansion and after the depthwise convolution (the projection is linear).
+    pub act: Activation,
+    /// Adds the block's input to the projection (same shape).
+    pub skip: bool,
+}
+
+/// Expanded bytes per sample from which the block runs in bands. Below, the layers' outputs are few enough to
+/// stay in cache from one layer to the next (measured in the network: Lite0's blocks on 1-2 MB maps gain,
+/// the 0.5-1 MB ones do not).
+#[cfg(target_arch = "x86_64")]
+const FUSE_BYTES: usize = 1 << 20;
+
+/// Bytes of one thread's band buffers (the ring of expanded rows and the band's depthwise output). Larger
+/// than L2: what matters is that they are rewritten while still in cache, where the layer-by-layer outputs
+/// are written to memory and read back; larger bands repeat fewer halo rows. 256 KB and 1 MB measured
+/// within the noise of each other, 2 MB slower.
+#[cfg(target_arch = "x86_64")]
+const BAND_BYTES: usize = 1 << 20;
+
+impl InvertedResidual<'_> {
+    /// The block's output for x [N, C, H, W].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (_, c, h, w) = x.dims4()?;
+            if self.expand.map_or(c, |e| e.cout) * h * w * 4 >= FUSE_BYTES && crate::has_avx2_fma() {
+                return self.banded(x, BAND_BYTES);
+            }
+        }
+        self.layered(x)
+    }
+
+    /// One op after the other (small maps; CPUs without AVX2).
+    fn layered(&self, x: &Tensor) -> Result<Tensor> {
+        let expanded = match self.expand {
+            Some(e) => pointwise_conv(x, e, self.act, None, None)?,
+            None => x.clone(),
+        };
+        let (w, b) = self.depthwise;
+        let y = depthwise_conv2d(&expanded, w, b, self.stride, self.pad, self.act)?;
+        pointwise_conv(&y, self.project, Activation::Identity, self.skip.then_some(x), None)
+    }
+
+    /// In bands whose buffers take at most `band_bytes` (tests make them as small as allowed).
+    #[cfg(target_arch = "x86_64")]
+    fn banded(&self, x: &Tensor, band_bytes: usize) -> Result<Tensor> {
+        let (w, b) = self.depthwise;
+        x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Banded { block: *self, band_bytes })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+struct Banded<'a> {
+    block: InvertedResidual<'a>,
+    band_bytes: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+/// A block's sizes: input [n, cin, h, wd], expanded channels c, kernel k, output [n, cout, ho, wo].
+#[derive(Clone, Copy, Debug)]
+struct Dims {
+    n: usize,
+    cin: usize,
+    h: usize,
+    wd: usize,
+    c: usize,
+    k: usize,
+    cout: usize,
+    ho: usize,
+    wo: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp3 for Banded<'_> {
+    fn name(&self) -> &'static str {
+        "csflow-inverted-residual"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (x, w, b) = (f32_slice(xs, xl, name)?, f32_slice(ws, wl, name)?, f32_slice(bs, bl, name)?);
+        let blk = &self.block;
+        let (&[n, cin, h, wd], &[c, one, k, kw]) = (xl.dims(), wl.dims()) else {
+            candle_core::bail!(
+                "{name}: expected x [N, C, H, W] and a depthwise weight [C, 1, k, k], got {:?} and {:?}",
+                xl.dims(),
+                wl.dims()
+            );
+        };
+        let expanded = blk.expand.map_or(cin, |e| e.cout);
+        if blk.expand.is_some_and(|e| e.cin != cin) || c != expanded || blk.project.cin != c {
+            candle_core::bail!(
+                "{name}: input channels {cin}, expansion {:?}, depthwise weight {:?} and projection from {} \
+                 do not chain",
+                blk.expand.map(|e| (e.cin, e.cout)),
+                wl.dims(),
+                blk.project.cin
+            );
+        }
+        if one != 1 || k != kw || k == 0 || b.len() != c {
+            candle_core::bail!("{name}: depthwise weight {:?} and bias {} for {c} channels", wl.dims(), b.len());
+        }
+        if h == 0 || wd == 0 {
+            candle_core::bail!("{name}: empty input {h}x{wd}");
+        }
+        let (ho, wo) = blk.pad.output_size(name, h, wd, k, k, blk.stride)?;
+        let cout = blk.project.cout;
+        if blk.skip && (cout != cin || (ho, wo) != (h, wd)) {
+            candle_core::bail!("{name}: a skip needs the output's shape, {cout}x{ho}x{wo}, to be the input's");
+        }
+        if !crate::has_avx2_fma() {
+            candle_core::bail!("{name}: needs AVX2 and FMA");
+        }
+        let dims = Dims { n, cin, h, wd, c, k, cout, ho, wo };
+        let mut out = crate::uninit(n * cout * ho * wo);
+        // SAFETY: the CPU supports AVX2 and FMA; the sizes are checked above.
+        unsafe { x86::run(blk, self.band_bytes, dims, x, (w, b), &mut out) };
+        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use rayon::prelude::*;
+
+    use super::{Dims, InvertedResidual};
+    use crate::depthwise::{Phased, Plane, LANES};
+    use crate::gemm::SendPtr;
+    use crate::pointwise::x86::{task as pointwise, Task};
+    use crate::Activation;
+
+    thread_local! {
+        /// Each worker's band buffers (one channel's padded band, the ring of expanded rows, the band's depthwise
+        /// output), kept between calls.
+        static BANDS: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+    }
+
+    /// # Safety
+    /// The CPU supports AVX2 and FMA; `dims` are x's, the depthwise weight's and out's sizes, checked.
+    pub(super) unsafe fn run(
+        blk: &InvertedResidual,
+        band_bytes: usize,
+        d: Dims,
+        x: &[f32],
+        dw: (&[f32], &[f32]),
+        out: &mut [f32],
+    ) {
+        // Each sample's rows split into as many ranges as there are threads per sample: every range after
+        // the first recomputes the expansion of k - stride rows its first band shares with the range before.
+        let per_sample = rayon::current_num_threads().div_ceil(d.n).clamp(1, d.ho);
+        let rows = d.ho.div_ceil(per_sample);
+        let ranges: Vec<(usize, usize)> = (0..d.n).flat_map(|s| (0..d.ho).step_by(rows).map(move |y| (s, y))).collect();
+        let dst = SendPtr(out.as_mut_ptr());
+        ranges.into_par_iter().for_each(|(sample, y0)| {
+            let dst = &dst;
+            let xs = &x[sample * d.cin * d.h * d.wd..(sample + 1) * d.cin * d.h * d.wd];
+            // SAFETY: the CPU supports AVX2 and FMA; this range alone writes output rows y0.. of its sample.
+            unsafe {
+                range(blk, band_bytes, d, xs, dw, dst.0.add(sample * d.cout * d.ho * d.wo), y0..(y0 + rows).min(d.ho))
+            }
+        });
+    }
+
+    /// Output rows `ys` of one sample (`xs` its input, `out` its output), band by band: each band expands
+    /// the input rows it adds into a ring of rows (row y in slot y % ring), then per channel copies the rows
+    /// its windows read into one padded plane that stays in L1, convolves it into the band's depthwise
+    /// output, and projects that.
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn range(
+        blk: &InvertedResidual,
+        band_bytes: usize,
+        d: Dims,
+        xs: &[f32],
+        (dw_w, dw_b): (&[f32], &[f32]),
+        out: *mut f32,
+        ys: std::ops::Range<usize>,
+    ) {
+        let (s, k, pad, c, wd) = (blk.stride, d.k, blk.pad, d.c, d.wd);
+        // The most output rows per band whose ring and depthwise output fit, but at least the depthwise
+        // kernel's block of rows (one-row bands left its FMA chains waiting): r rows read (r - 1) s + k rows.
+        let bytes = |r: usize| 4 * c * (((r - 1) * s + k) * wd + r * d.wo);
+        let mut band = MIN_ROWS.min(ys.len());
+        while band < ys.len() && bytes(band + 1) <= band_bytes {
+            band += 1;
+        }
+        let ring = (band - 1) * s + k;
+        let phased = Phased::new(s, pad, wd, ring);
+        let taps = phased.taps(k, k);
+        let [mut plane, mut rows, mut convolved] = BANDS.take();
+        // Zeroed: the border stays zero, the interior is overwritten channel by channel.
+        plane.clear();
+        plane.resize(phased.len() + LANES, 0.0);
+        rows.resize(c * ring * wd, 0.0);
+        convolved.resize(c * band * d.wo, 0.0);
+        // Map rows below `expanded` are (or were) in the ring.
+        let mut expanded = 0;
+        for oy in ys.clone().step_by(band) {
+            let r = band.min(ys.end - oy);
+            let need = oy * s..(oy + r - 1) * s + k;
+            let image =
+                need.start.clamp(pad.top, pad.top + d.h) - pad.top..need.end.clamp(pad.top, pad.top + d.h) - pad.top;
+            if let Some(e) = blk.expand {
+                let mut iy = image.start.max(expanded);
+                while iy < image.end {
+                    // A run of rows up to the ring's end, whose slots the band no longer reads.
+                    let (slot, t) = (iy % ring, (image.end - iy).min(ring - iy % ring));
+                    let task = Task { sample: 0, col: 0, width: t * wd, panels: 0..e.panels() };
+                    let dst = rows.as_mut_ptr().add(slot * wd);
+                    pointwise(e, blk.act, &task, (&xs[iy * wd..], d.h * wd), None, None, (dst, ring * wd));
+                    iy += t;
+                }
+                expanded = expanded.max(image.end);
+            }
+            for ch in 0..c {
+                for py in need.clone() {
+                    let row0 = py - need.start;
+                    if (pad.top..pad.top + d.h).contains(&py) {
+                        let iy = py - pad.top;
+                        let src = match blk.expand {
+                            Some(_) => &rows[(ch * ring + iy % ring) * wd..][..wd],
+                            None => &xs[(ch * d.h + iy) * wd..][..wd],
+                        };
+                        phased.fill(&mut plane, src, wd, row0);
+                    } else {
+                        for q in 0..s {
+                            plane[(q * ring + row0) * phased.pws..][..phased.pws].fill(0.0);
+                        }
+                    }
+                }
+                let p =
+                    Plane { buf: &plane, taps: &taps, filt: &dw_w[ch * k * k..][..k * k], row_step: phased.row_step() };
+                p.convolve(dw_b[ch], blk.act, d.wo, &mut convolved[ch * r * d.wo..][..r * d.wo]);
+            }
+            let width = r * d.wo;
+            let t = Task { sample: 0, col: 0, width, panels: 0..blk.project.panels() };
+            let res = blk.skip.then(|| &xs[oy * d.wo..]);
+            pointwise(
+                blk.project,
+                Activation::Identity,
+                &t,
+                (&convolved, width),
+                None,
+                res,
+                (out.add(oy * d.wo), d.ho * d.wo),
+            );
+        }
+        BANDS.set([plane, rows, convolved]);
+    }
+
+    /// Output rows the depthwise kernel convolves at once.
+    const MIN_ROWS: usize = 4;
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+    use crate::test_data as data;
+    use candle_core::Device;
+
+    /// candle's convolution of x padded explicitly, plus the bias, then `act` (the shared test reference).
+    fn layer(
+        x: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
+        stride: usize,
+        pad: Padding,
+        groups: usize,
+        act: Activation,
+    ) -> Tensor {
+        let mut outs = crate::candle_reference(x, w, b, stride, pad, groups).into_iter();
+        outs.find(|(a, _)| *a == act).expect("every activation").1
+    }
+
+    /// Both paths against the three layers in candle (1x1 convolutions, grouped convolution, the
+    /// activations, the skip): strides 1 and 2, kernels 3 and 5, symmetric and asymmetric padding, with and
+    /// without expansion and skip, odd and even maps wider and narrower than a vector; bands of the fewest
+    /// rows (so that the ring wraps), of a few more and of a whole range; one thread and three (so that
+    /// ranges start mid-map and expand their first rows anew), batch 1 and 2.
+    #[test]
+    fn bands_match_candle_layers() {
+        let dev = Device::Cpu;
+        let cases = [
+            // n, cin, h, w, expanded (None: no expansion), cout, k, stride, pad, skip
+            (2usize, 4usize, 13usize, 11usize, Some(12usize), 4usize, 3usize, 1usize, Padding::symmetric(1), true),
+            (1, 5, 17, 40, Some(10), 7, 3, 2, Padding { top: 0, bottom: 1, left: 0, right: 1 }, false),
+            (1, 6, 20, 19, Some(18), 8, 5, 2, Padding { top: 1, bottom: 2, left: 1, right: 2 }, false),
+            (1, 8, 9, 9, None, 8, 5, 1, Padding::symmetric(2), true),
+            (2, 3, 6, 33, Some(7), 5, 3, 2, Padding { top: 1, bottom: 1, left: 1, right: 1 }, false),
+        ];
+        for (case, &(n, cin, h, w, expanded, cout, k, s, pad, skip)) in cases.iter().enumerate() {
+            let c = expanded.unwrap_or(cin);
+            let x = Tensor::from_vec(data(n * cin * h * w, 1), (n, cin, h, w), &dev).unwrap();
+            let ew = Tensor::from_vec(data(c * cin, 2), (c, cin, 1, 1), &dev).unwrap();
+            let eb = Tensor::from_vec(data(c, 3), c, &dev).unwrap();
+            let dw = Tensor::from_vec(data(c * k * k, 4), (c, 1, k, k), &dev).unwrap();
+            let db = Tensor::from_vec(data(c, 5), c, &dev).unwrap();
+            let pw = Tensor::from_vec(data(cout * c, 6), (cout, c, 1, 1), &dev).unwrap();
+            let pb = Tensor::from_vec(data(cout, 7), cout, &dev).unwrap();
+            let (expand, project) =
+                (PointwiseWeights::new(&ew, &eb).unwrap(), PointwiseWeights::new(&pw, &pb).unwrap());
+            for act in [Activation::Relu6, Activation::Swish] {
+                let zero = Padding::symmetric(0);
+                let mut want = x.clone();
+                if expanded.is_some() {
+                    want = layer(&want, &ew, &eb, 1, zero, 1, act);
+                }
+                want = layer(&want, &dw, &db, s, pad, c, act);
+                want = layer(&want, &pw, &pb, 1, zero, 1, Activation::Identity);
+                if skip {
+                    want = (want + &x).unwrap();
+                }
+                let block = InvertedResidual {
+                    expand: expanded.map(|_| &expand),
+                    depthwise: (&dw, &db),
+                    stride: s,
+                    pad,
+                    project: &project,
+                    act,
+                    skip,
+                };
+                // Layer by layer at these sizes.
+                let layered = block.forward(&x).unwrap();
+                let diff: f32 = (&layered - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(diff < 1e-5, "case {case} {act:?} layered: {diff}");
+                for threads in [1, 3] {
+                    let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                    for band_bytes in [1, 40 * 1024, usize::MAX] {
+                        let got = pool.install(|| block.banded(&x, band_bytes)).unwrap();
+                        assert_eq!(got.dims(), want.dims());
+                        let diff: f32 = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                        assert!(diff < 1e-5, "case {case} {act:?} {threads} threads, bands {band_bytes} B: {diff}");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Layers that do not chain, or a skip across a change of shape, are errors that say so.
+    #[test]
+    fn mismatched_layers_are_errors() {
+        let dev = Device::Cpu;
+        let z = |shape: &[usize]| Tensor::zeros(shape, candle_core::DType::F32, &dev).unwrap();
+        let expand = PointwiseWeights::new(&z(&[12, 4]), &z(&[12])).unwrap();
+        let project = PointwiseWeights::new(&z(&[4, 12]), &z(&[4])).unwrap();
+        let (dw, db) = (z(&[12, 1, 3, 3]), z(&[12]));
+        let block = InvertedResidual {
+            expand: Some(&expand),
+            depthwise: (&dw, &db),
+            stride: 2,
+            pad: Padding::symmetric(1),
+            project: &project,
+            act: Activation::Relu6,
+            skip: true,
+        };
+        let err = block.banded(&z(&[1, 4, 8, 8]), BAND_BYTES).unwrap_err().to_string();
+        assert!(err.contains("skip"), "{err}");
+        let err = block.banded(&z(&[1, 5, 8, 8]), BAND_BYTES).unwrap_err().to_string();
+        assert!(err.contains("do not chain"), "{err}");
+        let (dw, db) = (z(&[12, 1, 3, 2]), z(&[12]));
+        let err = InvertedResidual { depthwise: (&dw, &db), ..block }.banded(&z(&[1, 4, 8, 8]), 1).unwrap_err();
+        assert!(err.to_string().contains("depthwise weight"), "{err}");
+    }
+}
