@@ -10,7 +10,7 @@
 //! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
 //! - [`pointwise_conv`]: 1x1 convolutions on packed weights ([`PointwiseWeights`]) with fused bias, residual,
 //!   input-channel scale and activation, for inference.
-//! - [`InvertedResidual`]: expand, depthwise, project and skip in bands of rows that stay in L2, for
+//! - [`InvertedResidual`]: an MBConv block without squeeze-excitation, on large maps in bands of output rows, for
 //!   inference.
 //! - [`stem_conv`]: dense convolution of few input channels (the backbone's stem), padding, bias and
 //!   activation fused, for inference.
