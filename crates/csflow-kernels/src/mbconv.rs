@@ -149,8 +149,10 @@ impl CustomOp3 for Banded<'_> {
         }
         let dims = Dims { n, cin, h, wd, c, k, cout, ho, wo };
         let mut out = crate::uninit(n * cout * ho * wo);
-        // SAFETY: the CPU supports AVX2 and FMA; the sizes are checked above.
-        unsafe { x86::run(blk, self.band_bytes, dims, x, (w, b), &mut out) };
+        if n > 0 {
+            // SAFETY: the CPU supports AVX2 and FMA; the sizes are checked above.
+            unsafe { x86::run(blk, self.band_bytes, dims, x, (w, b), &mut out) };
+        }
         Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
     }
 }
@@ -371,7 +373,8 @@ mod tests {
         }
     }
 
-    /// Layers that do not chain, or a skip across a change of shape, are errors that say so.
+    /// Layers that do not chain, or a skip across a change of shape, are errors that say so; an empty batch
+    /// gives an empty output.
     #[test]
     fn mismatched_layers_are_errors() {
         let dev = Device::Cpu;
@@ -392,6 +395,8 @@ mod tests {
         assert!(err.contains("skip"), "{err}");
         let err = block.banded(&z(&[1, 5, 8, 8]), BAND_BYTES).unwrap_err().to_string();
         assert!(err.contains("do not chain"), "{err}");
+        let empty = InvertedResidual { skip: false, ..block }.banded(&z(&[0, 4, 8, 8]), BAND_BYTES).unwrap();
+        assert_eq!(empty.dims(), [0, 4, 4, 4]);
         let (dw, db) = (z(&[12, 1, 3, 2]), z(&[12]));
         let err = InvertedResidual { depthwise: (&dw, &db), ..block }.banded(&z(&[1, 4, 8, 8]), 1).unwrap_err();
         assert!(err.to_string().contains("depthwise weight"), "{err}");
