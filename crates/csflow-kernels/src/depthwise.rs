@@ -2,9 +2,10 @@
 //! bias + activation epilogue, for inference. candle runs depthwise convolutions as grouped
 //! convolutions, about 78x slower than PyTorch on CPU (SPEC section 5).
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::mbconv::small::ChannelPanels;
 use crate::{f32_slice, Activation};
 
 /// Zero padding on each side: EfficientNet's "static same" padding is asymmetric for stride 2.
@@ -39,6 +40,46 @@ impl Padding {
             );
         }
         Ok(((ph - kh) / stride + 1, (pw - kw) / stride + 1))
+    }
+}
+
+/// A depthwise convolution's weight [C, 1, k, k] and bias [C], for [`InvertedResidual`](crate::InvertedResidual),
+/// with a copy that has vectors over channels (for small maps).
+#[derive(Clone, Debug)]
+pub struct DepthwiseWeights {
+    weight: Tensor,
+    bias: Tensor,
+    by_channel: ChannelPanels,
+}
+
+impl DepthwiseWeights {
+    /// From a square kernel's weight [C, 1, k, k] and a bias [C].
+    pub fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
+        let &[c, 1, k, kw] = weight.dims() else {
+            candle_core::bail!("depthwise conv: weight must be [C, 1, k, k], got {:?}", weight.dims());
+        };
+        if k != kw || k == 0 || bias.dims() != [c] {
+            candle_core::bail!(
+                "depthwise conv: weight {:?} and bias {:?}: need a square kernel and C biases",
+                weight.dims(),
+                bias.dims()
+            );
+        }
+        let (weight, bias) = (weight.to_dtype(DType::F32)?.contiguous()?, bias.to_dtype(DType::F32)?.contiguous()?);
+        let by_channel = ChannelPanels::new(&weight.flatten_all()?.to_vec1()?, k * k, &bias.to_vec1()?);
+        Ok(Self { weight, bias, by_channel })
+    }
+
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub(crate) fn channel_panels(&self) -> &ChannelPanels {
+        &self.by_channel
     }
 }
 

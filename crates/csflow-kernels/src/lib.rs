@@ -10,8 +10,8 @@
 //! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
 //! - [`pointwise_conv`]: 1x1 convolutions on packed weights ([`PointwiseWeights`]) with fused bias, residual,
 //!   input-channel scale and activation, for inference.
-//! - [`InvertedResidual`]: an MBConv block without squeeze-excitation, on large maps in bands of output rows, for
-//!   inference.
+//! - [`InvertedResidual`]: an MBConv block without squeeze-excitation as one op (large maps in bands of output
+//!   rows, small ones with vectors over channels; [`DepthwiseWeights`]), for inference.
 //! - [`stem_conv`]: dense convolution of few input channels (the backbone's stem), padding, bias and
 //!   activation fused, for inference.
 //!
@@ -33,7 +33,7 @@ pub use activation::Activation;
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};
-pub use depthwise::{depthwise_conv2d, Padding};
+pub use depthwise::{depthwise_conv2d, DepthwiseWeights, Padding};
 pub use leaky_relu::leaky_relu;
 pub use mbconv::InvertedResidual;
 pub use pointwise::{pointwise_conv, PointwiseWeights};

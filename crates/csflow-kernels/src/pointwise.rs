@@ -7,9 +7,12 @@
 //! rows, X is packed in L2-sized blocks of 16-column strips (long contiguous reads of each row) that every
 //! panel then passes over, and the epilogue needs no second pass over the output.
 
+use std::sync::OnceLock;
+
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::mbconv::small::ChannelPanels;
 use crate::{f32_slice, Activation};
 
 /// Output channels per packed panel (rows of the micro-kernel).
@@ -25,6 +28,9 @@ pub struct PointwiseWeights {
     bias: Vec<f32>,
     pub(crate) cout: usize,
     pub(crate) cin: usize,
+    /// Packed with vectors over output channels, on the first small map (blocks with squeeze-excitation and
+    /// large maps never need it).
+    by_channel: OnceLock<ChannelPanels>,
 }
 
 impl PointwiseWeights {
@@ -50,7 +56,11 @@ impl PointwiseWeights {
                 packed[(p * cin + k) * MR + i] = v;
             }
         }
-        Ok(Self { packed, bias, cout, cin })
+        Ok(Self { packed, bias, cout, cin, by_channel: OnceLock::new() })
+    }
+
+    pub(crate) fn channel_panels(&self) -> &ChannelPanels {
+        self.by_channel.get_or_init(|| ChannelPanels::new(&self.unpacked(), self.cin, &self.bias))
     }
 
     /// Packed panels of output channels.

@@ -2,7 +2,8 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 use csflow_kernels::{
-    conv2d_act, depthwise_conv2d, pointwise_conv, stem_conv, Activation, InvertedResidual, Padding, PointwiseWeights,
+    conv2d_act, depthwise_conv2d, pointwise_conv, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding,
+    PointwiseWeights,
 };
 
 use super::config::{same_padding, EfficientNetConfig};
@@ -69,10 +70,6 @@ impl ConvBn {
     fn stem(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
         Ok(stem_conv(x, &self.weight, &self.bias, self.stride, self.pad, act)?)
     }
-
-    fn depthwise(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        Ok(depthwise_conv2d(x, &self.weight, &self.bias, self.stride, self.pad, act)?)
-    }
 }
 
 /// Squeeze-excitation: channel gates from the spatial mean, through a swish bottleneck and a sigmoid. The
@@ -98,7 +95,9 @@ impl SqueezeExcite {
 #[derive(Clone, Debug)]
 struct MbConv {
     expand: Option<PointwiseWeights>,
-    depthwise: ConvBn,
+    depthwise: DepthwiseWeights,
+    stride: usize,
+    pad: Padding,
     se: Option<SqueezeExcite>,
     project: PointwiseWeights,
     skip: bool,
@@ -147,13 +146,15 @@ impl EfficientNet {
             let expand = (b.expand_ratio != 1)
                 .then(|| w.pointwise(&format!("{p}._expand_conv"), &format!("{p}._bn0"), mid, b.input_filters))
                 .transpose()?;
-            let depthwise = w.conv_bn(
+            let pad = pad2(b.native_in, b.kernel, b.stride);
+            let dw = w.conv_bn(
                 &format!("{p}._depthwise_conv"),
                 &format!("{p}._bn1"),
                 [mid, 1, b.kernel, b.kernel],
                 b.stride,
-                pad2(b.native_in, b.kernel, b.stride),
+                pad,
             )?;
+            let depthwise = DepthwiseWeights::new(&dw.weight, &dw.bias)?;
             let se = match b.se_channels {
                 Some(sq) => Some(SqueezeExcite {
                     reduce_w: w.get(&format!("{p}._se_reduce.weight"), &[sq, mid, 1, 1])?.reshape((sq, mid))?,
@@ -164,7 +165,7 @@ impl EfficientNet {
                 None => None,
             };
             let project = w.pointwise(&format!("{p}._project_conv"), &format!("{p}._bn2"), b.output_filters, mid)?;
-            blocks.push(MbConv { expand, depthwise, se, project, skip: b.skip });
+            blocks.push(MbConv { expand, depthwise, stride: b.stride, pad, se, project, skip: b.skip });
         }
         let head = if last_block.is_none() {
             let last = config.blocks.last().expect("blocks").output_filters;
@@ -181,30 +182,33 @@ impl EfficientNet {
     fn run_blocks(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
         let mut x = self.stem.stem(x, self.act)?;
         for b in self.blocks.iter().take(upto + 1) {
-            if b.se.is_none() {
-                let d = &b.depthwise;
-                x = InvertedResidual {
-                    expand: b.expand.as_ref(),
-                    depthwise: (&d.weight, &d.bias),
-                    stride: d.stride,
-                    pad: d.pad,
-                    project: &b.project,
-                    act: self.act,
-                    skip: b.skip,
-                }
-                .forward(&x)?;
-                continue;
-            }
-            let input = x.clone();
-            if let Some(e) = &b.expand {
-                x = pointwise_conv(&x, e, self.act, None, None)?;
-            }
-            x = b.depthwise.depthwise(&x, self.act)?;
-            let gates = b.se.as_ref().map(|se| se.gates(&x)).transpose()?;
-            // The gates scale the projection's input and the skip connection is added in its epilogue.
-            x = pointwise_conv(&x, &b.project, Activation::Identity, b.skip.then_some(&input), gates.as_ref())?;
+            x = self.block(b, x)?;
         }
         Ok(x)
+    }
+
+    fn block(&self, b: &MbConv, x: Tensor) -> Result<Tensor> {
+        if b.se.is_none() {
+            return Ok(InvertedResidual {
+                expand: b.expand.as_ref(),
+                depthwise: &b.depthwise,
+                stride: b.stride,
+                pad: b.pad,
+                project: &b.project,
+                act: self.act,
+                skip: b.skip,
+            }
+            .forward(&x)?);
+        }
+        let mut y = x.clone();
+        if let Some(e) = &b.expand {
+            y = pointwise_conv(&y, e, self.act, None, None)?;
+        }
+        let d = &b.depthwise;
+        y = depthwise_conv2d(&y, d.weight(), d.bias(), b.stride, b.pad, self.act)?;
+        let gates = b.se.as_ref().map(|se| se.gates(&y)).transpose()?;
+        // The gates scale the projection's input and the skip connection is added in its epilogue.
+        Ok(pointwise_conv(&y, &b.project, Activation::Identity, b.skip.then_some(&x), gates.as_ref())?)
     }
 
     /// The output of block `idx` for a normalized image batch [N, 3, H, W].
