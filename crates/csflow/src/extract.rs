@@ -81,11 +81,12 @@ impl FeatureExtractor {
         if pyramid.len() != 3 {
             return Err(Error::Invalid(format!("expected 3 pyramid levels, got {}", pyramid.len())));
         }
-        let f = |i: usize| self.net.features(&pyramid[i], self.block);
+        let f = |levels: &[Tensor]| self.net.features_of(levels, self.block);
         // The two smaller levels run beside the largest: each thread then runs its own sequence of kernels and
         // steals from the other's when done, instead of both meeting at every small kernel's end.
-        let (a, (b, c)) = csflow_kernels::on_worker(|| rayon::join(|| f(0), || (f(1), f(2))));
-        Ok([a?, b?, c?])
+        let (a, bc) = csflow_kernels::on_worker(|| rayon::join(|| f(&pyramid[..1]), || f(&pyramid[1..])));
+        let (mut a, mut bc) = (a?, bc?);
+        Ok([a.remove(0), bc.remove(0), bc.remove(0)])
     }
 }
 

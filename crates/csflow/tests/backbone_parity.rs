@@ -64,11 +64,17 @@ fn check(tag: &str, config: EfficientNetConfig, with_logits: bool) {
             .map(|u| 2.0 * u)
             .collect();
         let x = Tensor::from_vec(v, (1, 3, h, wd), &Device::Cpu).unwrap();
-        for s in 0..3 {
-            let got = net.features(&nearest_down(&x, s), block).unwrap();
-            let err = norm_err(&got, fx.t(&format!("feat_{h}x{wd}_scale{s}")));
+        let levels: Vec<Tensor> = (0..3).map(|s| nearest_down(&x, s)).collect();
+        // One level at a time, and the three block by block.
+        let together = net.features_of(&levels, block).unwrap();
+        for (s, level) in levels.iter().enumerate() {
+            let want = fx.t(&format!("feat_{h}x{wd}_scale{s}"));
+            let got = net.features(level, block).unwrap();
+            let err = norm_err(&got, want);
             println!("{tag} {h}x{wd} scale {s}: {:?} rel err {err:.2e}", got.dims());
             assert!(err <= 1e-4, "{tag} {h}x{wd} scale {s}: relative error {err:.2e}");
+            let err = norm_err(&together[s], want);
+            assert!(err <= 1e-4, "{tag} {h}x{wd} scale {s} with the other levels: relative error {err:.2e}");
         }
         if with_logits {
             let err = norm_err(&net.logits(&x).unwrap(), fx.t(&format!("logits_{h}x{wd}")));

@@ -179,14 +179,6 @@ impl EfficientNet {
         Ok(Self { config, stem, blocks, head, act })
     }
 
-    fn run_blocks(&self, x: &Tensor, upto: usize) -> Result<Tensor> {
-        let mut x = self.stem.stem(x, self.act)?;
-        for b in self.blocks.iter().take(upto + 1) {
-            x = self.block(b, x)?;
-        }
-        Ok(x)
-    }
-
     fn block(&self, b: &MbConv, x: Tensor) -> Result<Tensor> {
         if b.se.is_none() {
             return Ok(InvertedResidual {
@@ -213,17 +205,27 @@ impl EfficientNet {
 
     /// The output of block `idx` for a normalized image batch [N, 3, H, W].
     pub fn features(&self, x: &Tensor, idx: usize) -> Result<Tensor> {
+        Ok(self.features_of(std::slice::from_ref(x), idx)?.remove(0))
+    }
+
+    /// The output of block `idx` for each of several image batches (a pyramid's levels), block by block:
+    /// each block's weights serve every input while they are in cache.
+    pub fn features_of(&self, xs: &[Tensor], idx: usize) -> Result<Vec<Tensor>> {
         if idx >= self.blocks.len() {
             return Err(Error::Invalid(format!("block {idx} is not loaded ({} blocks)", self.blocks.len())));
         }
-        self.run_blocks(x, idx)
+        let mut xs = xs.iter().map(|x| self.stem.stem(x, self.act)).collect::<Result<Vec<_>>>()?;
+        for b in self.blocks.iter().take(idx + 1) {
+            xs = xs.into_iter().map(|x| self.block(b, x)).collect::<Result<_>>()?;
+        }
+        Ok(xs)
     }
 
     /// ImageNet logits [N, classes] (needs the full network loaded).
     pub fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let (conv, fc_w, fc_b) =
             self.head.as_ref().ok_or_else(|| Error::Invalid("the classifier head is not loaded".into()))?;
-        let x = self.run_blocks(x, self.blocks.len() - 1)?;
+        let x = self.features(x, self.blocks.len() - 1)?;
         let x = conv.forward(&x, self.act)?.mean((2, 3))?;
         Ok(x.matmul(&fc_w.t()?)?.broadcast_add(fc_b)?)
     }
