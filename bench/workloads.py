@@ -3,6 +3,8 @@
 settings on this CPU; it has no training, so only forward workloads run there.
 
     python bench/workloads.py <pytorch|openvino> <workload> [reps] [image]
+
+BENCH_DIST=1 prints the deciles of the repetitions' times on stderr.
 """
 import json
 import os
@@ -35,6 +37,9 @@ def timed(f):
         t = time.perf_counter()
         f()
         out.append(time.perf_counter() - t)
+    if os.environ.get("BENCH_DIST"):
+        v = sorted(out)
+        print("deciles ms: " + " ".join(f"{v[(len(v) - 1) * i // 10] * 1e3:.2f}" for i in range(11)), file=sys.stderr)
     return statistics.median(out)
 
 
@@ -119,8 +124,8 @@ def step_workload(c, hidden, batch, m):
     return timed(lambda: ref.train_step(flow, opt, x))
 
 
-def extraction_workload(name, size):
-    xs = [np.random.randn(1, 3, size >> s, size >> s).astype(np.float32) for s in range(3)]
+def extraction_workload(name, size, levels=range(3)):
+    xs = [np.random.randn(1, 3, size >> s, size >> s).astype(np.float32) for s in levels]
     net = backbone(name)
     runs = [runner(net, [x]) for x in xs]  # one compiled model per input size
     return timed(lambda: [r(x) for r, x in zip(runs, xs)])
@@ -155,6 +160,9 @@ work = {
     "flow-step-paper": lambda: step_workload(304, 1024, 2, 24),
     "flow-step-cpu": lambda: step_workload(192, 256, 16, 8),
     "lite0-256": lambda: extraction_workload("lite0", 256),
+    "lite0-256-level0": lambda: extraction_workload("lite0", 256, [0]),
+    "lite0-256-level1": lambda: extraction_workload("lite0", 256, [1]),
+    "lite0-256-level2": lambda: extraction_workload("lite0", 256, [2]),
     "b5-768": lambda: extraction_workload("b5", 768),
     "predict": predict_workload,
 }

@@ -2,18 +2,19 @@
 //! a fresh process, and measures peak memory): prints `{"median": seconds, "what": ...}`.
 //! Run: `cargo bench -p csflow --bench workloads -- <workload> [reps]`; workloads: flow-forward-paper (batch 1),
 //! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
-//! lite0-256 and b5-768 (three-scale extraction, batch 1), predict (one 512 px PNG to score and full-size map
+//! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 (one level of it alone), predict (one 512 px PNG to score and full-size map
 //! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
 //! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
 //! stderr, the kernel's total as the median), flow-layers (each convolution shape of the paper-size flow at
 //! batch 1, prepared Winograd weights against the plain ones; a table on stderr).
-//! Weights are random: time does not depend on their values.
+//! Weights are random (Lite0's are the real ones): time does not depend on their values. `BENCH_DIST=1` prints
+//! the deciles of the repetitions' times on stderr.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use candle_core::{Device, Tensor};
-use csflow::backbone::EfficientNetConfig;
+use csflow::backbone::{EfficientNet, EfficientNetConfig};
 use csflow::detector::Detector;
 use csflow::extract::FeatureExtractor;
 use csflow::flow::{CsFlow, FlowConfig, ParamMap};
@@ -24,8 +25,13 @@ use csflow_kernels::{
     conv2d_act, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights, WinogradWeights,
 };
 
+/// The median; with `BENCH_DIST` set, the deciles on stderr too (this VM's times are often bimodal).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
+    if std::env::var_os("BENCH_DIST").is_some() {
+        let q: Vec<String> = (0..=10).map(|i| format!("{:.2}", v[(v.len() - 1) * i / 10] * 1e3)).collect();
+        eprintln!("deciles ms: {}", q.join(" "));
+    }
     v[v.len() / 2]
 }
 
@@ -133,6 +139,18 @@ fn flow_step(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
 
 /// The real Lite0 weights (scripts/setup.sh): random ones give vanishing activations, and denormal numbers
 /// would time something no user runs.
+/// One pyramid level of the Lite0 extraction alone (256, 128 or 64 px), on one worker as `features` runs it.
+fn lite0_level(level: usize, reps: usize) -> f64 {
+    let config = EfficientNetConfig::lite0();
+    let block = config.feature_block;
+    let weights = csflow::extract::weights_up_to(&lite0_weights(), block);
+    let net = EfficientNet::load(config, &weights, Some(block)).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, 256 >> level, 256 >> level), &Device::Cpu).unwrap();
+    time(reps, || {
+        csflow_kernels::on_worker(|| net.features(&x, block).unwrap());
+    })
+}
+
 fn lite0_weights() -> BTreeMap<String, Tensor> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/efficientnet-lite0-57934424.pth");
     csflow::extract::load_backbone_weights(std::path::Path::new(path)).expect("run scripts/setup.sh first")
@@ -164,6 +182,9 @@ fn main() {
         "flow-forward-cpu" => flow_forward(cpu(), 16, 8, reps),
         "flow-step-cpu" => flow_step(cpu(), 16, 8, reps),
         "lite0-256" => extraction(EfficientNetConfig::lite0(), 256, reps),
+        "lite0-256-level0" => lite0_level(0, reps),
+        "lite0-256-level1" => lite0_level(1, reps),
+        "lite0-256-level2" => lite0_level(2, reps),
         "b5-768" => extraction(EfficientNetConfig::b5(), 768, reps),
         "predict" => {
             let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/brick.png");
