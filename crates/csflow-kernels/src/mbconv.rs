@@ -1,6 +1,6 @@
 //! The inverted-residual block of MobileNetV2 and EfficientNet without squeeze-excitation (1x1 expand,
 //! depthwise, 1x1 project, skip) as one op, for inference: on large maps in bands of output rows, on maps of
-//! 8x8 and smaller with vectors over channels ([`small`]), layer by layer in between.
+//! 16x16 and smaller with vectors over channels ([`small`]), layer by layer in between.
 //!
 //! Layer by layer, a large expanded map (six times the block's channels: 6 MB in Lite0's second block at
 //! 256 px) is written to freshly allocated memory that has long left the caches, read back by the depthwise
@@ -48,11 +48,11 @@ const FUSE_BYTES: usize = 1 << 20;
 #[cfg(target_arch = "x86_64")]
 const BAND_BYTES: usize = 1 << 20;
 
-/// Input maps of at most this many pixels run with vectors over channels ([`small`]): Lite0's blocks at 8x8
-/// and smaller. At 16x16 the two paths measured within 20 % of each other either way (5x5 kernels gain, 3x3
-/// lose).
+/// Input maps of at most this many pixels run with vectors over channels ([`small`]): Lite0's blocks at 16x16
+/// and smaller. At 16x16, per block in the network (one thread, minimum of 200): 480 channels 3x3 650 -> 560 us,
+/// 672 channels 5x5 1207 -> 1152 us, 240 channels 5x5 237 -> 244 us; 32x32 maps gained nothing.
 #[cfg(target_arch = "x86_64")]
-const SMALL_PIXELS: usize = 64;
+const SMALL_PIXELS: usize = 256;
 
 impl InvertedResidual<'_> {
     /// The block's output for x [N, C, H, W].

@@ -1,4 +1,4 @@
-//! Inverted-residual blocks on small maps (Lite0's blocks at 8x8, 4x4 and 2x2) with vectors over channels.
+//! Inverted-residual blocks on small maps (Lite0's blocks at 16x16 to 2x2) with vectors over channels.
 //!
 //! The NCHW kernels put a map's columns in the vector lanes: on a 4x4 map half of each vector idles, a
 //! depthwise plane costs more to set up than to convolve (some 180 ns per 8x8 plane against 40 ns of
@@ -74,13 +74,27 @@ pub(super) mod x86 {
         });
         let project = blk.project.channel_panels();
         let dst = SendPtr(out.as_mut_ptr());
-        (0..d.n * out_panels).into_par_iter().for_each(|t| {
+        // Tasks of pixel groups (whose depthwise output then stays in cache while every panel of weights passes
+        // over it) by ranges of output panels (on the smallest maps the weights are the work to split).
+        let want = 4 * rayon::current_num_threads();
+        let groups = (hwo / (8 * PX)).clamp(1, want);
+        let per_group = hwo.div_ceil(groups).next_multiple_of(PX);
+        let groups = hwo.div_ceil(per_group);
+        let per_chunk = out_panels.div_ceil(want.div_ceil(d.n * groups).clamp(1, out_panels));
+        let chunks = out_panels.div_ceil(per_chunk);
+        (0..d.n * groups * chunks).into_par_iter().for_each(|t| {
             let dst = &dst;
-            let (s, q) = (t / out_panels, t % out_panels);
+            let (s, g, c) = (t / (groups * chunks), t / chunks % groups, t % chunks);
             let xs = &x[s * d.cin * hw..(s + 1) * d.cin * hw];
             let src = &convolved[s * hwo * cpad..(s + 1) * hwo * cpad];
-            // SAFETY: the CPU supports AVX2 and FMA; this task alone writes output channels q * CH.. of sample s.
-            unsafe { project_panel(blk, project, d, src, cpad, q, xs, dst.0.add(s * d.cout * hwo)) };
+            let pixels = g * per_group..((g + 1) * per_group).min(hwo);
+            for q in c * per_chunk..((c + 1) * per_chunk).min(out_panels) {
+                // SAFETY: the CPU supports AVX2 and FMA; this task alone writes output channels q * CH.. of
+                // sample s at `pixels`.
+                unsafe {
+                    project_panel(blk, project, d, src, cpad, q, pixels.clone(), xs, dst.0.add(s * d.cout * hwo))
+                };
+            }
         });
     }
 
@@ -149,8 +163,8 @@ pub(super) mod x86 {
         }
     }
 
-    /// Output channels `q * CH..` of one sample from the depthwise output `src` (pixel-major, `ld` apart),
-    /// bias and skip added, written to `out` [cout, ho * wo].
+    /// Output channels `q * CH..` at output pixels `pixels` of one sample from the depthwise output `src`
+    /// (pixel-major, `ld` apart), bias and skip added, written to `out` [cout, ho * wo].
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx2,fma")]
     unsafe fn project_panel(
@@ -160,6 +174,7 @@ pub(super) mod x86 {
         src: &[f32],
         ld: usize,
         q: usize,
+        pixels: std::ops::Range<usize>,
         xs: &[f32],
         out: *mut f32,
     ) {
@@ -167,8 +182,8 @@ pub(super) mod x86 {
         let (wp, bias) = (w.packed[q * w.cols * CH..].as_ptr(), load(w.bias[q * CH..].as_ptr()));
         let rows = CH.min(d.cout - q * CH);
         let mut tile = [[0f32; CH]; PX];
-        for p0 in (0..hwo).step_by(PX) {
-            let np = PX.min(hwo - p0);
+        for p0 in pixels.clone().step_by(PX) {
+            let np = PX.min(pixels.end - p0);
             // Pixel i of channel k is src[i * ld + k].
             let acc = product(np, wp, w.cols, src[p0 * ld..].as_ptr(), (ld, 1));
             for (row, t) in acc.iter().zip(tile.iter_mut()).take(np) {
