@@ -164,6 +164,9 @@ impl CustomOp3 for Fused<'_> {
         }
         let (ho, wo) = blk.pad.output_size(name, h, wd, k, k, blk.stride)?;
         let cout = blk.project.cout;
+        if cout == 0 {
+            candle_core::bail!("{name}: the projection has no output channels");
+        }
         if blk.skip && (cout != cin || (ho, wo) != (h, wd)) {
             candle_core::bail!("{name}: a skip needs the output's shape, {cout}x{ho}x{wo}, to be the input's");
         }
@@ -436,6 +439,12 @@ mod tests {
             assert!(err.contains("do not chain"), "{err}");
             let empty = InvertedResidual { skip: false, ..block }.fused(&z(&[0, 4, 8, 8]), path).unwrap();
             assert_eq!(empty.dims(), [0, 4, 4, 4]);
+        }
+        let none = PointwiseWeights::new(&z(&[0, 12]), &z(&[0])).unwrap();
+        for path in [Path::Small, Path::Banded(BAND_BYTES)] {
+            let block = InvertedResidual { project: &none, skip: false, ..block };
+            let err = block.fused(&z(&[1, 4, 8, 8]), path).unwrap_err().to_string();
+            assert!(err.contains("no output channels"), "{err}");
         }
         let err = DepthwiseWeights::new(&z(&[12, 1, 3, 2]), &z(&[12])).unwrap_err();
         assert!(err.to_string().contains("square kernel"), "{err}");
