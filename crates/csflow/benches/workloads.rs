@@ -2,8 +2,8 @@
 //! a fresh process, and measures peak memory): prints `{"median": seconds, "what": ...}`.
 //! Run: `cargo bench -p csflow --bench workloads -- <workload> [reps]`; workloads: flow-forward-paper (batch 1),
 //! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
-//! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 (one level of it alone), predict (one 512 px PNG to score and full-size map
-//! with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
+//! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 (one level of it alone),
+//! predict (one 512 px PNG to score and full-size map with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
 //! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
 //! stderr, the kernel's total as the median), flow-layers (each convolution shape of the paper-size flow at
 //! batch 1, prepared Winograd weights against the plain ones; a table on stderr).
