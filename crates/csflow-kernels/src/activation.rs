@@ -74,7 +74,7 @@ impl Activation {
         }
     }
 
-    /// The activation on AVX2 accumulators in registers: ReLU6 as two vector ops, swish through
+    /// The activation on AVX2 accumulators in registers: ReLU6 and leaky ReLU as vector ops, swish through
     /// [`Activation::apply_lanes`] on a stack copy (where the polynomial exp vectorises).
     ///
     /// # Safety
@@ -88,6 +88,12 @@ impl Activation {
             Activation::Relu6 => {
                 for a in acc.iter_mut() {
                     *a = _mm256_min_ps(_mm256_max_ps(*a, _mm256_setzero_ps()), _mm256_set1_ps(6.0));
+                }
+            }
+            Activation::LeakyRelu(slope) => {
+                for a in acc.iter_mut() {
+                    let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(*a, _mm256_setzero_ps());
+                    *a = _mm256_blendv_ps(_mm256_mul_ps(*a, _mm256_set1_ps(slope)), *a, positive);
                 }
             }
             _ => {

@@ -13,6 +13,10 @@
 //! on contiguous memory, while the GEMMs read position ξ as a matrix with row stride α² x columns:
 //! U [out][α²][in], V [in][α²][tiles], M [out][α²][tiles], tiles = samples x tiles_y x tiles_x.
 
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+use std::array::from_fn;
+use std::ops::{Add, Mul, Sub};
 use std::sync::Arc;
 
 use candle_core::{CpuStorage, CustomOp2, Layout, Tensor};
@@ -73,11 +77,50 @@ pub(crate) fn pays(s: Shape) -> bool {
     supports(s.k) && s.tiles() >= MIN_TILES
 }
 
-/// Tiles per vector step of the output transform.
+/// Tiles per vector step of the transforms.
 const TX: usize = 8;
 
-/// One coefficient of TX consecutive tiles.
-type Lanes = [f32; TX];
+/// What the input and output transforms compute with: one value, or one coefficient of TX tiles in an AVX2
+/// register ([`V8`]), so one definition of each transform serves both.
+trait Lane: Copy + Add<Output = Self> + Sub<Output = Self> + Mul<f32, Output = Self> {}
+
+impl<L: Copy + Add<Output = L> + Sub<Output = L> + Mul<f32, Output = L>> Lane for L {}
+
+/// One coefficient of TX consecutive tiles. Its operators are only ever inlined into functions compiled for
+/// AVX2 + FMA, which the callers check at run time.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct V8(__m256);
+
+#[cfg(target_arch = "x86_64")]
+impl Add for V8 {
+    type Output = V8;
+    #[inline(always)]
+    fn add(self, o: V8) -> V8 {
+        // SAFETY: see `V8`.
+        V8(unsafe { _mm256_add_ps(self.0, o.0) })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Sub for V8 {
+    type Output = V8;
+    #[inline(always)]
+    fn sub(self, o: V8) -> V8 {
+        // SAFETY: see `V8`.
+        V8(unsafe { _mm256_sub_ps(self.0, o.0) })
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+impl Mul<f32> for V8 {
+    type Output = V8;
+    #[inline(always)]
+    fn mul(self, c: f32) -> V8 {
+        // SAFETY: see `V8`.
+        V8(unsafe { _mm256_mul_ps(self.0, _mm256_set1_ps(c)) })
+    }
+}
 
 /// The 1-d transforms of F(2, R) on tiles of A = R + 1 values, each applied to the rows and then to the
 /// columns of a tile; the adjoints serve the gradients.
@@ -87,9 +130,9 @@ trait Tile<const A: usize, const R: usize> {
     /// Kernel gradient: Gᵀ u (the adjoint of `g`).
     fn gt(u: [f32; A]) -> [f32; R];
     /// Input: Bᵀ d.
-    fn bt(d: [f32; A]) -> [f32; A];
-    /// Output: Aᵀ m, on TX tiles at once.
-    fn at(m: [Lanes; A]) -> [Lanes; 2];
+    fn bt<L: Lane>(d: [L; A]) -> [L; A];
+    /// Output: Aᵀ m.
+    fn at<L: Lane>(m: [L; A]) -> [L; 2];
     /// Output gradient: A g (the adjoint of `at`).
     fn a(g: [f32; 2]) -> [f32; A];
 }
@@ -109,13 +152,13 @@ impl Tile<4, 3> for F2x3 {
     }
 
     #[inline(always)]
-    fn bt(d: [f32; 4]) -> [f32; 4] {
+    fn bt<L: Lane>(d: [L; 4]) -> [L; 4] {
         [d[0] - d[2], d[1] + d[2], d[2] - d[1], d[1] - d[3]]
     }
 
     #[inline(always)]
-    fn at(m: [Lanes; 4]) -> [Lanes; 2] {
-        [std::array::from_fn(|l| m[0][l] + m[1][l] + m[2][l]), std::array::from_fn(|l| m[1][l] - m[2][l] - m[3][l])]
+    fn at<L: Lane>(m: [L; 4]) -> [L; 2] {
+        [m[0] + m[1] + m[2], m[1] - m[2] - m[3]]
     }
 
     #[inline(always)]
@@ -148,18 +191,15 @@ impl Tile<6, 5> for F2x5 {
     }
 
     #[inline(always)]
-    fn bt(d: [f32; 6]) -> [f32; 6] {
-        let (p, q) = (d[4] - 4.0 * d[2], d[3] - 4.0 * d[1]);
-        let (r, t) = (d[4] - d[2], 2.0 * (d[3] - d[1]));
-        [4.0 * d[0] - 5.0 * d[2] + d[4], p + q, p - q, r + t, r - t, 4.0 * d[1] - 5.0 * d[3] + d[5]]
+    fn bt<L: Lane>(d: [L; 6]) -> [L; 6] {
+        let (p, q) = (d[4] - d[2] * 4.0, d[3] - d[1] * 4.0);
+        let (r, t) = (d[4] - d[2], (d[3] - d[1]) * 2.0);
+        [d[0] * 4.0 - d[2] * 5.0 + d[4], p + q, p - q, r + t, r - t, d[1] * 4.0 - d[3] * 5.0 + d[5]]
     }
 
     #[inline(always)]
-    fn at(m: [Lanes; 6]) -> [Lanes; 2] {
-        [
-            std::array::from_fn(|l| m[0][l] + (m[1][l] + m[2][l]) + (m[3][l] + m[4][l])),
-            std::array::from_fn(|l| (m[1][l] - m[2][l]) + 2.0 * (m[3][l] - m[4][l]) + m[5][l]),
-        ]
+    fn at<L: Lane>(m: [L; 6]) -> [L; 2] {
+        [m[0] + (m[1] + m[2]) + (m[3] + m[4]), (m[1] - m[2]) + (m[3] - m[4]) * 2.0 + m[5]]
     }
 
     #[inline(always)]
@@ -202,9 +242,9 @@ fn weights_t<const A: usize, const R: usize, T: Tile<A, R>>(
                 Kernel::InputGradient => taps[(R - 1 - ky) * R + R - 1 - kx],
             };
             // Columns of g through G (A x R), then each of those rows through G again (A x A).
-            let cols: [[f32; A]; R] = std::array::from_fn(|kx| T::g(std::array::from_fn(|ky| g(ky, kx))));
+            let cols: [[f32; A]; R] = from_fn(|kx| T::g(from_fn(|ky| g(ky, kx))));
             for r in 0..A {
-                for (q, v) in T::g(std::array::from_fn(|kx| cols[kx][r])).into_iter().enumerate() {
+                for (q, v) in T::g(from_fn(|kx| cols[kx][r])).into_iter().enumerate() {
                     uo[(r * A + q) * ins + i] = v;
                 }
             }
@@ -221,46 +261,174 @@ fn embed(plane: &[f32], w: usize, padded: &mut [f32], pw: usize, at: usize) {
     }
 }
 
+/// Whether the transforms take their AVX2 versions on this CPU.
+fn vector_transforms() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    return crate::has_avx2_fma();
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
 /// V = Bᵀ d B for every A x A tile of x [n, cin, h, w] (zero outside the map), as [cin][α²][tiles].
 fn transform_input<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], s: Shape) -> Vec<f32> {
+    transform_input_by::<A, R, T>(x, s, vector_transforms())
+}
+
+/// [`transform_input`] by the AVX2 version (`vector`, which the caller has checked the CPU supports) or the
+/// scalar one.
+fn transform_input_by<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], s: Shape, vector: bool) -> Vec<f32> {
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
-    // Each plane is copied into a zero border first (R / 2 rows and columns before, enough after to complete
-    // the last tile), so every tile reads without bounds tests.
+    // Each channel's planes are copied into a stack of planes with a zero border (R / 2 rows and columns
+    // before, enough after to complete the last tile), so every tile reads without bounds tests; TX values
+    // past the stack serve the vector loads' unused columns.
     let (ph, pw) = (2 * ty_n + A - 2, 2 * tx_n + A - 2);
+    let plane = ph * pw;
+    // Where each tile starts in that stack, in the order of V's columns.
+    let mut starts = Vec::with_capacity(tiles);
+    for j in 0..s.n {
+        for ty in 0..ty_n {
+            starts.extend((0..tx_n).map(|tx| j * plane + 2 * ty * pw + 2 * tx));
+        }
+    }
     // Every (channel, position, tile) is written below.
     let mut v = crate::uninit(s.cin * A * A * tiles);
     v.par_chunks_mut(A * A * tiles).enumerate().for_each_init(
-        || vec![0f32; ph * pw],
+        || vec![0f32; s.n * plane + TX],
         |padded, (ci, vc)| {
-            for j in 0..s.n {
-                embed(&x[(j * s.cin + ci) * s.h * s.w..][..s.h * s.w], s.w, padded, pw, R / 2);
-                for ty in 0..ty_n {
-                    let rows: [&[f32]; A] = std::array::from_fn(|r| &padded[(2 * ty + r) * pw..][..pw]);
-                    let base = (j * ty_n + ty) * tx_n;
-                    for tx in 0..tx_n {
-                        // Bᵀ d down each column, then B across each row.
-                        let cols: [[f32; A]; A] =
-                            std::array::from_fn(|q| T::bt(std::array::from_fn(|r| rows[r][2 * tx + q])));
-                        for r in 0..A {
-                            let row = T::bt(std::array::from_fn(|q| cols[q][r]));
-                            for (q, val) in row.into_iter().enumerate() {
-                                vc[(r * A + q) * tiles + base + tx] = val;
-                            }
-                        }
-                    }
-                }
+            for (j, stack) in padded.chunks_exact_mut(plane).take(s.n).enumerate() {
+                embed(&x[(j * s.cin + ci) * s.h * s.w..][..s.h * s.w], s.w, stack, pw, R / 2);
             }
+            input_channel::<A, R, T>(padded, pw, &starts, vc, vector)
         },
     );
     v
+}
+
+/// The input transform of one channel: the tiles at `starts` in its padded planes (rows of `pw`) into its α²
+/// rows of V, `vc`.
+fn input_channel<const A: usize, const R: usize, T: Tile<A, R>>(
+    padded: &[f32],
+    pw: usize,
+    starts: &[usize],
+    vc: &mut [f32],
+    vector: bool,
+) {
+    let tiles = starts.len();
+    assert!(vc.len() == A * A * tiles && A <= TX);
+    assert!(starts.last().is_none_or(|&t| t + (A - 1) * pw + A.next_multiple_of(4) <= padded.len()));
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the CPU supports AVX2 and FMA (the caller checked); the sizes were checked above (the vector
+        // loads read A rounded up to 4 values per tile row).
+        return unsafe { input_channel_avx2::<A, R, T>(padded, pw, starts, vc) };
+    }
+    input_channel_scalar::<A, R, T>(padded, pw, starts, vc)
+}
+
+/// [`input_channel`] one tile at a time, on CPUs without AVX2 + FMA.
+fn input_channel_scalar<const A: usize, const R: usize, T: Tile<A, R>>(
+    padded: &[f32],
+    pw: usize,
+    starts: &[usize],
+    vc: &mut [f32],
+) {
+    let tiles = starts.len();
+    for (t, &at) in starts.iter().enumerate() {
+        // Bᵀ d down each column, then B across each row.
+        let cols: [[f32; A]; A] = from_fn(|q| T::bt(from_fn(|r| padded[at + r * pw + q])));
+        for r in 0..A {
+            for (q, val) in T::bt(from_fn(|q| cols[q][r])).into_iter().enumerate() {
+                vc[(r * A + q) * tiles + t] = val;
+            }
+        }
+    }
+}
+
+/// [`input_channel`] on TX tiles per step, one per lane: the scalar version's stores, one per value at a
+/// stride of `tiles`, made the transform 16 % of the CPU-size flow's forward at batch 16.
+///
+/// # Safety
+/// The CPU supports AVX2 and FMA; `vc` holds A² x tiles values and every start plus (A - 1) rows and A
+/// rounded up to 4 values lies within `padded`.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn input_channel_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
+    padded: &[f32],
+    pw: usize,
+    starts: &[usize],
+    vc: &mut [f32],
+) {
+    let tiles = starts.len();
+    let p = padded.as_ptr();
+    for t0 in (0..tiles).step_by(TX) {
+        let n = TX.min(tiles - t0);
+        // The last step's missing tiles repeat its first one and are not stored.
+        let at: [usize; TX] = from_fn(|l| starts[t0 + if l < n { l } else { 0 }]);
+        let d: [[V8; A]; A] = from_fn(|r| unsafe { columns::<A>(p, &at, r * pw) });
+        let cols: [[V8; A]; A] = from_fn(|q| T::bt(from_fn(|r| d[r][q])));
+        let mask = unsafe { crate::first_lanes(n) };
+        for r in 0..A {
+            for (q, val) in T::bt(from_fn(|q| cols[q][r])).into_iter().enumerate() {
+                // SAFETY: row r * A + q of vc has room for tiles t0..t0 + n (n < TX takes the masked store).
+                unsafe {
+                    let dst = vc.as_mut_ptr().add((r * A + q) * tiles + t0);
+                    if n == TX {
+                        _mm256_storeu_ps(dst, val.0)
+                    } else {
+                        _mm256_maskstore_ps(dst, mask, val.0)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Values 0..A of the row at `p + at[l] + row` for the TX tiles l, as A registers holding tile l in lane l:
+/// 4x4 transposes of the rows' 4-value pieces (so A rounded up to 4 values are read per row).
+///
+/// # Safety
+/// AVX2; those values are readable.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn columns<const A: usize>(p: *const f32, at: &[usize; TX], row: usize) -> [V8; A] {
+    let mut out = [V8(_mm256_setzero_ps()); A];
+    for c0 in (0..A).step_by(4) {
+        // Register k holds tile k's piece in its low half and tile k + 4's in its high half.
+        let v: [__m256; 4] = from_fn(|k| unsafe {
+            let piece = |l: usize| _mm_loadu_ps(p.add(at[l] + row + c0));
+            _mm256_insertf128_ps::<1>(_mm256_castps128_ps256(piece(k)), piece(k + 4))
+        });
+        let (t0, t1) = (_mm256_unpacklo_ps(v[0], v[1]), _mm256_unpackhi_ps(v[0], v[1]));
+        let (t2, t3) = (_mm256_unpacklo_ps(v[2], v[3]), _mm256_unpackhi_ps(v[2], v[3]));
+        let q = [
+            _mm256_shuffle_ps::<0x44>(t0, t2),
+            _mm256_shuffle_ps::<0xEE>(t0, t2),
+            _mm256_shuffle_ps::<0x44>(t1, t3),
+            _mm256_shuffle_ps::<0xEE>(t1, t3),
+        ];
+        for (o, qk) in out[c0..].iter_mut().zip(q) {
+            *o = V8(qk);
+        }
+    }
+    out
+}
+
+/// Where one output tile goes: its first value's offset from plane (0, o) of y, and how many of its 2 x 2
+/// values lie inside the map.
+#[derive(Clone, Copy)]
+struct TileOut {
+    at: usize,
+    rows: usize,
+    cols: usize,
 }
 
 /// Y = Aᵀ M A (+ bias) for every tile, written to y [n, cout, h, w] (the parts of edge tiles outside the map
 /// are dropped). `m` is [cout][α²][tiles] followed by TX readable values.
 ///
 /// Each output channel's tiles (all samples) are contiguous in each of its α² coefficient rows, so the
-/// transform runs over TX tiles per vector step and only the 2x2 results are stored one by one: per tile
-/// with scalar loads it cost as much as the channel's GEMM (cout 256 on 8x8 maps).
+/// transform runs over TX tiles per vector step: per tile with scalar loads it cost as much as the
+/// channel's GEMM (cout 256 on 8x8 maps).
 fn transform_output<const A: usize, const R: usize, T: Tile<A, R>>(
     m: &[f32],
     s: Shape,
@@ -268,89 +436,154 @@ fn transform_output<const A: usize, const R: usize, T: Tile<A, R>>(
     act: Activation,
     y: &mut [f32],
 ) {
-    let tiles = s.tiles();
+    transform_output_by::<A, R, T>(m, s, bias, act, y, vector_transforms())
+}
+
+/// [`transform_output`] by the AVX2 version (`vector`, which the caller has checked the CPU supports) or the
+/// scalar one.
+fn transform_output_by<const A: usize, const R: usize, T: Tile<A, R>>(
+    m: &[f32],
+    s: Shape,
+    bias: Option<&[f32]>,
+    act: Activation,
+    y: &mut [f32],
+    vector: bool,
+) {
+    let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
     assert!(m.len() >= s.cout * A * A * tiles + TX && y.len() == s.n * s.cout * s.h * s.w);
+    let mut outs = Vec::with_capacity(tiles);
+    for j in 0..s.n {
+        for ty in 0..ty_n {
+            outs.extend((0..tx_n).map(|tx| TileOut {
+                at: j * s.cout * s.h * s.w + 2 * ty * s.w + 2 * tx,
+                rows: (s.h - 2 * ty).min(2),
+                cols: (s.w - 2 * tx).min(2),
+            }));
+        }
+    }
     let out = crate::gemm::SendPtr(y.as_mut_ptr());
     (0..s.cout).into_par_iter().with_min_len(crate::items_per_task(A * A * tiles)).for_each(|o| {
         let out = &out;
         let b = bias.map_or(0.0, |b| b[o]);
-        // SAFETY: channel o writes only the planes (j, o) of y, disjoint from every other channel's.
-        unsafe { output_channel::<A, R, T>(&m[o * A * A * tiles..], s, b, act, out.0.add(o * s.h * s.w)) }
+        // SAFETY: channel o writes only the planes (j, o) of y, disjoint from every other channel's; the
+        // tiles' values inside the map lie within them.
+        unsafe {
+            output_channel::<A, R, T>(&m[o * A * A * tiles..], s.w, &outs, b, act, out.0.add(o * s.h * s.w), vector)
+        }
     });
 }
 
-/// The output transform of one channel: `mo` from its α² coefficient rows on, results into its planes of y.
+/// The output transform of one channel: `mo` from its α² coefficient rows on, results into its planes of y
+/// (rows of `w`).
 ///
 /// # Safety
-/// `y0` points at plane (0, o) of y [n, cout, h, w] and the caller owns planes (j, o) for every j.
+/// `y0` points at plane (0, o) of y [n, cout, h, w], the caller owns planes (j, o) for every j, and `outs`
+/// describes tiles of those planes.
 unsafe fn output_channel<const A: usize, const R: usize, T: Tile<A, R>>(
     mo: &[f32],
-    s: Shape,
+    w: usize,
+    outs: &[TileOut],
+    b: f32,
+    act: Activation,
+    y0: *mut f32,
+    vector: bool,
+) {
+    let tiles = outs.len();
+    assert!(mo.len() >= A * A * tiles + TX);
+    #[cfg(target_arch = "x86_64")]
+    if vector {
+        // SAFETY: the CPU supports AVX2 and FMA (the caller checked); the rest is the caller's.
+        return unsafe { output_channel_avx2::<A, R, T>(mo, w, outs, b, act, y0) };
+    }
+    unsafe { output_channel_scalar::<A, R, T>(mo, w, outs, b, act, y0) }
+}
+
+/// [`output_channel`] one tile at a time, on CPUs without AVX2 + FMA.
+///
+/// # Safety
+/// As for [`output_channel`].
+unsafe fn output_channel_scalar<const A: usize, const R: usize, T: Tile<A, R>>(
+    mo: &[f32],
+    w: usize,
+    outs: &[TileOut],
     b: f32,
     act: Activation,
     y0: *mut f32,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    if crate::has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time); the rest is the caller's.
-        return unsafe { output_channel_avx2::<A, R, T>(mo, s, b, act, y0) };
+    let tiles = outs.len();
+    for (t, tile) in outs.iter().enumerate() {
+        // Aᵀ M down each column, then A across each of the two rows.
+        let cols: [[f32; 2]; A] = from_fn(|q| T::at(from_fn(|r| mo[(r * A + q) * tiles + t])));
+        let vals: [[f32; 2]; 2] = from_fn(|dy| T::at(from_fn(|q| cols[q][dy])));
+        for (dy, row) in vals.iter().enumerate().take(tile.rows) {
+            for (dx, v) in row.iter().enumerate().take(tile.cols) {
+                // SAFETY: a value inside the map, in the caller's planes.
+                unsafe { *y0.add(tile.at + dy * w + dx) = act.apply(v + b) };
+            }
+        }
     }
-    unsafe { output_channel_lanes::<A, R, T, false>(mo, s, b, act, y0) }
 }
 
+/// [`output_channel`] on TX tiles per step: each row of a tile's two values goes out as one 8-byte store
+/// where the whole step lies inside the map.
+///
+/// # Safety
+/// As for [`output_channel`], and the CPU supports AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn output_channel_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     mo: &[f32],
-    s: Shape,
+    w: usize,
+    outs: &[TileOut],
     b: f32,
     act: Activation,
     y0: *mut f32,
 ) {
-    unsafe { output_channel_lanes::<A, R, T, true>(mo, s, b, act, y0) }
-}
-
-#[inline(always)]
-unsafe fn output_channel_lanes<const A: usize, const R: usize, T: Tile<A, R>, const FMA: bool>(
-    mo: &[f32],
-    s: Shape,
-    b: f32,
-    act: Activation,
-    y0: *mut f32,
-) {
-    let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
-    let (mut j, mut ty, mut tx) = (0, 0, 0);
-    let mut t0 = 0;
-    let lanes = |xi: usize, t0: usize| -> Lanes { mo[xi * tiles + t0..][..TX].try_into().expect("TX lanes") };
-    while t0 < tiles {
-        // Whole vectors even for the last, partial step: lanes past it are computed and not stored.
-        // Aᵀ M down each column, then A across each of the two rows.
-        let cols: [[Lanes; 2]; A] = std::array::from_fn(|q| T::at(std::array::from_fn(|r| lanes(r * A + q, t0))));
-        let mut outs: [[Lanes; 2]; 2] = std::array::from_fn(|dy| T::at(std::array::from_fn(|q| cols[q][dy])));
-        for v in outs.iter_mut().flatten() {
-            v.iter_mut().for_each(|x| *x += b);
-            act.apply_lanes::<FMA>(v);
-        }
-        for l in 0..TX.min(tiles - t0) {
-            let (yy, xx) = (2 * ty, 2 * tx);
-            // SAFETY: (j, yy + dy, xx + dx) lies in plane (j, o) of the caller's y, within h x w.
-            unsafe {
-                let plane = y0.add(j * s.cout * s.h * s.w);
-                for (dy, row) in outs.iter().enumerate().take(s.h - yy) {
-                    for (dx, v) in row.iter().enumerate().take(s.w - xx) {
-                        *plane.add((yy + dy) * s.w + xx + dx) = v[l];
+    let tiles = outs.len();
+    let bias = _mm256_set1_ps(b);
+    for t0 in (0..tiles).step_by(TX) {
+        let n = TX.min(tiles - t0);
+        // Whole vectors even for the last, partial step (mo holds TX more values): lanes past it are computed
+        // and not stored.
+        let load = |xi: usize| V8(unsafe { _mm256_loadu_ps(mo.as_ptr().add(xi * tiles + t0)) });
+        let cols: [[V8; 2]; A] = from_fn(|q| T::at(from_fn(|r| load(r * A + q))));
+        let vals: [[V8; 2]; 2] = from_fn(|dy| T::at(from_fn(|q| cols[q][dy])));
+        let mut regs = [vals[0][0].0, vals[0][1].0, vals[1][0].0, vals[1][1].0].map(|v| _mm256_add_ps(v, bias));
+        unsafe { act.apply_registers(&mut regs) };
+        let step = &outs[t0..t0 + n];
+        if n == TX && step.iter().all(|t| t.rows == 2 && t.cols == 2) {
+            for dy in 0..2 {
+                // Tiles 0, 1 | 4, 5 and 2, 3 | 6, 7, each as (dx 0, dx 1) pairs.
+                let lo = _mm256_castps_pd(_mm256_unpacklo_ps(regs[2 * dy], regs[2 * dy + 1]));
+                let hi = _mm256_castps_pd(_mm256_unpackhi_ps(regs[2 * dy], regs[2 * dy + 1]));
+                let halves = [
+                    _mm256_castpd256_pd128(lo),
+                    _mm256_castpd256_pd128(hi),
+                    _mm256_extractf128_pd::<1>(lo),
+                    _mm256_extractf128_pd::<1>(hi),
+                ];
+                for (k, half) in halves.into_iter().enumerate() {
+                    // SAFETY: both values of row dy of tiles 2k and 2k + 1 lie inside the map.
+                    unsafe {
+                        _mm_storel_pd(y0.add(step[2 * k].at + dy * w).cast(), half);
+                        _mm_storeh_pd(y0.add(step[2 * k + 1].at + dy * w).cast(), half);
                     }
                 }
             }
-            tx += 1;
-            if tx == tx_n {
-                (tx, ty) = (0, ty + 1);
-                if ty == ty_n {
-                    (ty, j) = (0, j + 1);
+        } else {
+            let mut lanes = [[0f32; TX]; 4];
+            for (l, r) in lanes.iter_mut().zip(regs) {
+                unsafe { _mm256_storeu_ps(l.as_mut_ptr(), r) };
+            }
+            for (l, tile) in step.iter().enumerate() {
+                for dy in 0..tile.rows {
+                    for dx in 0..tile.cols {
+                        // SAFETY: a value inside the map, in the caller's planes.
+                        unsafe { *y0.add(tile.at + dy * w + dx) = lanes[2 * dy + dx][l] };
+                    }
                 }
             }
         }
-        t0 += TX;
     }
 }
 
@@ -465,8 +698,17 @@ mod tests {
         (err / want.iter().fold(0f32, |m, v| m.max(v.abs()))) as f64
     }
 
-    const SHAPES: [(usize, usize, usize, usize, usize); 6] =
-        [(1, 1, 1, 1, 1), (2, 3, 4, 2, 3), (1, 5, 2, 5, 4), (3, 4, 6, 7, 7), (2, 8, 3, 8, 6), (1, 6, 5, 9, 10)];
+    /// Odd and even maps; tile counts below, at and past a vector step of TX tiles, with and without a
+    /// partial last step (18 tiles: two whole steps then two tiles on an even map).
+    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+        (1, 1, 1, 1, 1),
+        (2, 3, 4, 2, 3),
+        (1, 5, 2, 5, 4),
+        (3, 4, 6, 7, 7),
+        (2, 8, 3, 8, 6),
+        (1, 6, 5, 9, 10),
+        (3, 2, 3, 4, 6),
+    ];
 
     #[test]
     fn matches_the_direct_sum_on_even_odd_and_tiny_maps() {
@@ -572,6 +814,33 @@ mod tests {
         }
     }
 
+    /// The AVX2 transforms give the scalar ones' values (which CPUs without AVX2 run) to the bit: the same
+    /// operations in the same order on each lane.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn vector_transforms_match_the_scalar_ones() {
+        fn both<const A: usize, const R: usize, T: Tile<A, R>>(s: Shape) {
+            let x = data(s.n * s.cin * s.h * s.w, 9);
+            let (v0, v1) = (transform_input_by::<A, R, T>(&x, s, false), transform_input_by::<A, R, T>(&x, s, true));
+            assert!(v0 == v1, "input transform {s:?}");
+            let (m, b) = (data(s.cout * A * A * s.tiles() + TX, 10), data(s.cout, 11));
+            for act in [Activation::Identity, Activation::LeakyRelu(0.1)] {
+                let mut ys = [0f32, 1f32].map(|fill| vec![fill; s.n * s.cout * s.h * s.w]);
+                for (y, vector) in ys.iter_mut().zip([false, true]) {
+                    transform_output_by::<A, R, T>(&m, s, Some(&b), act, y, vector);
+                }
+                assert!(ys[0] == ys[1], "output transform {s:?} {act:?}");
+            }
+        }
+        if !crate::has_avx2_fma() {
+            return;
+        }
+        for &(n, cin, cout, h, w) in &SHAPES {
+            both::<4, 3, F2x3>(Shape { n, cin, cout, h, w, k: 3 });
+            both::<6, 5, F2x5>(Shape { n, cin, cout, h, w, k: 5 });
+        }
+    }
+
     #[test]
     fn small_products_are_left_to_im2col() {
         let s = |n, h, k| Shape { n, cin: 8, cout: 8, h, w: h, k };
@@ -627,9 +896,9 @@ fn weight_grad_t<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], grad:
         for i in 0..s.cin {
             let at = |r: usize, q: usize| duo[(r * A + q) * s.cin + i];
             // Gᵀ down each column, then G across each of the R rows.
-            let cols: [[f32; R]; A] = std::array::from_fn(|q| T::gt(std::array::from_fn(|r| at(r, q))));
+            let cols: [[f32; R]; A] = from_fn(|q| T::gt(from_fn(|r| at(r, q))));
             for ky in 0..R {
-                let row = T::gt(std::array::from_fn(|q| cols[q][ky]));
+                let row = T::gt(from_fn(|q| cols[q][ky]));
                 dwo[(i * R + ky) * R..][..R].copy_from_slice(&row);
             }
         }
