@@ -206,7 +206,7 @@ mod tests {
 
     /// Against candle's convolution on an explicitly padded input, then candle's activation: output channel
     /// counts with and without a partial group, rows with and without a partial block, strides 1 and 2,
-    /// asymmetric padding (TensorFlow's "same" on even sizes), 3x3 and 5x5.
+    /// asymmetric padding (TensorFlow's "same" on even sizes), 3x3 and 5x5, maps narrower than the kernel.
     #[test]
     fn matches_candle_convolution() {
         let dev = Device::Cpu;
@@ -215,6 +215,9 @@ mod tests {
             (1, 3, 8, 32, 34, 3, 2, Padding { top: 0, bottom: 1, left: 0, right: 1 }),
             (1, 2, 5, 7, 37, 3, 1, Padding::symmetric(1)),
             (1, 1, 4, 6, 5, 5, 1, Padding::symmetric(2)),
+            // Windows wider than the map: taps whose columns all fall in the padding.
+            (1, 2, 4, 3, 1, 5, 1, Padding::symmetric(2)),
+            (1, 3, 4, 5, 2, 3, 2, Padding { top: 1, bottom: 1, left: 2, right: 2 }),
         ] {
             let x = (Tensor::from_vec(data(n * c * h * w, 1), (n, c, h, w), &dev).unwrap() * 4.0).unwrap();
             let wt = Tensor::from_vec(data(o * c * k * k, 2), (o, c, k, k), &dev).unwrap();
