@@ -352,6 +352,8 @@ fn input_channel_scalar<const A: usize, const R: usize, T: Tile<A, R>>(
 /// rounded up to 4 values lies within `padded`.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
+// r indexes the transposed coefficients inside a closure and the destination row: clearer as a range.
+#[allow(clippy::needless_range_loop)]
 unsafe fn input_channel_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     padded: &[f32],
     pw: usize,
