@@ -274,8 +274,7 @@ fn transform_input<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], s: 
     transform_input_by::<A, R, T>(x, s, vector_transforms())
 }
 
-/// [`transform_input`] by the AVX2 version (`vector`, which the caller has checked the CPU supports) or the
-/// scalar one.
+/// [`transform_input`] by the AVX2 version (`vector`, where the CPU supports it) or the scalar one.
 fn transform_input_by<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], s: Shape, vector: bool) -> Vec<f32> {
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
     // Each channel's planes are copied into a stack of planes with a zero border (R / 2 rows and columns
@@ -315,10 +314,10 @@ fn input_channel<const A: usize, const R: usize, T: Tile<A, R>>(
 ) {
     let tiles = starts.len();
     assert!(vc.len() == A * A * tiles && A <= TX);
-    assert!(starts.last().is_none_or(|&t| t + (A - 1) * pw + A.next_multiple_of(4) <= padded.len()));
+    assert!(starts.iter().max().is_none_or(|&t| t + (A - 1) * pw + A.next_multiple_of(4) <= padded.len()));
     #[cfg(target_arch = "x86_64")]
-    if vector {
-        // SAFETY: the CPU supports AVX2 and FMA (the caller checked); the sizes were checked above (the vector
+    if vector && crate::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked); the sizes were checked above (the vector
         // loads read A rounded up to 4 values per tile row).
         return unsafe { input_channel_avx2::<A, R, T>(padded, pw, starts, vc) };
     }
@@ -441,8 +440,7 @@ fn transform_output<const A: usize, const R: usize, T: Tile<A, R>>(
     transform_output_by::<A, R, T>(m, s, bias, act, y, vector_transforms())
 }
 
-/// [`transform_output`] by the AVX2 version (`vector`, which the caller has checked the CPU supports) or the
-/// scalar one.
+/// [`transform_output`] by the AVX2 version (`vector`, where the CPU supports it) or the scalar one.
 fn transform_output_by<const A: usize, const R: usize, T: Tile<A, R>>(
     m: &[f32],
     s: Shape,
@@ -493,8 +491,8 @@ unsafe fn output_channel<const A: usize, const R: usize, T: Tile<A, R>>(
     let tiles = outs.len();
     assert!(mo.len() >= A * A * tiles + TX);
     #[cfg(target_arch = "x86_64")]
-    if vector {
-        // SAFETY: the CPU supports AVX2 and FMA (the caller checked); the rest is the caller's.
+    if vector && crate::has_avx2_fma() {
+        // SAFETY: the CPU supports AVX2 and FMA (checked); the rest is the caller's.
         return unsafe { output_channel_avx2::<A, R, T>(mo, w, outs, b, act, y0) };
     }
     unsafe { output_channel_scalar::<A, R, T>(mo, w, outs, b, act, y0) }
@@ -516,11 +514,13 @@ unsafe fn output_channel_scalar<const A: usize, const R: usize, T: Tile<A, R>>(
     for (t, tile) in outs.iter().enumerate() {
         // Aᵀ M down each column, then A across each of the two rows.
         let cols: [[f32; 2]; A] = from_fn(|q| T::at(from_fn(|r| mo[(r * A + q) * tiles + t])));
-        let vals: [[f32; 2]; 2] = from_fn(|dy| T::at(from_fn(|q| cols[q][dy])));
+        let mut vals: [[f32; 2]; 2] = from_fn(|dy| T::at(from_fn(|q| cols[q][dy])).map(|v| v + b));
+        // The vector path's exponential (swish), not libm's.
+        act.apply_lanes::<false>(vals.as_flattened_mut());
         for (dy, row) in vals.iter().enumerate().take(tile.rows) {
             for (dx, v) in row.iter().enumerate().take(tile.cols) {
                 // SAFETY: a value inside the map, in the caller's planes.
-                unsafe { *y0.add(tile.at + dy * w + dx) = act.apply(v + b) };
+                unsafe { *y0.add(tile.at + dy * w + dx) = *v };
             }
         }
     }
@@ -567,8 +567,10 @@ unsafe fn output_channel_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
                 for (k, half) in halves.into_iter().enumerate() {
                     // SAFETY: both values of row dy of tiles 2k and 2k + 1 lie inside the map.
                     unsafe {
-                        _mm_storel_pd(y0.add(step[2 * k].at + dy * w).cast(), half);
-                        _mm_storeh_pd(y0.add(step[2 * k + 1].at + dy * w).cast(), half);
+                        // 8-byte stores without an alignment requirement (the rows are only 4-byte aligned).
+                        let (first, second) = (_mm_castpd_si128(half), _mm_castpd_si128(_mm_unpackhi_pd(half, half)));
+                        _mm_storel_epi64(y0.add(step[2 * k].at + dy * w).cast(), first);
+                        _mm_storel_epi64(y0.add(step[2 * k + 1].at + dy * w).cast(), second);
                     }
                 }
             }
@@ -701,8 +703,9 @@ mod tests {
     }
 
     /// Odd and even maps; tile counts below, at and past a vector step of TX tiles, with and without a
-    /// partial last step (18 tiles: two whole steps then two tiles on an even map).
-    const SHAPES: [(usize, usize, usize, usize, usize); 7] = [
+    /// partial last step (18 tiles: two whole steps then two tiles on an even map); a step of whole tiles on
+    /// an odd-width map (rows 17 values apart, so the second row's pairs are not 8-byte aligned).
+    const SHAPES: [(usize, usize, usize, usize, usize); 8] = [
         (1, 1, 1, 1, 1),
         (2, 3, 4, 2, 3),
         (1, 5, 2, 5, 4),
@@ -710,6 +713,7 @@ mod tests {
         (2, 8, 3, 8, 6),
         (1, 6, 5, 9, 10),
         (3, 2, 3, 4, 6),
+        (1, 2, 3, 3, 17),
     ];
 
     #[test]
@@ -816,8 +820,8 @@ mod tests {
         }
     }
 
-    /// The AVX2 transforms give the scalar ones' values (which CPUs without AVX2 run) to the bit: the same
-    /// operations in the same order on each lane.
+    /// The AVX2 transforms give the scalar ones' values (which CPUs without AVX2 run) to the bit with the
+    /// activations the flow fuses (identity, leaky ReLU): the same operations in the same order on each lane.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn vector_transforms_match_the_scalar_ones() {
