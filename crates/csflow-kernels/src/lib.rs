@@ -82,6 +82,21 @@ unsafe fn first_lanes(n: usize) -> std::arch::x86_64::__m256i {
     _mm256_cmpgt_epi32(_mm256_set1_epi32(n.min(8) as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7))
 }
 
+/// 8 values at `p`, or with `MASKED` only the lanes `mask` selects (zeros elsewhere, nothing read there).
+///
+/// # Safety
+/// The CPU must support AVX2; the values read must be readable.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn load_lanes<const MASKED: bool>(p: *const f32, mask: std::arch::x86_64::__m256i) -> std::arch::x86_64::__m256 {
+    use std::arch::x86_64::*;
+    if MASKED {
+        _mm256_maskload_ps(p, mask)
+    } else {
+        _mm256_loadu_ps(p)
+    }
+}
+
 /// Runs `f` on one of rayon's worker threads (inline when already on one).
 ///
 /// Every kernel here splits its work over rayon. Called from an outside thread (a binary's main thread),

@@ -389,7 +389,7 @@ pub(crate) mod x86 {
             if !first {
                 for (i, row) in acc.iter_mut().enumerate().take(self.rows) {
                     for (v, a) in row.iter_mut().enumerate() {
-                        *a = load::<MASKED>(dst.add(at(i) + 8 * v), masks[v]);
+                        *a = crate::load_lanes::<MASKED>(dst.add(at(i) + 8 * v), masks[v]);
                     }
                 }
             }
@@ -409,7 +409,7 @@ pub(crate) mod x86 {
                     for (v, a) in row.iter_mut().enumerate() {
                         *a = _mm256_add_ps(*a, b);
                         if let Some(r) = self.res {
-                            *a = _mm256_add_ps(*a, load::<MASKED>(r.as_ptr().add(at + 8 * v), masks[v]));
+                            *a = _mm256_add_ps(*a, crate::load_lanes::<MASKED>(r.as_ptr().add(at + 8 * v), masks[v]));
                         }
                     }
                     self.act.apply_registers(row);
@@ -422,16 +422,6 @@ pub(crate) mod x86 {
                     }
                 }
             }
-        }
-    }
-
-    /// 8 values at `p`, or only the lanes `mask` selects (zeros elsewhere, nothing read there).
-    #[inline(always)]
-    unsafe fn load<const MASKED: bool>(p: *const f32, mask: __m256i) -> __m256 {
-        if MASKED {
-            _mm256_maskload_ps(p, mask)
-        } else {
-            _mm256_loadu_ps(p)
         }
     }
 }

@@ -200,7 +200,8 @@ fn main() {
             })
         }
         "pointwise" => pointwise(reps),
-        "flow-layers" => flow_layers(reps),
+        "flow-layers" => flow_layers(FlowConfig::paper(), 1, 24, reps),
+        "flow-layers-cpu" => flow_layers(cpu(), 16, 8, reps),
         other => {
             eprintln!("unknown workload `{other}`");
             std::process::exit(2);
@@ -275,28 +276,31 @@ fn pointwise(reps: usize) -> f64 {
     total
 }
 
-/// Each convolution shape of the paper-size subnets at batch 1 (in, out, map, stride, count per subnet),
-/// timed (minimum of `reps`) with `copies` weight sets in turn so that, as in the flow, the weights come from
-/// memory rather than cache: through the plain weights (im2col, or from 32 tiles Winograd with the weight
-/// transform made per call, as in training) and, for stride-1 layers, through prepared Winograd weights. Prints
-/// one line per shape and returns the total of the faster paths over all subnets (three 3x3 blocks, one 5x5).
-fn flow_layers(reps: usize) -> f64 {
+/// Each convolution shape of a flow's subnets (in, out, map, stride, count per subnet) at batch n, timed
+/// (minimum of `reps`) with `copies` weight sets in turn so that, as in the flow, the weights come from memory
+/// rather than cache: through the plain weights (im2col, or from 32 tiles Winograd with the weight transform
+/// made per call, as in training) and, for stride-1 layers, through prepared Winograd weights, transformed
+/// and kept plain. Prints one line per shape and returns the total of the faster of the first two over all
+/// subnets (three 3x3 blocks, one 5x5).
+fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
     let dev = Device::Cpu;
     let mut total = 0.0;
+    let (half, hidden) = (config.channels / 2, config.hidden);
+    let c = config.channels;
     for (k, subnets) in [(3, 6), (5, 2)] {
         let shapes = [
-            (152, 1024, 24, 1, 1),
-            (152, 1024, 12, 1, 1),
-            (152, 1024, 6, 1, 1),
-            (1024, 304, 24, 1, 2),
-            (1024, 304, 12, 1, 2),
-            (1024, 304, 6, 1, 1),
-            (1024, 304, 24, 2, 1),
-            (1024, 304, 12, 2, 1),
+            (half, hidden, map, 1, 1),
+            (half, hidden, map / 2, 1, 1),
+            (half, hidden, map / 4, 1, 1),
+            (hidden, c, map, 1, 2),
+            (hidden, c, map / 2, 1, 2),
+            (hidden, c, map / 4, 1, 1),
+            (hidden, c, map, 2, 1),
+            (hidden, c, map / 2, 2, 1),
         ];
         let copies = 6;
         for (c, o, hw, stride, count) in shapes {
-            let x = Tensor::randn(0f32, 1.0, (1, c, hw, hw), &dev).unwrap();
+            let x = Tensor::randn(0f32, 1.0, (n, c, hw, hw), &dev).unwrap();
             let ws: Vec<Tensor> = (0..copies).map(|_| Tensor::randn(0f32, 0.02, (o, c, k, k), &dev).unwrap()).collect();
             let b = Tensor::zeros(o, candle_core::DType::F32, &dev).unwrap();
             let min = |run: &mut dyn FnMut(usize)| {
@@ -313,7 +317,7 @@ fn flow_layers(reps: usize) -> f64 {
                 conv2d_act(&x, &ws[i % copies], &b, stride, k / 2, Activation::Identity).unwrap();
             });
             let out = hw / stride;
-            let gflops = |t: f64| 2.0 * (o * c * k * k * out * out) as f64 / t / 1e9;
+            let gflops = |t: f64| 2.0 * (n * o * c * k * k * out * out) as f64 / t / 1e9;
             let mut line = format!(
                 "{k}x{k} {c:>5} -> {o:>5} on {hw:>2}x{hw:<2} stride {stride} (x{count}): plain {:>7.3} ms {:>6.1} GFLOPS",
                 plain * 1e3,
@@ -327,6 +331,11 @@ fn flow_layers(reps: usize) -> f64 {
                 });
                 line += &format!(" | winograd {:>7.3} ms {:>6.1} direct-GFLOPS", wino * 1e3, gflops(wino));
                 best = best.min(wino);
+                let us: Vec<_> = ws.iter().map(|w| WinogradWeights::plain(w).unwrap().unwrap()).collect();
+                let kept = min(&mut |i| {
+                    conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
+                });
+                line += &format!(" | kept plain {:>7.3} ms", kept * 1e3);
             }
             eprintln!("{line}");
             total += best * (count * subnets) as f64;

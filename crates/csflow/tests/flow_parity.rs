@@ -119,7 +119,9 @@ fn paper_maps_three_adam_steps_with_clipping() {
 }
 
 /// The inference flow (3x3 and 5x5 weights replaced by their Winograd transforms, used at every map size, 2x2
-/// included, or only on maps large enough) gives the reference's latents, log-determinants and scores too.
+/// included; or with the map sizes, kept plain and transformed slice by slice in each call on the paper's
+/// maps, and beside the transforms on small ones) gives the reference's latents, log-determinants and scores
+/// too.
 #[test]
 fn inference_flow_matches_the_reference() {
     for name in ["flow_small.safetensors", "flow_paper_maps.safetensors"] {

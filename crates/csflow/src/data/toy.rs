@@ -52,7 +52,9 @@ pub fn toy_features(
     let mut g = Gauss(Mt19937::new(seed));
     let plane = channels * map * map;
     const PATTERNS: usize = 4;
-    // Smooth fixed patterns: random channel loadings times low-frequency waves.
+    // Smooth fixed patterns: random channel loadings times low-frequency waves. Their phases and frequencies
+    // use 6.28 and 3.14, not τ and π: the toy sets are defined by these values.
+    #[allow(clippy::approx_constant)]
     let patterns: Vec<Vec<f32>> = (0..PATTERNS)
         .map(|k| {
             let load: Vec<f32> = (0..channels).map(|_| g.normal()).collect();

@@ -74,24 +74,29 @@ impl CsFlow {
         Ok(Self { config, blocks, perms, inv_perms })
     }
 
-    /// The same flow with its 3x3 and 5x5 stride-1 weights replaced by their Winograd transforms, made once: for
-    /// scoring (saves a transform per layer and call; values agree to rounding). Such a flow has no gradients.
+    /// The same flow with its 3x3 and 5x5 stride-1 weights prepared for Winograd convolutions: for scoring
+    /// (values agree to rounding). Such a flow has no gradients.
     ///
-    /// `maps` are the latent map sizes [h, w] per scale when known (model files record them): a scale whose
-    /// map has fewer than [`MIN_WINOGRAD_TILES`] 2x2 tiles at batch 1 keeps its plain weights beside the
-    /// transforms and uses them for single images. There the products read each transformed weight for only
-    /// 1-4 tiles, so they wait on memory, and the transform holds 16/9 (3x3) or 36/25 (5x5) as many values:
-    /// `predict` at the CPU size (maps 8, 4, 2) took 10-15 % less CPU time with plain weights on its two
-    /// smaller maps, while batches of 16 ran 10 % slower without the transforms there. Unknown sizes keep
-    /// only the transforms.
-    /// Freed memory is returned to the kernel layer by layer, so the process does not hold all plain weights
-    /// and their transforms at once (for the paper's flow that is 0.6 GB of peak or more).
+    /// `maps` are the latent map sizes [h, w] per scale when known (model files record them). Per layer, at
+    /// the tiles of one image:
+    /// - below [`MIN_WINOGRAD_TILES`] 2x2 tiles, the transform beside the plain weight, which single images
+    ///   use: there the products read each transformed weight for only 1-4 tiles, so they wait on memory, and
+    ///   the transform holds 16/9 (3x3) or 36/25 (5x5) as many values (`predict` at the CPU size, maps 8, 4,
+    ///   2: 10-15 % less CPU time with plain weights on its two smaller maps; batches of 16 ran 10 % slower
+    ///   without the transforms there);
+    /// - where the products can transform the weights slice by slice as they go
+    ///   ([`csflow_kernels::WinogradWeights::plain_fuses`]), the plain weight only: the paper's flow holds 1.1 GB instead of
+    ///   1.5 (peak 1.65 -> 1.18 GB at batch 1) for 3 % more time;
+    /// - elsewhere (the paper's 5x5 layers from 1024 channels on the 24x24 map) the transform, made once.
+    ///
+    /// Unknown sizes keep only the transforms. Freed memory is returned to the kernel layer by layer, so the
+    /// process does not hold all plain weights and their transforms at once.
     pub fn for_inference(mut self, maps: Option<[[usize; 2]; 3]>) -> Result<Self> {
-        let winograd_only = maps.map_or([true; 3], |m| m.map(|[h, w]| winograd_tiles(1, h, w) >= MIN_WINOGRAD_TILES));
+        let tiles = maps.map(|m| m.map(|[h, w]| winograd_tiles(1, h, w)));
         crate::memory::release_freed_memory();
         for b in &mut self.blocks {
-            b.s1.prepare_for_inference(winograd_only)?;
-            b.s2.prepare_for_inference(winograd_only)?;
+            b.s1.prepare_for_inference(tiles)?;
+            b.s2.prepare_for_inference(tiles)?;
         }
         Ok(self)
     }

@@ -50,12 +50,22 @@ impl Conv2d {
         })
     }
 
-    /// Replaces a 3x3 or 5x5 stride-1 weight by its Winograd transform (faster, but without gradients), or
-    /// adds the transform beside it when `keep_plain`.
-    fn prepare_for_inference(&mut self, keep_plain: bool) -> Result<()> {
+    /// Prepares a 3x3 or 5x5 stride-1 weight for Winograd convolutions without gradients, for calls of
+    /// `tiles` 2x2 output tiles per image where known: beside the plain weight below
+    /// [`MIN_WINOGRAD_TILES`] (one image takes im2col there), kept plain where the products fuse the weight's
+    /// transform at that size (9/16 or 25/36 of the memory), else transformed once.
+    fn prepare_for_inference(&mut self, tiles: Option<usize>) -> Result<()> {
         if let (ConvWeight::Plain(w), 1) = (&self.weight, self.stride) {
-            if let Some(u) = WinogradWeights::new(w)? {
-                self.weight = if keep_plain { ConvWeight::Both(w.clone(), u) } else { ConvWeight::Winograd(u) };
+            let (cin, k) = (w.dim(1)?, w.dim(2)?);
+            let prepared = match tiles {
+                Some(t) if t < MIN_WINOGRAD_TILES => WinogradWeights::new(w)?.map(|u| ConvWeight::Both(w.clone(), u)),
+                Some(t) if WinogradWeights::plain_fuses(cin, k, t) => {
+                    WinogradWeights::plain(w)?.map(ConvWeight::Winograd)
+                }
+                _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
+            };
+            if let Some(p) = prepared {
+                self.weight = p;
             }
         }
         Ok(())
@@ -128,13 +138,13 @@ impl CrossConvolutions {
         })
     }
 
-    /// Prepares the stride-1 convolutions: Winograd only on the scales marked in `winograd_only`, both forms
-    /// on the others (see [`CsFlow::for_inference`]). Freed memory is returned to the kernel after each layer, so the
-    /// process never holds more than one layer's plain weight beside the transforms (a transform is larger
-    /// than the weight it replaces, so it cannot reuse the freed weight's place in the heap).
+    /// Prepares the stride-1 convolutions for `tiles` per image on each scale, where known (see
+    /// [`CsFlow::for_inference`]). Freed memory is returned to the kernel after each layer, so the process
+    /// never holds more than one layer's plain weight beside the transforms (a transform is larger than the
+    /// weight it replaces, so it cannot reuse the freed weight's place in the heap).
     ///
     /// [`CsFlow::for_inference`]: super::CsFlow::for_inference
-    pub(crate) fn prepare_for_inference(&mut self, winograd_only: [bool; 3]) -> Result<()> {
+    pub(crate) fn prepare_for_inference(&mut self, tiles: Option<[usize; 3]>) -> Result<()> {
         let Self { conv_in, conv_out, up_conv10, up_conv21, .. } = self;
         // Each convolution with the scale whose map it runs on (the up convolutions on the finer one's).
         let [in0, in1, in2] = conv_in;
@@ -142,7 +152,7 @@ impl CrossConvolutions {
         for (c, scale) in
             [(in0, 0), (in1, 1), (in2, 2), (out0, 0), (out1, 1), (out2, 2), (up_conv10, 0), (up_conv21, 1)]
         {
-            c.prepare_for_inference(!winograd_only[scale])?;
+            c.prepare_for_inference(tiles.map(|t| t[scale]))?;
             crate::memory::release_freed_memory();
         }
         Ok(())

@@ -25,6 +25,8 @@ use rayon::prelude::*;
 use crate::gemm::{gemm_into, Mat};
 use crate::Activation;
 
+mod plain;
+
 /// Geometry of a Winograd convolution: `n` samples of `cin` planes h x w to `cout` planes of the same size,
 /// kernel `k` x `k` (3 or 5), padding k / 2.
 #[derive(Clone, Copy, Debug)]
@@ -48,6 +50,14 @@ impl Shape {
 
     fn tiles(&self) -> usize {
         self.n * self.tiles_y() * self.tiles_x()
+    }
+
+    /// Values from one channel's α² rows of V or M to the next: α² x tiles rounded up to an odd number of
+    /// 64-byte lines, so that a product's column of channels spreads over the L1's sets. At batch 16 on 8x8
+    /// maps they were 16 KB apart, all in one set of the 8-way L1, and the fused products ([`plain`]) ran
+    /// 1.5-1.9x slower than at batch 15 or 17.
+    fn ld(&self, positions: usize) -> usize {
+        ((positions * self.tiles()).div_ceil(16) | 1) * 16
     }
 }
 
@@ -126,7 +136,7 @@ impl Mul<f32> for V8 {
 /// columns of a tile; the adjoints serve the gradients.
 trait Tile<const A: usize, const R: usize> {
     /// Kernel: G g.
-    fn g(k: [f32; R]) -> [f32; A];
+    fn g<L: Lane>(k: [L; R]) -> [L; A];
     /// Kernel gradient: Gᵀ u (the adjoint of `g`).
     fn gt(u: [f32; A]) -> [f32; R];
     /// Input: Bᵀ d.
@@ -142,8 +152,8 @@ struct F2x3;
 
 impl Tile<4, 3> for F2x3 {
     #[inline(always)]
-    fn g([a, b, c]: [f32; 3]) -> [f32; 4] {
-        [a, 0.5 * (a + b + c), 0.5 * (a - b + c), c]
+    fn g<L: Lane>([a, b, c]: [L; 3]) -> [L; 4] {
+        [a, (a + b + c) * 0.5, (a - b + c) * 0.5, c]
     }
 
     #[inline(always)]
@@ -172,10 +182,13 @@ struct F2x5;
 
 impl Tile<6, 5> for F2x5 {
     #[inline(always)]
-    fn g(k: [f32; 5]) -> [f32; 6] {
+    fn g<L: Lane>(k: [L; 5]) -> [L; 6] {
+        // Multiplications by the reciprocals (not divisions, which the weights' per-call transform in
+        // `plain` would wait on): within an ulp of the quotients.
         let (even, odd) = (k[0] + k[2] + k[4], k[1] + k[3]);
-        let (even2, odd2) = (k[0] / 24.0 + k[2] / 6.0 + k[4] * (2.0 / 3.0), k[1] / 12.0 + k[3] / 3.0);
-        [k[0] / 4.0, -(even + odd) / 6.0, (odd - even) / 6.0, even2 + odd2, even2 - odd2, k[4]]
+        let (even2, odd2) =
+            (k[0] * (1.0 / 24.0) + k[2] * (1.0 / 6.0) + k[4] * (2.0 / 3.0), k[1] * (1.0 / 12.0) + k[3] * (1.0 / 3.0));
+        [k[0] * 0.25, (even + odd) * (-1.0 / 6.0), (odd - even) * (1.0 / 6.0), even2 + odd2, even2 - odd2, k[4]]
     }
 
     #[inline(always)]
@@ -276,31 +289,56 @@ fn transform_input<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], s: 
 
 /// [`transform_input`] by the AVX2 version (`vector`, where the CPU supports it) or the scalar one.
 fn transform_input_by<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], s: Shape, vector: bool) -> Vec<f32> {
-    let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
-    // Each channel's planes are copied into a stack of planes with a zero border (R / 2 rows and columns
-    // before, enough after to complete the last tile), so every tile reads without bounds tests; TX values
-    // past the stack serve the vector loads' unused columns.
-    let (ph, pw) = (2 * ty_n + A - 2, 2 * tx_n + A - 2);
-    let plane = ph * pw;
-    // Where each tile starts in that stack, in the order of V's columns.
-    let mut starts = Vec::with_capacity(tiles);
-    for j in 0..s.n {
-        for ty in 0..ty_n {
-            starts.extend((0..tx_n).map(|tx| j * plane + 2 * ty * pw + 2 * tx));
-        }
-    }
+    let stack = Stack::new::<A>(s);
     // Every (channel, position, tile) is written below.
-    let mut v = crate::uninit(s.cin * A * A * tiles);
-    v.par_chunks_mut(A * A * tiles).enumerate().for_each_init(
-        || vec![0f32; s.n * plane + TX],
+    // Every (channel, position, tile) is written below; the padding between channels never is, nor read.
+    let mut v = crate::uninit(s.cin * s.ld(A * A));
+    v.par_chunks_mut(s.ld(A * A)).enumerate().for_each_init(
+        || vec![0f32; stack.len()],
         |padded, (ci, vc)| {
-            for (j, stack) in padded.chunks_exact_mut(plane).take(s.n).enumerate() {
-                embed(&x[(j * s.cin + ci) * s.h * s.w..][..s.h * s.w], s.w, stack, pw, R / 2);
-            }
-            input_channel::<A, R, T>(padded, pw, &starts, vc, vector)
+            stack.fill::<R>(x, s, ci, padded);
+            input_channel::<A, R, T>(padded, stack.pw, &stack.starts, &mut vc[..A * A * s.tiles()], vector)
         },
     );
     v
+}
+
+/// Each channel's planes copied into a stack of planes with a zero border (R / 2 rows and columns before,
+/// enough after to complete the last tile), so every tile reads without bounds tests; TX values past the
+/// stack serve the vector loads' unused columns.
+struct Stack {
+    pw: usize,
+    plane: usize,
+    n: usize,
+    /// Where each tile starts in the stack, in the order of V's columns.
+    starts: Vec<usize>,
+}
+
+impl Stack {
+    fn new<const A: usize>(s: Shape) -> Self {
+        let (ty_n, tx_n) = (s.tiles_y(), s.tiles_x());
+        let (ph, pw) = (2 * ty_n + A - 2, 2 * tx_n + A - 2);
+        let plane = ph * pw;
+        let mut starts = Vec::with_capacity(s.tiles());
+        for j in 0..s.n {
+            for ty in 0..ty_n {
+                starts.extend((0..tx_n).map(|tx| j * plane + 2 * ty * pw + 2 * tx));
+            }
+        }
+        Self { pw, plane, n: s.n, starts }
+    }
+
+    fn len(&self) -> usize {
+        self.n * self.plane + TX
+    }
+
+    /// Copies channel ci's planes of x into `padded` (a zeroed buffer of [`Stack::len`] values, only ever
+    /// refilled with the same geometry, so its border stays zero).
+    fn fill<const R: usize>(&self, x: &[f32], s: Shape, ci: usize, padded: &mut [f32]) {
+        for (j, stack) in padded.chunks_exact_mut(self.plane).take(s.n).enumerate() {
+            embed(&x[(j * s.cin + ci) * s.h * s.w..][..s.h * s.w], s.w, stack, self.pw, R / 2);
+        }
+    }
 }
 
 /// The input transform of one channel: the tiles at `starts` in its padded planes (rows of `pw`) into its α²
@@ -450,7 +488,8 @@ fn transform_output_by<const A: usize, const R: usize, T: Tile<A, R>>(
     vector: bool,
 ) {
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
-    assert!(m.len() >= s.cout * A * A * tiles + TX && y.len() == s.n * s.cout * s.h * s.w);
+    let ld = s.ld(A * A);
+    assert!(m.len() >= (s.cout - 1) * ld + A * A * tiles + TX && y.len() == s.n * s.cout * s.h * s.w);
     let mut outs = Vec::with_capacity(tiles);
     for j in 0..s.n {
         for ty in 0..ty_n {
@@ -467,9 +506,7 @@ fn transform_output_by<const A: usize, const R: usize, T: Tile<A, R>>(
         let b = bias.map_or(0.0, |b| b[o]);
         // SAFETY: channel o writes only the planes (j, o) of y, disjoint from every other channel's; the
         // tiles' values inside the map lie within them.
-        unsafe {
-            output_channel::<A, R, T>(&m[o * A * A * tiles..], s.w, &outs, b, act, out.0.add(o * s.h * s.w), vector)
-        }
+        unsafe { output_channel::<A, R, T>(&m[o * ld..], s.w, &outs, b, act, out.0.add(o * s.h * s.w), vector) }
     });
 }
 
@@ -607,35 +644,53 @@ fn conv_t<const A: usize, const R: usize, T: Tile<A, R>>(
     act: Activation,
     s: Shape,
 ) -> Vec<f32> {
-    assert_eq!(x.len(), s.n * s.cin * s.h * s.w);
     assert_eq!(u.len(), s.cout * A * A * s.cin);
     let (tiles, positions) = (s.tiles(), A * A);
+    let ld = s.ld(positions);
+    around_products::<A, R, T>(x, bias, act, s, |v, m| {
+        let dst = crate::gemm::SendPtr(m.as_mut_ptr());
+        // The α² products are independent: one per task, each single-threaded, which keeps every thread busy
+        // even when a product alone is too small to split.
+        (0..positions).into_par_iter().for_each(|xi| {
+            let dst = &dst;
+            // SAFETY: product ξ writes only row positions ξ*tiles..(ξ+1)*tiles of each output channel's α²
+            // rows in m, disjoint from every other ξ; u and v cover the strided extents read (checked by their
+            // sizes).
+            unsafe {
+                gemm_into(
+                    dst.0.add(xi * tiles),
+                    ld as isize,
+                    s.cout,
+                    tiles,
+                    s.cin,
+                    Mat { ptr: u.as_ptr().add(xi * s.cin), rs: (positions * s.cin) as isize, cs: 1 },
+                    Mat { ptr: v.as_ptr().add(xi * tiles), rs: ld as isize, cs: 1 },
+                    false,
+                    gemm::Parallelism::None,
+                )
+            }
+        })
+    })
+}
+
+/// A convolution around its products: the input transform V [cin][α²][tiles], then `products`, which writes
+/// every value of M [cout][α²][tiles] from it, then the output transform with bias and activation.
+fn around_products<const A: usize, const R: usize, T: Tile<A, R>>(
+    x: &[f32],
+    bias: Option<&[f32]>,
+    act: Activation,
+    s: Shape,
+    products: impl FnOnce(&[f32], &mut [f32]),
+) -> Vec<f32> {
+    assert_eq!(x.len(), s.n * s.cin * s.h * s.w);
+    let len = s.cout * s.ld(A * A);
     let v = transform_input::<A, R, T>(x, s);
     // Overwritten by the products (which do not read it).
-    let mut m = crate::uninit(s.cout * positions * tiles + TX);
+    let mut m = crate::uninit(len + TX);
     // The output transform's last vector step reads up to TX - 1 values past the products.
-    m[s.cout * positions * tiles..].fill(0.0);
-    let dst = crate::gemm::SendPtr(m.as_mut_ptr());
-    // The α² products are independent: one per task, each single-threaded, which keeps every thread busy
-    // even when a product alone is too small to split.
-    (0..positions).into_par_iter().for_each(|xi| {
-        let dst = &dst;
-        // SAFETY: product ξ writes only row positions ξ*tiles..(ξ+1)*tiles of each output channel's α² rows
-        // in m, disjoint from every other ξ; u and v cover the strided extents read (checked by their sizes).
-        unsafe {
-            gemm_into(
-                dst.0.add(xi * tiles),
-                (positions * tiles) as isize,
-                s.cout,
-                tiles,
-                s.cin,
-                Mat { ptr: u.as_ptr().add(xi * s.cin), rs: (positions * s.cin) as isize, cs: 1 },
-                Mat { ptr: v.as_ptr().add(xi * tiles), rs: (positions * tiles) as isize, cs: 1 },
-                false,
-                gemm::Parallelism::None,
-            )
-        }
-    });
+    m[len..].fill(0.0);
+    products(&v, &mut m[..len]);
+    drop(v);
     // Every output plane is written whole by the output transform.
     let mut y = crate::uninit(s.n * s.cout * s.h * s.w);
     transform_output::<A, R, T>(&m, s, bias, act, &mut y);
@@ -820,6 +875,63 @@ mod tests {
         }
     }
 
+    /// Weights kept plain and transformed slice by slice (or whole, per call) give the direct sum's values on
+    /// the shapes above, and the transformed weights' values on shapes with several slices of input channels
+    /// (at most 80 per slice for 3x3, 32 for 5x5; 100 channels as 56 + 44 and 32 + 32 + 32 + 4), several
+    /// tasks of 24 output channels (the last one partial) and a partial last strip of 16 tiles. There both
+    /// sum in the same order (mostly to the bit, measured up to 7.6e-7 apart), while Winograd's rounding
+    /// against the direct sum grows with the input channels (measured with 170: 2.2e-6 for 3x3, 1.0e-5 for
+    /// 5x5, the same for both forms).
+    #[test]
+    fn plain_weights_match_the_direct_sum() {
+        let dev = candle_core::Device::Cpu;
+        for k in [3, 5] {
+            let large = [(1, 100, 30, 9, 7), (2, 170, 50, 4, 6), (1, 9, 25, 1, 1)];
+            for (&(n, cin, cout, h, w), is_large) in SHAPES.iter().zip([false; 8]).chain(large.iter().zip([true; 3])) {
+                let s = Shape { n, cin, cout, h, w, k };
+                let (x, wt, b) = (data(n * cin * h * w, 12), data(cout * cin * k * k, 13), data(cout, 14));
+                // Fused, and with the whole weight transformed first (calls whose input transform is large).
+                for fused in [true, false] {
+                    let blocked = plain::by_blocks(&wt, cout, cin, k);
+                    let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, fused);
+                    let err = if is_large {
+                        let u = transform_weights(&wt, cout, cin, k, Kernel::Forward);
+                        relative_error(&ours, &conv(&x, &u, Some(&b), Activation::Identity, s))
+                    } else {
+                        relative_error(&ours, &direct(&x, &wt, &b, s, Kernel::Forward))
+                    };
+                    assert!(err < tolerance(k), "{k}x{k} {n}x{cin}->{cout} {h}x{w} fused {fused}: error {err}");
+                }
+            }
+            let (n, cin, cout, h, w) = (2, 5, 7, 6, 9);
+            let x = Tensor::from_vec(data(n * cin * h * w, 15), (n, cin, h, w), &dev).unwrap();
+            let wt = Tensor::from_vec(data(cout * cin * k * k, 16), (cout, cin, k, k), &dev).unwrap();
+            let b = Tensor::from_vec(data(cout, 17), cout, &dev).unwrap();
+            let [p, t] = [WinogradWeights::plain(&wt), WinogradWeights::new(&wt)].map(|u| u.unwrap().unwrap());
+            assert_eq!(p.dims(), [cout, cin, k]);
+            let act = Activation::LeakyRelu(0.1);
+            let [yp, yt] = [p, t].map(|u| conv_winograd(&x, &u, &b, act).unwrap().flatten_all().unwrap());
+            let (yp, yt) = (yp.to_vec1::<f32>().unwrap(), yt.to_vec1::<f32>().unwrap());
+            let err = relative_error(&yp, &yt);
+            assert!(err < tolerance(k), "{k}x{k} prepared forms: error {err}");
+        }
+        assert!(WinogradWeights::plain(&Tensor::zeros((2, 2, 7, 7), candle_core::DType::F32, &dev).unwrap())
+            .unwrap()
+            .is_none());
+    }
+
+    /// The portable path's reordering undoes the blocked one, which pads the input channels to 8.
+    #[test]
+    fn blocked_weights_round_trip() {
+        let w = data(4 * 3 * 25, 18);
+        let blocked = plain::by_blocks(&w, 4, 3, 5);
+        assert_eq!(blocked.len(), 4 * 8 * 25);
+        assert_eq!(plain::from_blocks(&blocked, 3, 5), w);
+        // Tap 7 of the pair (o 2, i 1) is at o * 200 + 7 * 8 + 1; lanes 3..8 of each tap are zero.
+        assert_eq!(blocked[2 * 200 + 7 * 8 + 1], w[((2 * 3 + 1) * 5 + 1) * 5 + 2]);
+        assert!(blocked.chunks_exact(8).all(|lanes| lanes[3..] == [0.0; 5]));
+    }
+
     /// The AVX2 transforms give the scalar ones' values (which CPUs without AVX2 run) to the bit with the
     /// activations the flow fuses (identity, leaky ReLU): the same operations in the same order on each lane.
     #[cfg(target_arch = "x86_64")]
@@ -828,8 +940,12 @@ mod tests {
         fn both<const A: usize, const R: usize, T: Tile<A, R>>(s: Shape) {
             let x = data(s.n * s.cin * s.h * s.w, 9);
             let (v0, v1) = (transform_input_by::<A, R, T>(&x, s, false), transform_input_by::<A, R, T>(&x, s, true));
-            assert!(v0 == v1, "input transform {s:?}");
-            let (m, b) = (data(s.cout * A * A * s.tiles() + TX, 10), data(s.cout, 11));
+            // Each channel's rows, without the padding up to the next channel's.
+            let rows = |v: &[f32]| -> Vec<f32> {
+                v.chunks_exact(s.ld(A * A)).flat_map(|c| c[..A * A * s.tiles()].to_vec()).collect()
+            };
+            assert!(rows(&v0) == rows(&v1), "input transform {s:?}");
+            let (m, b) = (data(s.cout * s.ld(A * A) + TX, 10), data(s.cout, 11));
             for act in [Activation::Identity, Activation::LeakyRelu(0.1)] {
                 let mut ys = [0f32, 1f32].map(|fill| vec![fill; s.n * s.cout * s.h * s.w]);
                 for (y, vector) in ys.iter_mut().zip([false, true]) {
@@ -889,8 +1005,8 @@ fn weight_grad_t<const A: usize, const R: usize, T: Tile<A, R>>(x: &[f32], grad:
                 s.cout,
                 s.cin,
                 tiles,
-                Mat { ptr: dm.as_ptr().add(xi * tiles), rs: (positions * tiles) as isize, cs: 1 },
-                Mat { ptr: v.as_ptr().add(xi * tiles), rs: 1, cs: (positions * tiles) as isize },
+                Mat { ptr: dm.as_ptr().add(xi * tiles), rs: s.ld(positions) as isize, cs: 1 },
+                Mat { ptr: v.as_ptr().add(xi * tiles), rs: 1, cs: s.ld(positions) as isize },
                 false,
                 gemm::Parallelism::None,
             )
@@ -918,8 +1034,9 @@ fn transform_output_grad<const A: usize, const R: usize, T: Tile<A, R>>(grad: &[
     let (ty_n, tx_n, tiles) = (s.tiles_y(), s.tiles_x(), s.tiles());
     let (ph, pw) = (2 * ty_n, 2 * tx_n);
     // Every (channel, position, tile) is written below.
-    let mut dm = crate::uninit(s.cout * A * A * tiles);
-    dm.par_chunks_mut(A * A * tiles).enumerate().for_each_init(
+    // Every value but the padding between channels is written below; the padding is never read.
+    let mut dm = crate::uninit(s.cout * s.ld(A * A));
+    dm.par_chunks_mut(s.ld(A * A)).enumerate().for_each_init(
         || vec![0f32; ph * pw],
         |padded, (o, dmo)| {
             for j in 0..s.n {
@@ -942,27 +1059,58 @@ fn transform_output_grad<const A: usize, const R: usize, T: Tile<A, R>>(grad: &[
     dm
 }
 
-/// A 3x3 or 5x5 layer's weight in Winograd's transformed form, made once for weights that no longer change
-/// (inference): at batch 1 the transform costs about as much as the convolution's products. It holds 16/9
-/// (3x3) or 36/25 (5x5) of the weight's values.
+/// A 3x3 or 5x5 layer's weight prepared for Winograd convolutions that no longer change it (inference),
+/// in one of two forms ([`WinogradWeights::new`], [`WinogradWeights::plain`]).
 #[derive(Clone, Debug)]
 pub struct WinogradWeights {
-    u: Arc<Vec<f32>>,
+    form: Form,
     cout: usize,
     cin: usize,
     k: usize,
 }
 
+#[derive(Clone, Debug)]
+enum Form {
+    /// U [out][α²][in], made once.
+    Transformed(Arc<Vec<f32>>),
+    /// The weight reordered ([`plain::by_blocks`]), transformed slice by slice in every call ([`plain`]).
+    Plain(Arc<Vec<f32>>),
+}
+
 impl WinogradWeights {
-    /// The transform of w [O, I, k, k]; `None` for kernel sizes without a Winograd variant (all but 3 and 5).
+    /// The transform of w [O, I, k, k], made once (at batch 1 a transform costs about as much as the
+    /// convolution's products); 16/9 (3x3) or 36/25 (5x5) of the weight's values. `None` for kernel sizes
+    /// without a Winograd variant (all but 3 and 5).
     pub fn new(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        Self::make(w, |data, [cout, cin, k]| {
+            Form::Transformed(Arc::new(transform_weights(&data, cout, cin, k, Kernel::Forward)))
+        })
+    }
+
+    /// w [O, I, k, k] kept at its size, reordered so that each call transforms it a cache-sized slice at a
+    /// time with vector arithmetic just before multiplying ([`plain`]): for flows whose transforms would
+    /// not fit the memory the users have (the paper's, 1.5 GB against 1.0 GB) or that run on maps large
+    /// enough for the transform's cost to vanish. AVX2 CPUs only; elsewhere it transforms the whole weight
+    /// per call.
+    pub fn plain(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        Self::make(w, |data, [cout, cin, k]| Form::Plain(Arc::new(plain::by_blocks(&data, cout, cin, k))))
+    }
+
+    fn make(w: &Tensor, form: impl FnOnce(Vec<f32>, [usize; 3]) -> Form) -> candle_core::Result<Option<Self>> {
         let &[cout, cin, k, kw] = w.dims() else { return Ok(None) };
         if k != kw || !supports(k) {
             return Ok(None);
         }
         let data = w.flatten_all()?.to_vec1::<f32>()?;
-        let u = transform_weights(&data, cout, cin, k, Kernel::Forward);
-        Ok(Some(Self { u: Arc::new(u), cout, cin, k }))
+        Ok(Some(Self { form: form(data, [cout, cin, k]), cout, cin, k }))
+    }
+
+    /// Whether [`WinogradWeights::plain`] weights with `cin` input channels and k x k kernels run at
+    /// about the transformed ones' speed on `tiles` 2x2 output tiles (batch x ⌈h/2⌉ x ⌈w/2⌉): their fused
+    /// products read the transformed input once per 24 output channels, which waits on memory when it is
+    /// large; such calls transform the whole weight first.
+    pub fn plain_fuses(cin: usize, k: usize, tiles: usize) -> bool {
+        plain::fuses(cin, k, tiles)
     }
 
     /// [O, I, k] of the weight it was made from.
@@ -1008,6 +1156,10 @@ impl CustomOp2 for Prepared {
             );
         }
         let s = Shape { n, cin, cout: u.cout, h, w, k: u.k };
-        Ok((CpuStorage::F32(conv(x, &u.u, Some(b), self.1, s)), (n, u.cout, h, w).into()))
+        let y = match &u.form {
+            Form::Transformed(t) => conv(x, t, Some(b), self.1, s),
+            Form::Plain(p) => plain::conv(x, p, Some(b), self.1, s),
+        };
+        Ok((CpuStorage::F32(y), (n, u.cout, h, w).into()))
     }
 }
