@@ -71,6 +71,41 @@ fn has_avx2_fma() -> bool {
     *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
+/// Whether this CPU runs the bfloat16 products (AVX512_BF16 with AVX512F, BW and VL; detected once).
+fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| {
+            has_avx2_fma()
+                && is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vl")
+                && is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// The arithmetic of inference products that may trade precision for speed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Precision {
+    /// f32 throughout.
+    #[default]
+    F32,
+    /// Operands rounded to bfloat16 (8 significant bits), their products summed in f32, on CPUs with
+    /// AVX512_BF16 (as OpenVINO does by default there); f32 elsewhere.
+    Bf16,
+}
+
+impl Precision {
+    /// Whether this CPU computes in this precision (f32 always; bfloat16 with AVX512_BF16).
+    pub fn supported(self) -> bool {
+        self == Precision::F32 || has_avx512_bf16()
+    }
+}
+
 /// An AVX2 mask selecting the first `n` (at most 8) of 8 lanes, for masked loads and stores of a row's tail.
 ///
 /// # Safety

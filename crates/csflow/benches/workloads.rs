@@ -22,7 +22,8 @@ use csflow::io::ModelMeta;
 use csflow::score::MapMode;
 use csflow::train::{TrainConfig, Trainer};
 use csflow_kernels::{
-    conv2d_act, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights, WinogradWeights,
+    conv2d_act, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights, Precision,
+    WinogradWeights,
 };
 
 /// The median; with `BENCH_DIST` set, the deciles on stderr too (this VM's times are often bimodal).
@@ -119,10 +120,10 @@ fn flow_input(config: &FlowConfig, batch: usize, map: usize) -> [Tensor; 3] {
     [x(0), x(1), x(2)]
 }
 
-fn flow_forward(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
+fn flow_forward(config: FlowConfig, batch: usize, map: usize, reps: usize, precision: Precision) -> f64 {
     // Prepared once, as a loaded model is (after the parameter map is gone, as there).
     let flow = CsFlow::new(config.clone(), &flow_params(&config)).unwrap();
-    let flow = flow.for_inference(Some([0, 1, 2].map(|s| [map >> s; 2]))).unwrap();
+    let flow = flow.for_inference_in(Some([0, 1, 2].map(|s| [map >> s; 2])), precision).unwrap();
     let x = flow_input(&config, batch, map);
     time(reps, || {
         flow.forward(&x).unwrap().z[0].sum_all().unwrap().to_scalar::<f32>().unwrap();
@@ -177,9 +178,11 @@ fn main() {
     let reps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);
     let cpu = || FlowConfig::new(192, 256);
     let median = match workload {
-        "flow-forward-paper" => flow_forward(FlowConfig::paper(), 1, 24, reps),
+        "flow-forward-paper" => flow_forward(FlowConfig::paper(), 1, 24, reps, Precision::F32),
+        "flow-forward-paper-bf16" => flow_forward(FlowConfig::paper(), 1, 24, reps, Precision::Bf16),
         "flow-step-paper" => flow_step(FlowConfig::paper(), 2, 24, reps),
-        "flow-forward-cpu" => flow_forward(cpu(), 16, 8, reps),
+        "flow-forward-cpu" => flow_forward(cpu(), 16, 8, reps, Precision::F32),
+        "flow-forward-cpu-bf16" => flow_forward(cpu(), 16, 8, reps, Precision::Bf16),
         "flow-step-cpu" => flow_step(cpu(), 16, 8, reps),
         "lite0-256" => extraction(EfficientNetConfig::lite0(), 256, reps),
         "lite0-256-level0" => lite0_level(0, reps),
@@ -331,7 +334,8 @@ fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
                 });
                 line += &format!(" | winograd {:>7.3} ms {:>6.1} direct-GFLOPS", wino * 1e3, gflops(wino));
                 best = best.min(wino);
-                let us: Vec<_> = ws.iter().map(|w| WinogradWeights::plain(w).unwrap().unwrap()).collect();
+                let us: Vec<_> =
+                    ws.iter().map(|w| WinogradWeights::plain(w, Precision::F32).unwrap().unwrap()).collect();
                 let kept = min(&mut |i| {
                     conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
                 });

@@ -7,6 +7,7 @@ use common::*;
 use csflow::flow::{CsFlow, FlowConfig, ParamMap};
 use csflow::score::{anomaly_map, image_scores, scale_maps, MapMode};
 use csflow::train::{Adam, AdamConfig};
+use csflow_kernels::Precision;
 
 struct Case {
     fx: Fixture,
@@ -136,6 +137,22 @@ fn inference_flow_matches_the_reference() {
             check(&format!("{name} logdet"), rel_err(&out.logdet, c.fx.t("logdet")), 1e-5);
             check(&format!("{name} score"), rel_err(&image_scores(&out).unwrap(), c.fx.t("score")), 1e-5);
         }
+    }
+}
+
+/// With bfloat16 products (on CPUs with AVX512_BF16; elsewhere the same f32 flow), the scores stay within
+/// 1e-3 relative of the reference's, as OpenVINO's bfloat16 default does: the bar for trading precision for
+/// speed in inference.
+#[test]
+fn bf16_inference_scores_agree_with_the_reference() {
+    for name in ["flow_small.safetensors", "flow_paper_maps.safetensors"] {
+        let c = case(name);
+        let maps = c.x.clone().map(|x| [x.dim(2).unwrap(), x.dim(3).unwrap()]);
+        let flow = c.flow.clone().for_inference_in(Some(maps), Precision::Bf16).unwrap();
+        let out = flow.forward(&c.x).unwrap();
+        let err = rel_err(&image_scores(&out).unwrap(), c.fx.t("score"));
+        eprintln!("{name}: bf16 {} score error {err:e}", Precision::Bf16.supported());
+        check(&format!("{name} bf16 score"), err, 1e-3);
     }
 }
 

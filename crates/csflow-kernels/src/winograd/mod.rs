@@ -23,7 +23,7 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{gemm_into, Mat};
-use crate::Activation;
+use crate::{Activation, Precision};
 
 mod plain;
 
@@ -893,7 +893,7 @@ mod tests {
                 // Fused, and with the whole weight transformed first (calls whose input transform is large).
                 for fused in [true, false] {
                     let blocked = plain::by_blocks(&wt, cout, cin, k);
-                    let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, fused);
+                    let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, fused, false);
                     let err = if is_large {
                         let u = transform_weights(&wt, cout, cin, k, Kernel::Forward);
                         relative_error(&ours, &conv(&x, &u, Some(&b), Activation::Identity, s))
@@ -907,7 +907,8 @@ mod tests {
             let x = Tensor::from_vec(data(n * cin * h * w, 15), (n, cin, h, w), &dev).unwrap();
             let wt = Tensor::from_vec(data(cout * cin * k * k, 16), (cout, cin, k, k), &dev).unwrap();
             let b = Tensor::from_vec(data(cout, 17), cout, &dev).unwrap();
-            let [p, t] = [WinogradWeights::plain(&wt), WinogradWeights::new(&wt)].map(|u| u.unwrap().unwrap());
+            let [p, t] =
+                [WinogradWeights::plain(&wt, Precision::F32), WinogradWeights::new(&wt)].map(|u| u.unwrap().unwrap());
             assert_eq!(p.dims(), [cout, cin, k]);
             let act = Activation::LeakyRelu(0.1);
             let [yp, yt] = [p, t].map(|u| conv_winograd(&x, &u, &b, act).unwrap().flatten_all().unwrap());
@@ -915,9 +916,63 @@ mod tests {
             let err = relative_error(&yp, &yt);
             assert!(err < tolerance(k), "{k}x{k} prepared forms: error {err}");
         }
-        assert!(WinogradWeights::plain(&Tensor::zeros((2, 2, 7, 7), candle_core::DType::F32, &dev).unwrap())
-            .unwrap()
-            .is_none());
+        let w7 = Tensor::zeros((2, 2, 7, 7), candle_core::DType::F32, &dev).unwrap();
+        assert!(WinogradWeights::plain(&w7, Precision::F32).unwrap().is_none());
+    }
+
+    /// The bfloat16 products (on CPUs with AVX512_BF16) are the f32 pipeline's with the transformed weights
+    /// and input rounded to bfloat16 (to nearest, ties to even), their products summed exactly: computed here
+    /// from `transform_weights` and `transform_input` (the same f32 operations), rounded, multiplied in f64
+    /// and put through the output transform. What remains is the kernel's f32 summation: measured up to
+    /// 3.4e-7 of the outputs' size with 2-8 channels, 1.1e-6 (3x3) and 3.9e-6 (5x5) with 170, within twice
+    /// the f32 tests' tolerances (the f32 forms measured 2.2e-6 and 1.0e-5 against the direct sum there); a
+    /// wrong pairing or slice would show at the bfloat16 rounding's 1e-2. Against the f32 products the rounding itself shows: up to 1e-2 of the
+    /// outputs' size for 3x3 kernels and 6e-2 for 5x5 (whose transforms' coefficients reach 5 and 1/24) on
+    /// these few-channel shapes; the flow's scores stay within 1e-3 (tests/flow_parity.rs).
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn bf16_products_are_the_rounded_operands_products() {
+        fn bf16(v: f32) -> f32 {
+            let b = v.to_bits();
+            f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+        }
+        fn check<const A: usize, const R: usize, T: Tile<A, R>>(s: Shape) {
+            let (x, wt, b) =
+                (data(s.n * s.cin * s.h * s.w, 19), data(s.cout * s.cin * s.k * s.k, 20), data(s.cout, 21));
+            let (tiles, ld) = (s.tiles(), s.ld(A * A));
+            let u: Vec<f32> =
+                transform_weights(&wt, s.cout, s.cin, s.k, Kernel::Forward).into_iter().map(bf16).collect();
+            let v: Vec<f32> = transform_input::<A, R, T>(&x, s).into_iter().map(bf16).collect();
+            let mut m = vec![0f32; s.cout * ld + TX];
+            for o in 0..s.cout {
+                for xi in 0..A * A {
+                    for t in 0..tiles {
+                        let sum: f64 = (0..s.cin)
+                            .map(|c| u[(o * A * A + xi) * s.cin + c] as f64 * v[c * ld + xi * tiles + t] as f64)
+                            .sum();
+                        m[o * ld + xi * tiles + t] = sum as f32;
+                    }
+                }
+            }
+            let mut want = vec![0f32; s.n * s.cout * s.h * s.w];
+            transform_output::<A, R, T>(&m, s, Some(&b), Activation::Identity, &mut want);
+            let blocked = plain::by_blocks(&wt, s.cout, s.cin, s.k);
+            let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, true);
+            let err = relative_error(&ours, &want);
+            assert!(err < 2.0 * tolerance(s.k), "{s:?}: error {err}");
+            let f32s = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, false);
+            // Not the f32 values: the bfloat16 kernel ran.
+            assert!(relative_error(&ours, &f32s) > 0.0, "{s:?}");
+        }
+        if !Precision::Bf16.supported() {
+            eprintln!("no AVX512_BF16 here: bfloat16 products not tested");
+            return;
+        }
+        let large = [(1, 100, 30, 9, 7), (2, 170, 50, 4, 6), (1, 9, 25, 1, 1), (1, 33, 40, 13, 12)];
+        for &(n, cin, cout, h, w) in SHAPES.iter().chain(&large) {
+            check::<4, 3, F2x3>(Shape { n, cin, cout, h, w, k: 3 });
+            check::<6, 5, F2x5>(Shape { n, cin, cout, h, w, k: 5 });
+        }
     }
 
     /// The portable path's reordering undoes the blocked one, which pads the input channels to 8.
@@ -1073,8 +1128,9 @@ pub struct WinogradWeights {
 enum Form {
     /// U [out][α²][in], made once.
     Transformed(Arc<Vec<f32>>),
-    /// The weight reordered ([`plain::by_blocks`]), transformed slice by slice in every call ([`plain`]).
-    Plain(Arc<Vec<f32>>),
+    /// The weight reordered ([`plain::by_blocks`]), transformed slice by slice in every call ([`plain`]), and
+    /// the precision of its products.
+    Plain(Arc<Vec<f32>>, Precision),
 }
 
 impl WinogradWeights {
@@ -1092,8 +1148,10 @@ impl WinogradWeights {
     /// not fit the memory the users have (the paper's, 1.5 GB against 1.0 GB) or that run on maps large
     /// enough for the transform's cost to vanish. AVX2 CPUs only; elsewhere it transforms the whole weight
     /// per call.
-    pub fn plain(w: &Tensor) -> candle_core::Result<Option<Self>> {
-        Self::make(w, |data, [cout, cin, k]| Form::Plain(Arc::new(plain::by_blocks(&data, cout, cin, k))))
+    /// `precision` [`Precision::Bf16`] rounds the transformed weights and input to bfloat16 where the CPU
+    /// multiplies them (AVX512_BF16).
+    pub fn plain(w: &Tensor, precision: Precision) -> candle_core::Result<Option<Self>> {
+        Self::make(w, |data, [cout, cin, k]| Form::Plain(Arc::new(plain::by_blocks(&data, cout, cin, k)), precision))
     }
 
     fn make(w: &Tensor, form: impl FnOnce(Vec<f32>, [usize; 3]) -> Form) -> candle_core::Result<Option<Self>> {
@@ -1109,8 +1167,8 @@ impl WinogradWeights {
     /// about the transformed ones' speed on `tiles` 2x2 output tiles (batch x ⌈h/2⌉ x ⌈w/2⌉): their fused
     /// products read the transformed input once per 24 output channels, which waits on memory when it is
     /// large; such calls transform the whole weight first.
-    pub fn plain_fuses(cin: usize, k: usize, tiles: usize) -> bool {
-        plain::fuses(cin, k, tiles)
+    pub fn plain_fuses(cin: usize, k: usize, tiles: usize, precision: Precision) -> bool {
+        plain::fuses(cin, k, tiles, precision == Precision::Bf16 && crate::has_avx512_bf16())
     }
 
     /// [O, I, k] of the weight it was made from.
@@ -1158,7 +1216,7 @@ impl CustomOp2 for Prepared {
         let s = Shape { n, cin, cout: u.cout, h, w, k: u.k };
         let y = match &u.form {
             Form::Transformed(t) => conv(x, t, Some(b), self.1, s),
-            Form::Plain(p) => plain::conv(x, p, Some(b), self.1, s),
+            Form::Plain(p, precision) => plain::conv(x, p, Some(b), self.1, s, *precision),
         };
         Ok((CpuStorage::F32(y), (n, u.cout, h, w).into()))
     }

@@ -10,6 +10,7 @@
 //! (6x6), where one layer takes 1.1-1.3x the transformed weights' time.
 
 use super::*;
+use crate::Precision;
 
 /// Output channels per micro-kernel call.
 const MR: usize = 6;
@@ -27,10 +28,11 @@ const SLICE_BYTES: usize = 128 * 1024;
 /// one thread) waited on memory; at 9.4 MB (3x3, same layer) they were within 2-10 % of it.
 const FUSED_V_BYTES: usize = 12 << 20;
 
-/// Whether a call on `tiles` tiles with `cin` input channels and k x k kernels runs the fused products.
-pub(super) fn fuses(cin: usize, k: usize, tiles: usize) -> bool {
+/// Whether a call on `tiles` tiles with `cin` input channels and k x k kernels runs the fused products (V in
+/// bfloat16 with `bf16`, half the bytes).
+pub(super) fn fuses(cin: usize, k: usize, tiles: usize, bf16: bool) -> bool {
     let positions = (k + 1) * (k + 1);
-    cin * positions * tiles * 4 <= FUSED_V_BYTES
+    cin * positions * tiles * if bf16 { 2 } else { 4 } <= FUSED_V_BYTES
 }
 
 /// Input channels per slice for α² positions (a multiple of the vector width).
@@ -74,18 +76,32 @@ pub(super) fn from_blocks(w: &[f32], cin: usize, k: usize) -> Vec<f32> {
 }
 
 /// y [n, cout, h, w] = conv(x [n, cin, h, w], w) + bias for the reordered weight `w` ([`by_blocks`]).
-pub(super) fn conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape) -> Vec<f32> {
-    conv_by(x, w, bias, act, s, fuses(s.cin, s.k, s.tiles()))
+///
+/// `Precision::Bf16` on CPUs with AVX512_BF16 rounds the transformed weights and input to bfloat16 and sums
+/// their products in f32 (`vdpbf16ps`); elsewhere, and for calls that transform the whole weight, f32.
+pub(super) fn conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape, p: Precision) -> Vec<f32> {
+    let bf16 = p == Precision::Bf16 && crate::has_avx512_bf16();
+    conv_by(x, w, bias, act, s, fuses(s.cin, s.k, s.tiles(), bf16), bf16)
 }
 
-/// [`conv`] by the fused products, or (`fused` false, or without AVX2) with the whole weight transformed first.
-pub(super) fn conv_by(x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape, fused: bool) -> Vec<f32> {
+/// [`conv`] by the fused products (in bfloat16 with `bf16`, which the CPU must support), or (`fused` false,
+/// or without AVX2) with the whole weight transformed first.
+pub(super) fn conv_by(
+    x: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    act: Activation,
+    s: Shape,
+    fused: bool,
+    bf16: bool,
+) -> Vec<f32> {
     assert_eq!(w.len(), s.cout * s.k * s.k * s.cin.div_ceil(IB) * IB);
+    assert!(!bf16 || crate::has_avx512_bf16());
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         return match s.k {
-            3 => conv_avx2::<4, 3, F2x3>(x, w, bias, act, s, fused),
-            5 => conv_avx2::<6, 5, F2x5>(x, w, bias, act, s, fused),
+            3 => conv_avx2::<4, 3, F2x3>(x, w, bias, act, s, fused, bf16),
+            5 => conv_avx2::<6, 5, F2x5>(x, w, bias, act, s, fused, bf16),
             k => unreachable!("no Winograd variant for {k}x{k} kernels"),
         };
     }
@@ -102,6 +118,7 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     act: Activation,
     s: Shape,
     fused: bool,
+    bf16: bool,
 ) -> Vec<f32> {
     if !fused {
         let mut u = crate::uninit(s.cout * A * A * s.cin);
@@ -128,12 +145,20 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     }
     around_products::<A, R, T>(x, bias, act, s, |v, m| {
         let dst = crate::gemm::SendPtr(m.as_mut_ptr());
+        // SAFETY: AVX512_BF16 where `bf16` (asserted by `conv_by`); v holds s.cin channels.
+        let pairs = bf16.then(|| unsafe { x86::to_pairs(v, s.cin, A * A * s.tiles(), s.ld(A * A)) });
         (0..s.cout.div_ceil(ROWS)).into_par_iter().for_each(|g| {
             let dst = &dst;
-            // SAFETY: the CPU supports AVX2 and FMA (checked by the caller); task g writes only the rows of
-            // output channels g*ROWS.. g*ROWS + ROWS of M, disjoint from every other task; w, v and m have the
-            // sizes `group` reads and writes (asserted by `conv` and `around_products`).
-            unsafe { x86::group::<A, R, T>(w, v, dst.0, s, g) }
+            // SAFETY: the CPU supports AVX2 and FMA (checked by the caller), and AVX512_BF16 for the pairs;
+            // task g writes only the rows of output channels g*ROWS.. g*ROWS + ROWS of M, disjoint from every
+            // other task; w, v (or its pairs) and m have the sizes `group` reads and writes (asserted by
+            // `conv` and `around_products`).
+            unsafe {
+                match &pairs {
+                    Some(p) => x86::group_bf16::<A, R, T>(w, p.as_ptr().cast(), dst.0, s, g),
+                    None => x86::group::<A, R, T>(w, v.as_ptr(), dst.0, s, g),
+                }
+            }
         })
     })
 }
@@ -159,7 +184,34 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn group<const A: usize, const R: usize, T: Tile<A, R>>(
         w: &[f32],
-        v: &[f32],
+        v: *const f32,
+        m: *mut f32,
+        s: Shape,
+        g: usize,
+    ) {
+        group_body::<A, R, T, false>(w, v.cast(), m, s, g)
+    }
+
+    /// [`group`] in bfloat16: v is V as channel pairs ([`to_pairs`]), the weights' slices are rounded to
+    /// bfloat16 as they are transformed.
+    ///
+    /// # Safety
+    /// As [`group`], and the CPU supports AVX512_BF16 (with AVX512F, BW and VL).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+    pub(super) unsafe fn group_bf16<const A: usize, const R: usize, T: Tile<A, R>>(
+        w: &[f32],
+        v: *const u32,
+        m: *mut f32,
+        s: Shape,
+        g: usize,
+    ) {
+        group_body::<A, R, T, true>(w, v.cast(), m, s, g)
+    }
+
+    #[inline(always)]
+    unsafe fn group_body<const A: usize, const R: usize, T: Tile<A, R>, const BF16: bool>(
+        w: &[f32],
+        v: *const u8,
         m: *mut f32,
         s: Shape,
         g: usize,
@@ -189,7 +241,13 @@ mod x86 {
             let lines_per_row = (step.min(cin - next_k0).div_ceil(IB) * R * R * IB).div_ceil(line_floats);
             let next = w.as_ptr().wrapping_add(next_o0 * row_len + next_k0 / IB * R * R * IB);
             let (lines, mut fetched) = (next_rows * lines_per_row, 0);
-            transform_block::<A, R, T>(w, cin, (o0, rows), (k0, kc), u.as_mut_ptr(), (ROWS * kcm, kcm));
+            // Not inlined: inside the products' loop nest the transform's vector operations were left as calls.
+            let (cols, ld_u) = ((k0, kc), (ROWS * kcm, kcm));
+            if BF16 {
+                transform_block_bf16::<A, R, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
+            } else {
+                transform_block::<A, R, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
+            }
             for xi in 0..positions {
                 let until = (fetched + lines.div_ceil(positions)).min(lines);
                 for l in fetched..until {
@@ -197,34 +255,136 @@ mod x86 {
                     _mm_prefetch::<_MM_HINT_T1>(at as *const i8);
                 }
                 fetched = until;
-                let (ub, vb) = (u.as_ptr().add(xi * ROWS * kcm), v.as_ptr().add(k0 * ld + xi * tiles));
                 let mb = m.add(o0 * ld + xi * tiles);
-                for col in (0..tiles).step_by(NR) {
-                    let width = NR.min(tiles - col);
-                    for p in 0..rows.div_ceil(MR) {
-                        let call = Micro {
-                            u: ub.add(p * MR * kcm),
-                            ldu: kcm,
-                            v: vb.add(col),
-                            m: mb.add(p * MR * ld + col),
-                            ld,
-                            kc,
-                            rows: MR.min(rows - p * MR),
-                            first: k0 == 0,
-                            width,
-                        };
-                        if width == NR {
-                            call.run::<2, false>();
-                        } else if width > NR / 2 {
-                            call.run::<2, true>();
+                let first = k0 == 0;
+                if BF16 {
+                    // Pairs of bfloat16: u's rows hold kcm / 2, v's channel pairs are ld apart.
+                    let ub = u.as_ptr().cast::<u32>().add(xi * ROWS * kcm / 2);
+                    let vb = v.cast::<u32>().add(k0 / 2 * ld + xi * tiles);
+                    products::<bf16::Bf16x16>(ub, kcm / 2, vb, mb, ld, (kc.div_ceil(2), rows, first, tiles));
+                } else {
+                    let (ub, vb) = (u.as_ptr().add(xi * ROWS * kcm), v.cast::<f32>().add(k0 * ld + xi * tiles));
+                    products::<F32x8>(ub, kcm, vb, mb, ld, (kc, rows, first, tiles));
+                }
+            }
+        }
+        SLICE.set(u);
+    }
+
+    /// V [cin][α²][tiles] (channels `ld` apart, `n` values each) as bfloat16 pairs of channels: ⌈cin / 2⌉ rows
+    /// of n u32 values, `ld` apart, channel 2c in each value's low half and 2c + 1 (zero past the last) in
+    /// its high half, as `vdpbf16ps` multiplies them.
+    ///
+    /// # Safety
+    /// The CPU supports AVX512_BF16 (with AVX512F, BW and VL); v holds cin channels.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+    // Written before read, as `crate::uninit`'s buffers.
+    #[allow(clippy::uninit_vec)]
+    pub(super) unsafe fn to_pairs(v: &[f32], cin: usize, n: usize, ld: usize) -> Vec<u32> {
+        let pairs = cin.div_ceil(2);
+        assert!(v.len() >= (cin - 1) * ld + n && n <= ld);
+        let mut out: Vec<u32> = Vec::with_capacity(pairs * ld);
+        // SAFETY: u32 has no invalid values; the first n of every row are written below, and the padding up to
+        // the next row is never read.
+        out.set_len(pairs * ld);
+        out.par_chunks_mut(ld).enumerate().for_each(|(cp, row)| {
+            let a = &v[2 * cp * ld..][..n];
+            let b = (2 * cp + 1 < cin).then(|| &v[(2 * cp + 1) * ld..][..n]);
+            // SAFETY: as this function's; the row has room for n values.
+            unsafe { bf16::pair_row(a, b, &mut row[..n]) }
+        });
+        out
+    }
+
+    /// The bfloat16 kernels: 512-bit registers of 16 tiles, each multiply-add summing a pair of input
+    /// channels.
+    mod bf16 {
+        use super::*;
+
+        fn lanes(n: usize) -> __mmask16 {
+            if n >= 16 {
+                0xFFFF
+            } else {
+                (1u16 << n) - 1
+            }
+        }
+
+        /// Eight values rounded to bfloat16 (to nearest even) at `dst`.
+        #[inline(always)]
+        pub(super) unsafe fn store8(dst: *mut u16, val: __m256) {
+            let b: __m128bh = _mm256_cvtneps_pbh(val);
+            _mm_storeu_si128(dst.cast(), std::mem::transmute::<__m128bh, __m128i>(b));
+        }
+
+        /// One row of [`to_pairs`].
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+        pub(super) unsafe fn pair_row(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {
+            let idx: [u16; 32] = from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 16 + i as u16 / 2 });
+            let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+            for t0 in (0..a.len()).step_by(16) {
+                let mask = lanes(a.len() - t0);
+                let fa = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(t0));
+                let fb = b.map_or(_mm512_setzero_ps(), |b| _mm512_maskz_loadu_ps(mask, b.as_ptr().add(t0)));
+                // a's 16 values in the low half, b's in the high, then interleaved value by value.
+                let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(fb, fa));
+                _mm512_mask_storeu_epi32(out.as_mut_ptr().add(t0).cast(), mask, _mm512_permutexvar_epi16(idx, packed));
+            }
+        }
+
+        /// bfloat16 pairs in AVX-512 registers: 8 channels (16 accumulators of the 32 registers) x 32 tiles,
+        /// each multiply-add summing a pair of input channels.
+        pub(in super::super) struct Bf16x16;
+
+        impl Kernel for Bf16x16 {
+            type E = u32;
+            const MR: usize = 8;
+            const NR: usize = 32;
+
+            #[inline(always)]
+            unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<u32>) {
+                let mut masks = [0 as __mmask16; V];
+                for (j, m) in masks.iter_mut().enumerate() {
+                    *m = lanes(c.width.saturating_sub(16 * j));
+                }
+                let mut acc = [[_mm512_setzero_ps(); V]; 8];
+                if !c.first {
+                    for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
+                        for (j, a) in row.iter_mut().enumerate() {
+                            *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ld + 16 * j));
+                        }
+                    }
+                }
+                for k in 0..c.k {
+                    let mut xv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
+                    for (j, x) in xv.iter_mut().enumerate() {
+                        let p = c.v.add(k * c.ld + 16 * j);
+                        let v = if MASKED {
+                            _mm512_maskz_loadu_epi32(masks[j], p.cast())
                         } else {
-                            call.run::<1, true>();
+                            _mm512_loadu_si512(p.cast())
+                        };
+                        *x = std::mem::transmute::<__m512i, __m512bh>(v);
+                    }
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let w = _mm512_set1_epi32(*c.u.add(i * c.ldu + k) as i32);
+                        let w = std::mem::transmute::<__m512i, __m512bh>(w);
+                        for (a, x) in row.iter_mut().zip(&xv) {
+                            *a = _mm512_dpbf16_ps(*a, w, *x);
+                        }
+                    }
+                }
+                for (i, row) in acc.iter().enumerate().take(c.rows) {
+                    for (j, a) in row.iter().enumerate() {
+                        let p = c.m.add(i * c.ld + 16 * j);
+                        if MASKED {
+                            _mm512_mask_storeu_ps(p, masks[j], *a);
+                        } else {
+                            _mm512_storeu_ps(p, *a);
                         }
                     }
                 }
             }
         }
-        SLICE.set(u);
     }
 
     /// U for output channels o0..o0 + rows and input channels k0..k0 + kc of the blocked weight w (`cin` input
@@ -235,9 +395,39 @@ mod x86 {
     /// AVX2 and FMA; w is a blocked weight with at least o0 + rows output channels and k0 + kc <= cin; dst has
     /// room for every value written.
     #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn transform_block<const A: usize, const R: usize, T: Tile<A, R>>(
+        w: &[f32],
+        cin: usize,
+        rows: (usize, usize),
+        cols: (usize, usize),
+        dst: *mut f32,
+        ld: (usize, usize),
+    ) {
+        transform_block_to::<A, R, T, false>(w, cin, rows, cols, dst, ld)
+    }
+
+    /// [`transform_block`] rounded to bfloat16 and stored as such: dst holds bfloat16 values at the same
+    /// offsets, every step of eight stored whole (the weights are zero past `cin`).
+    ///
+    /// # Safety
+    /// As [`transform_block`], and the CPU supports AVX512_BF16 (with AVX512F, BW and VL).
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn transform_block_bf16<const A: usize, const R: usize, T: Tile<A, R>>(
+        w: &[f32],
+        cin: usize,
+        rows: (usize, usize),
+        cols: (usize, usize),
+        dst: *mut f32,
+        ld: (usize, usize),
+    ) {
+        transform_block_to::<A, R, T, true>(w, cin, rows, cols, dst, ld)
+    }
+
+    /// [`transform_block`], or with `BF16` [`transform_block_bf16`].
+    #[inline(always)]
     // a indexes the columns' coefficients inside a closure and the destination: clearer as a range.
     #[allow(clippy::needless_range_loop)]
-    pub(super) unsafe fn transform_block<const A: usize, const R: usize, T: Tile<A, R>>(
+    unsafe fn transform_block_to<const A: usize, const R: usize, T: Tile<A, R>, const BF16: bool>(
         w: &[f32],
         cin: usize,
         (o0, rows): (usize, usize),
@@ -250,13 +440,31 @@ mod x86 {
             let row = &w[(o0 + r) * row_len..][..row_len];
             for i0 in (0..kc).step_by(IB) {
                 let taps = row[(k0 + i0) / IB * R * R * IB..][..R * R * IB].as_ptr();
-                let g: [[V8; R]; R] = from_fn(|ky| from_fn(|kx| V8(_mm256_loadu_ps(taps.add((ky * R + kx) * IB)))));
-                // As `weights_t`: columns of g through G, then each of those rows through G again.
-                let cols: [[V8; A]; R] = from_fn(|kx| T::g(from_fn(|ky| g[ky][kx])));
+                // As `weights_t`: columns of g through G, then each of those rows through G again. Loops, not
+                // `from_fn`: its closures, compiled without AVX, kept the vector operations as calls once this
+                // was inlined into the bfloat16 products.
+                let zero = V8(_mm256_setzero_ps());
+                let mut cols = [[zero; A]; R];
+                for (kx, col) in cols.iter_mut().enumerate() {
+                    let mut taps_x = [zero; R];
+                    for (ky, t) in taps_x.iter_mut().enumerate() {
+                        *t = V8(_mm256_loadu_ps(taps.add((ky * R + kx) * IB)));
+                    }
+                    *col = T::g(taps_x);
+                }
                 let mask = crate::first_lanes(kc - i0);
                 for a in 0..A {
-                    for (q, val) in T::g(from_fn(|kx| cols[kx][a])).into_iter().enumerate() {
-                        let to = dst.add((a * A + q) * pos_ld + r * row_ld + i0);
+                    let mut row_a = [zero; R];
+                    for (kx, r) in row_a.iter_mut().enumerate() {
+                        *r = cols[kx][a];
+                    }
+                    for (q, val) in T::g(row_a).into_iter().enumerate() {
+                        let at = (a * A + q) * pos_ld + r * row_ld + i0;
+                        if BF16 {
+                            bf16::store8(dst.cast::<u16>().add(at), val.0);
+                            continue;
+                        }
+                        let to = dst.add(at);
                         if kc - i0 >= IB {
                             _mm256_storeu_ps(to, val.0);
                         } else {
@@ -268,47 +476,104 @@ mod x86 {
         }
     }
 
-    /// One micro-kernel call: MR output channels (`rows` of them real) by `width` tiles, over `kc` input
-    /// channels; rows of u are `ldu` apart, rows of v and m (channels) `ld`. The first slice starts from
-    /// zero, later ones from the partial sums stored in m.
-    struct Micro {
-        u: *const f32,
+    /// One micro-kernel call: `MR` output channels (`rows` of them real) by `width` tiles, over `k` steps
+    /// (input channels, or pairs of them in bfloat16); rows of u are `ldu` apart, rows of v and m (channels or
+    /// pairs) `ld`. The first slice starts from zero, later ones from the partial sums stored in m.
+    struct Call<E> {
+        u: *const E,
         ldu: usize,
-        v: *const f32,
+        v: *const E,
         m: *mut f32,
         ld: usize,
-        kc: usize,
+        k: usize,
         rows: usize,
         first: bool,
         width: usize,
     }
 
-    impl Micro {
-        /// `V` vectors of 8 tiles; `MASKED` reads and stores only the first `width`.
+    /// A micro-kernel of `MR` output channels by `NR` tiles (two registers).
+    trait Kernel {
+        /// What u and v hold: f32 values, or pairs of bfloat16.
+        type E;
+        const MR: usize;
+        const NR: usize;
+        /// `V` registers of NR / 2 tiles; `MASKED` reads and stores only the first `width`.
+        unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<Self::E>);
+    }
+
+    /// The products of one position ξ and one slice for a task's `rows` output channels: u holds their
+    /// transformed weights (rows `ldu` apart), v the slice's rows of V and m their rows of M (`ld` apart).
+    #[inline(always)]
+    unsafe fn products<K: Kernel>(
+        u: *const K::E,
+        ldu: usize,
+        v: *const K::E,
+        m: *mut f32,
+        ld: usize,
+        (k, rows, first, tiles): (usize, usize, bool, usize),
+    ) {
+        for col in (0..tiles).step_by(K::NR) {
+            let width = K::NR.min(tiles - col);
+            for p in 0..rows.div_ceil(K::MR) {
+                let c = Call {
+                    u: u.add(p * K::MR * ldu),
+                    ldu,
+                    v: v.add(col),
+                    m: m.add(p * K::MR * ld + col),
+                    ld,
+                    k,
+                    rows: K::MR.min(rows - p * K::MR),
+                    first,
+                    width,
+                };
+                if width == K::NR {
+                    K::run::<2, false>(&c);
+                } else if width > K::NR / 2 {
+                    K::run::<2, true>(&c);
+                } else {
+                    K::run::<1, true>(&c);
+                }
+            }
+        }
+    }
+
+    /// f32 in AVX2 registers: 6 channels x 16 tiles.
+    struct F32x8;
+
+    impl Kernel for F32x8 {
+        type E = f32;
+        const MR: usize = MR;
+        const NR: usize = NR;
+
         #[inline(always)]
-        unsafe fn run<const V: usize, const MASKED: bool>(&self) {
-            let masks: [__m256i; V] = from_fn(|v| crate::first_lanes(self.width.saturating_sub(8 * v)));
+        unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
+            let mut masks = [_mm256_setzero_si256(); V];
+            for (v, m) in masks.iter_mut().enumerate() {
+                *m = crate::first_lanes(c.width.saturating_sub(8 * v));
+            }
             let mut acc = [[_mm256_setzero_ps(); V]; MR];
-            if !self.first {
-                for (i, row) in acc.iter_mut().enumerate().take(self.rows) {
+            if !c.first {
+                for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
                     for (v, a) in row.iter_mut().enumerate() {
-                        *a = crate::load_lanes::<MASKED>(self.m.add(i * self.ld + 8 * v), masks[v]);
+                        *a = crate::load_lanes::<MASKED>(c.m.add(i * c.ld + 8 * v), masks[v]);
                     }
                 }
             }
-            for k in 0..self.kc {
-                let xv: [__m256; V] =
-                    from_fn(|v| crate::load_lanes::<MASKED>(self.v.add(k * self.ld + 8 * v), masks[v]));
+            for k in 0..c.k {
+                let mut xv = [_mm256_setzero_ps(); V];
+                for (v, x) in xv.iter_mut().enumerate() {
+                    *x = crate::load_lanes::<MASKED>(c.v.add(k * c.ld + 8 * v), masks[v]);
+                }
                 for (i, row) in acc.iter_mut().enumerate() {
-                    let wv = _mm256_broadcast_ss(&*self.u.add(i * self.ldu + k));
+                    let wv = _mm256_broadcast_ss(&*c.u.add(i * c.ldu + k));
                     for (a, x) in row.iter_mut().zip(&xv) {
                         *a = _mm256_fmadd_ps(wv, *x, *a);
                     }
                 }
             }
-            for (i, row) in acc.iter().enumerate().take(self.rows) {
+            for (i, row) in acc.iter().enumerate().take(c.rows) {
                 for (v, a) in row.iter().enumerate() {
-                    let p = self.m.add(i * self.ld + 8 * v);
+                    let p = c.m.add(i * c.ld + 8 * v);
                     if MASKED {
                         _mm256_maskstore_ps(p, masks[v], *a);
                     } else {

@@ -1,5 +1,5 @@
 use candle_core::Tensor;
-use csflow_kernels::{bilinear_up2, leaky_relu, Activation, WinogradWeights};
+use csflow_kernels::{bilinear_up2, leaky_relu, Activation, Precision, WinogradWeights};
 
 use super::model::{winograd_tiles, ParamMap, MIN_WINOGRAD_TILES};
 use crate::{Error, Result};
@@ -54,13 +54,13 @@ impl Conv2d {
     /// `tiles` 2x2 output tiles per image where known: beside the plain weight below
     /// [`MIN_WINOGRAD_TILES`] (one image takes im2col there), kept plain where the products fuse the weight's
     /// transform at that size (9/16 or 25/36 of the memory), else transformed once.
-    fn prepare_for_inference(&mut self, tiles: Option<usize>) -> Result<()> {
+    fn prepare_for_inference(&mut self, tiles: Option<usize>, precision: Precision) -> Result<()> {
         if let (ConvWeight::Plain(w), 1) = (&self.weight, self.stride) {
             let (cin, k) = (w.dim(1)?, w.dim(2)?);
             let prepared = match tiles {
                 Some(t) if t < MIN_WINOGRAD_TILES => WinogradWeights::new(w)?.map(|u| ConvWeight::Both(w.clone(), u)),
-                Some(t) if WinogradWeights::plain_fuses(cin, k, t) => {
-                    WinogradWeights::plain(w)?.map(ConvWeight::Winograd)
+                Some(t) if WinogradWeights::plain_fuses(cin, k, t, precision) => {
+                    WinogradWeights::plain(w, precision)?.map(ConvWeight::Winograd)
                 }
                 _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
             };
@@ -144,7 +144,7 @@ impl CrossConvolutions {
     /// weight it replaces, so it cannot reuse the freed weight's place in the heap).
     ///
     /// [`CsFlow::for_inference`]: super::CsFlow::for_inference
-    pub(crate) fn prepare_for_inference(&mut self, tiles: Option<[usize; 3]>) -> Result<()> {
+    pub(crate) fn prepare_for_inference(&mut self, tiles: Option<[usize; 3]>, precision: Precision) -> Result<()> {
         let Self { conv_in, conv_out, up_conv10, up_conv21, .. } = self;
         // Each convolution with the scale whose map it runs on (the up convolutions on the finer one's).
         let [in0, in1, in2] = conv_in;
@@ -152,7 +152,7 @@ impl CrossConvolutions {
         for (c, scale) in
             [(in0, 0), (in1, 1), (in2, 2), (out0, 0), (out1, 1), (out2, 2), (up_conv10, 0), (up_conv21, 1)]
         {
-            c.prepare_for_inference(tiles.map(|t| t[scale]))?;
+            c.prepare_for_inference(tiles.map(|t| t[scale]), precision)?;
             crate::memory::release_freed_memory();
         }
         Ok(())
