@@ -71,8 +71,8 @@ fn has_avx2_fma() -> bool {
     *DETECTED.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
 }
 
-/// Whether this CPU runs the bfloat16 products (AVX512_BF16 with AVX512F, BW and VL; detected once).
-fn has_avx512_bf16() -> bool {
+/// Whether this CPU runs the AVX-512 kernels (AVX512F, BW and VL beside AVX2 and FMA; detected once).
+fn has_avx512() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
@@ -81,8 +81,18 @@ fn has_avx512_bf16() -> bool {
                 && is_x86_feature_detected!("avx512f")
                 && is_x86_feature_detected!("avx512bw")
                 && is_x86_feature_detected!("avx512vl")
-                && is_x86_feature_detected!("avx512bf16")
         })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Whether this CPU runs the bfloat16 products (AVX512_BF16 with AVX512F, BW and VL; detected once).
+fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static DETECTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *DETECTED.get_or_init(|| has_avx512() && is_x86_feature_detected!("avx512bf16"))
     }
     #[cfg(not(target_arch = "x86_64"))]
     false

@@ -701,6 +701,7 @@ fn around_products<const A: usize, const R: usize, T: Tile<A, R>>(
 mod tests {
     use super::*;
     use crate::test_data as data;
+    use plain::Products;
 
     /// The direct sum y[j, o, y, x] = b[o] + Σ k[o, i, ky, kx] x[j, i, y + ky - p, x + kx - p] (p = k / 2) with
     /// the kernel taken as `kernel` describes from the layer weight w.
@@ -890,17 +891,19 @@ mod tests {
             for (&(n, cin, cout, h, w), is_large) in SHAPES.iter().zip([false; 8]).chain(large.iter().zip([true; 3])) {
                 let s = Shape { n, cin, cout, h, w, k };
                 let (x, wt, b) = (data(n * cin * h * w, 12), data(cout * cin * k * k, 13), data(cout, 14));
-                // Fused, and with the whole weight transformed first (calls whose input transform is large).
-                for fused in [true, false] {
+                // Fused by each f32 micro-kernel this CPU runs, and with the whole weight transformed first
+                // (calls whose input transform is large).
+                let kernels = [(true, Products::Avx2), (true, Products::Avx512), (false, Products::Avx2)];
+                for (fused, kernel) in kernels.into_iter().filter(|&(f, k)| !f || k.supported()) {
                     let blocked = plain::by_blocks(&wt, cout, cin, k);
-                    let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, fused, false);
+                    let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, fused, kernel);
                     let err = if is_large {
                         let u = transform_weights(&wt, cout, cin, k, Kernel::Forward);
                         relative_error(&ours, &conv(&x, &u, Some(&b), Activation::Identity, s))
                     } else {
                         relative_error(&ours, &direct(&x, &wt, &b, s, Kernel::Forward))
                     };
-                    assert!(err < tolerance(k), "{k}x{k} {n}x{cin}->{cout} {h}x{w} fused {fused}: error {err}");
+                    assert!(err < tolerance(k), "{k}x{k} {n}x{cin}->{cout} {h}x{w} {fused} {kernel:?}: error {err}");
                 }
             }
             let (n, cin, cout, h, w) = (2, 5, 7, 6, 9);
@@ -957,10 +960,10 @@ mod tests {
             let mut want = vec![0f32; s.n * s.cout * s.h * s.w];
             transform_output::<A, R, T>(&m, s, Some(&b), Activation::Identity, &mut want);
             let blocked = plain::by_blocks(&wt, s.cout, s.cin, s.k);
-            let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, true);
+            let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, Products::Bf16);
             let err = relative_error(&ours, &want);
             assert!(err < 2.0 * tolerance(s.k), "{s:?}: error {err}");
-            let f32s = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, false);
+            let f32s = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, Products::Avx2);
             // Not the f32 values: the bfloat16 kernel ran.
             assert!(relative_error(&ours, &f32s) > 0.0, "{s:?}");
         }

@@ -80,11 +80,44 @@ pub(super) fn from_blocks(w: &[f32], cin: usize, k: usize) -> Vec<f32> {
 /// `Precision::Bf16` on CPUs with AVX512_BF16 rounds the transformed weights and input to bfloat16 and sums
 /// their products in f32 (`vdpbf16ps`); elsewhere, and for calls that transform the whole weight, f32.
 pub(super) fn conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape, p: Precision) -> Vec<f32> {
-    let bf16 = p == Precision::Bf16 && crate::has_avx512_bf16();
-    conv_by(x, w, bias, act, s, fuses(s.cin, s.k, s.tiles(), bf16), bf16)
+    let kernel = Products::best(p);
+    conv_by(x, w, bias, act, s, fuses(s.cin, s.k, s.tiles(), kernel == Products::Bf16), kernel)
 }
 
-/// [`conv`] by the fused products (in bfloat16 with `bf16`, which the CPU must support), or (`fused` false,
+/// The micro-kernel of the fused products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Products {
+    /// f32, AVX2 registers.
+    Avx2,
+    /// f32, AVX-512 registers.
+    Avx512,
+    /// bfloat16 pairs, AVX-512 registers (AVX512_BF16).
+    Bf16,
+}
+
+impl Products {
+    /// The fastest this CPU runs in precision p.
+    fn best(p: Precision) -> Self {
+        if p == Precision::Bf16 && crate::has_avx512_bf16() {
+            Products::Bf16
+        } else if crate::has_avx512() {
+            Products::Avx512
+        } else {
+            Products::Avx2
+        }
+    }
+
+    /// Whether this CPU runs it.
+    pub(super) fn supported(self) -> bool {
+        match self {
+            Products::Avx2 => vector_transforms(),
+            Products::Avx512 => crate::has_avx512(),
+            Products::Bf16 => crate::has_avx512_bf16(),
+        }
+    }
+}
+
+/// [`conv`] by the fused products of `kernel` (which the CPU must support), or (`fused` false,
 /// or without AVX2) with the whole weight transformed first.
 pub(super) fn conv_by(
     x: &[f32],
@@ -93,15 +126,15 @@ pub(super) fn conv_by(
     act: Activation,
     s: Shape,
     fused: bool,
-    bf16: bool,
+    kernel: Products,
 ) -> Vec<f32> {
     assert_eq!(w.len(), s.cout * s.k * s.k * s.cin.div_ceil(IB) * IB);
-    assert!(!bf16 || crate::has_avx512_bf16());
+    assert!(kernel == Products::Avx2 || kernel.supported());
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         return match s.k {
-            3 => conv_avx2::<4, 3, F2x3>(x, w, bias, act, s, fused, bf16),
-            5 => conv_avx2::<6, 5, F2x5>(x, w, bias, act, s, fused, bf16),
+            3 => conv_avx2::<4, 3, F2x3>(x, w, bias, act, s, fused, kernel),
+            5 => conv_avx2::<6, 5, F2x5>(x, w, bias, act, s, fused, kernel),
             k => unreachable!("no Winograd variant for {k}x{k} kernels"),
         };
     }
@@ -118,7 +151,7 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     act: Activation,
     s: Shape,
     fused: bool,
-    bf16: bool,
+    kernel: Products,
 ) -> Vec<f32> {
     if !fused {
         let mut u = crate::uninit(s.cout * A * A * s.cin);
@@ -145,8 +178,9 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     }
     around_products::<A, R, T>(x, bias, act, s, |v, m| {
         let dst = crate::gemm::SendPtr(m.as_mut_ptr());
-        // SAFETY: AVX512_BF16 where `bf16` (asserted by `conv_by`); v holds s.cin channels.
-        let pairs = bf16.then(|| unsafe { x86::to_pairs(v, s.cin, A * A * s.tiles(), s.ld(A * A)) });
+        // SAFETY: AVX512_BF16 for these products (asserted by `conv_by`); v holds s.cin channels.
+        let pairs =
+            (kernel == Products::Bf16).then(|| unsafe { x86::to_pairs(v, s.cin, A * A * s.tiles(), s.ld(A * A)) });
         (0..s.cout.div_ceil(ROWS)).into_par_iter().for_each(|g| {
             let dst = &dst;
             // SAFETY: the CPU supports AVX2 and FMA (checked by the caller), and AVX512_BF16 for the pairs;
@@ -156,6 +190,7 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
             unsafe {
                 match &pairs {
                     Some(p) => x86::group_bf16::<A, R, T>(w, p.as_ptr().cast(), dst.0, s, g),
+                    None if kernel == Products::Avx512 => x86::group_avx512::<A, R, T>(w, v.as_ptr(), dst.0, s, g),
                     None => x86::group::<A, R, T>(w, v.as_ptr(), dst.0, s, g),
                 }
             }
@@ -189,7 +224,23 @@ mod x86 {
         s: Shape,
         g: usize,
     ) {
-        group_body::<A, R, T, false>(w, v.cast(), m, s, g)
+        group_body::<A, R, T, F32x8>(w, v.cast(), m, s, g)
+    }
+
+    /// [`group`] in AVX-512 registers (twice the multiply-adds per instruction, on CPUs that run them at
+    /// full width).
+    ///
+    /// # Safety
+    /// As [`group`], and the CPU supports AVX512F, BW and VL.
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn group_avx512<const A: usize, const R: usize, T: Tile<A, R>>(
+        w: &[f32],
+        v: *const f32,
+        m: *mut f32,
+        s: Shape,
+        g: usize,
+    ) {
+        group_body::<A, R, T, F32x16>(w, v.cast(), m, s, g)
     }
 
     /// [`group`] in bfloat16: v is V as channel pairs ([`to_pairs`]), the weights' slices are rounded to
@@ -205,11 +256,11 @@ mod x86 {
         s: Shape,
         g: usize,
     ) {
-        group_body::<A, R, T, true>(w, v.cast(), m, s, g)
+        group_body::<A, R, T, bf16::Bf16x16>(w, v.cast(), m, s, g)
     }
 
     #[inline(always)]
-    unsafe fn group_body<const A: usize, const R: usize, T: Tile<A, R>, const BF16: bool>(
+    unsafe fn group_body<const A: usize, const R: usize, T: Tile<A, R>, K: Kernel>(
         w: &[f32],
         v: *const u8,
         m: *mut f32,
@@ -243,7 +294,7 @@ mod x86 {
             let (lines, mut fetched) = (next_rows * lines_per_row, 0);
             // Not inlined: inside the products' loop nest the transform's vector operations were left as calls.
             let (cols, ld_u) = ((k0, kc), (ROWS * kcm, kcm));
-            if BF16 {
+            if K::PAIRS {
                 transform_block_bf16::<A, R, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
             } else {
                 transform_block::<A, R, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
@@ -257,14 +308,15 @@ mod x86 {
                 fetched = until;
                 let mb = m.add(o0 * ld + xi * tiles);
                 let first = k0 == 0;
-                if BF16 {
+                if K::PAIRS {
                     // Pairs of bfloat16: u's rows hold kcm / 2, v's channel pairs are ld apart.
-                    let ub = u.as_ptr().cast::<u32>().add(xi * ROWS * kcm / 2);
-                    let vb = v.cast::<u32>().add(k0 / 2 * ld + xi * tiles);
-                    products::<bf16::Bf16x16>(ub, kcm / 2, vb, mb, ld, (kc.div_ceil(2), rows, first, tiles));
+                    let ub = u.as_ptr().cast::<K::E>().add(xi * ROWS * kcm / 2);
+                    let vb = v.cast::<K::E>().add(k0 / 2 * ld + xi * tiles);
+                    products::<K>(ub, kcm / 2, vb, mb, ld, (kc.div_ceil(2), rows, first, tiles));
                 } else {
-                    let (ub, vb) = (u.as_ptr().add(xi * ROWS * kcm), v.cast::<f32>().add(k0 * ld + xi * tiles));
-                    products::<F32x8>(ub, kcm, vb, mb, ld, (kc, rows, first, tiles));
+                    let ub = u.as_ptr().cast::<K::E>().add(xi * ROWS * kcm);
+                    let vb = v.cast::<K::E>().add(k0 * ld + xi * tiles);
+                    products::<K>(ub, kcm, vb, mb, ld, (kc, rows, first, tiles));
                 }
             }
         }
@@ -301,7 +353,7 @@ mod x86 {
     mod bf16 {
         use super::*;
 
-        fn lanes(n: usize) -> __mmask16 {
+        pub(in super::super) fn lanes(n: usize) -> __mmask16 {
             if n >= 16 {
                 0xFFFF
             } else {
@@ -337,6 +389,7 @@ mod x86 {
 
         impl Kernel for Bf16x16 {
             type E = u32;
+            const PAIRS: bool = true;
             const MR: usize = 8;
             const NR: usize = 32;
 
@@ -373,14 +426,24 @@ mod x86 {
                         }
                     }
                 }
-                for (i, row) in acc.iter().enumerate().take(c.rows) {
-                    for (j, a) in row.iter().enumerate() {
-                        let p = c.m.add(i * c.ld + 16 * j);
-                        if MASKED {
-                            _mm512_mask_storeu_ps(p, masks[j], *a);
-                        } else {
-                            _mm512_storeu_ps(p, *a);
-                        }
+                store_rows::<V, MASKED, _>(c, &acc, &masks);
+            }
+        }
+
+        /// The first `rows` rows of 8 accumulators into m (`MASKED`: the first `width` tiles).
+        #[inline(always)]
+        pub(in super::super) unsafe fn store_rows<const V: usize, const MASKED: bool, E>(
+            c: &Call<E>,
+            acc: &[[__m512; V]; 8],
+            masks: &[__mmask16; V],
+        ) {
+            for (i, row) in acc.iter().enumerate().take(c.rows) {
+                for (j, a) in row.iter().enumerate() {
+                    let p = c.m.add(i * c.ld + 16 * j);
+                    if MASKED {
+                        _mm512_mask_storeu_ps(p, masks[j], *a);
+                    } else {
+                        _mm512_storeu_ps(p, *a);
                     }
                 }
             }
@@ -493,8 +556,9 @@ mod x86 {
 
     /// A micro-kernel of `MR` output channels by `NR` tiles (two registers).
     trait Kernel {
-        /// What u and v hold: f32 values, or pairs of bfloat16.
+        /// What u and v hold: f32 values, or pairs of bfloat16 (`PAIRS`).
         type E;
+        const PAIRS: bool;
         const MR: usize;
         const NR: usize;
         /// `V` registers of NR / 2 tiles; `MASKED` reads and stores only the first `width`.
@@ -542,6 +606,7 @@ mod x86 {
 
     impl Kernel for F32x8 {
         type E = f32;
+        const PAIRS: bool = false;
         const MR: usize = MR;
         const NR: usize = NR;
 
@@ -581,6 +646,46 @@ mod x86 {
                     }
                 }
             }
+        }
+    }
+
+    /// f32 in AVX-512 registers: 8 channels x 32 tiles.
+    struct F32x16;
+
+    impl Kernel for F32x16 {
+        type E = f32;
+        const PAIRS: bool = false;
+        const MR: usize = 8;
+        const NR: usize = 32;
+
+        #[inline(always)]
+        unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
+            let mut masks = [0 as __mmask16; V];
+            for (j, m) in masks.iter_mut().enumerate() {
+                *m = bf16::lanes(c.width.saturating_sub(16 * j));
+            }
+            let mut acc = [[_mm512_setzero_ps(); V]; 8];
+            if !c.first {
+                for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
+                    for (j, a) in row.iter_mut().enumerate() {
+                        *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ld + 16 * j));
+                    }
+                }
+            }
+            for k in 0..c.k {
+                let mut xv = [_mm512_setzero_ps(); V];
+                for (j, x) in xv.iter_mut().enumerate() {
+                    let p = c.v.add(k * c.ld + 16 * j);
+                    *x = if MASKED { _mm512_maskz_loadu_ps(masks[j], p) } else { _mm512_loadu_ps(p) };
+                }
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let w = _mm512_set1_ps(*c.u.add(i * c.ldu + k));
+                    for (a, x) in row.iter_mut().zip(&xv) {
+                        *a = _mm512_fmadd_ps(w, *x, *a);
+                    }
+                }
+            }
+            bf16::store_rows::<V, MASKED, _>(c, &acc, &masks);
         }
     }
 }
