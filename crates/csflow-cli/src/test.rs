@@ -10,6 +10,7 @@ use csflow::io::{atomic_write, load_model, save_model};
 use csflow::report::write_report;
 
 use crate::extract::progress_bar;
+use crate::predict::PrecisionArg;
 
 #[derive(Args)]
 pub struct TestArgs {
@@ -38,6 +39,9 @@ pub struct TestArgs {
     /// Folder for metrics.json and report.html (created).
     #[arg(long)]
     out: PathBuf,
+    /// Arithmetic of the flow's largest products (see `csflow predict --help`).
+    #[arg(long, value_enum, default_value = "f32")]
+    precision: PrecisionArg,
 }
 
 pub fn run(a: TestArgs) -> Result<()> {
@@ -55,7 +59,7 @@ pub fn run(a: TestArgs) -> Result<()> {
     if ds.test.is_empty() {
         bail!("{}: no test images (expected test/good and test/<defect> folders)", shown.display());
     }
-    let det = Detector::load(&a.model)?;
+    let det = Detector::load_in(&a.model, a.precision.into())?;
     std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
     let bar = progress_bar(ds.test.len(), "images");
     let (mut images, mut skipped) = (Vec::new(), Vec::new());

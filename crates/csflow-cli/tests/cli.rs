@@ -67,6 +67,20 @@ fn fit_from_authors_weights_then_predict_equals_pytorch() {
         println!("sample {i}: csflow {got:.7} pytorch {w:.7} rel err {err:.2e}");
         assert!(err <= 1e-5, "sample {i}: score {got} vs PyTorch {w}");
     }
+
+    // With bfloat16 products (f32 on CPUs without AVX512_BF16) the scores stay within 1e-3 of PyTorch's.
+    let features = f.join("test_features.safetensors");
+    let out = csflow(&["predict", "--model", s(&model), "--features", s(&features), "--precision", "bf16"]);
+    assert!(out.status.success(), "predict --precision bf16 failed: {}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), want.len());
+    for (i, (line, w)) in lines.iter().zip(&want).enumerate() {
+        let got = line["score"].as_f64().unwrap();
+        let err = (got - *w as f64).abs() / scale;
+        println!("sample {i}: csflow bf16 {got:.7} pytorch {w:.7} rel err {err:.2e}");
+        assert!(err <= 1e-3, "sample {i}: bf16 score {got} vs PyTorch {w}");
+    }
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 use std::path::Path;
 
+use csflow_kernels::Precision;
 use image::RgbImage;
 
 use crate::extract::FeatureExtractor;
@@ -40,11 +41,22 @@ impl Detection {
 impl Detector {
     /// Loads a model file that holds its backbone (written by `csflow fit --data`).
     pub fn load(path: &Path) -> Result<Self> {
+        Self::load_in(path, Precision::F32)
+    }
+
+    /// [`Detector::load`] with the flow's products in `precision` ([`CsFlow::for_inference_in`]).
+    ///
+    /// [`CsFlow::for_inference_in`]: crate::flow::CsFlow::for_inference_in
+    pub fn load_in(path: &Path, precision: Precision) -> Result<Self> {
         let model = load_model(path)?;
-        Self::from_model(model).map_err(|e| e.at(path))
+        Self::from_model_in(model, precision).map_err(|e| e.at(path))
     }
 
     pub fn from_model(model: ModelFile) -> Result<Self> {
+        Self::from_model_in(model, Precision::F32)
+    }
+
+    pub fn from_model_in(model: ModelFile, precision: Precision) -> Result<Self> {
         let Some(bb) = model.meta.backbone.clone() else {
             return Err(Error::Invalid(
                 "this model holds no backbone (it was trained on a features file): score features files with \
@@ -62,7 +74,7 @@ impl Detector {
             )));
         }
         drop(weights);
-        let (flow, meta) = model.into_inference_flow()?;
+        let (flow, meta) = model.into_inference_flow_in(precision)?;
         Ok(Self { extractor, flow, meta })
     }
 

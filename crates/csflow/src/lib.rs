@@ -20,4 +20,5 @@ pub mod synth;
 pub mod threshold;
 pub mod train;
 
+pub use csflow_kernels::Precision;
 pub use error::{Error, Result};

@@ -1171,7 +1171,7 @@ impl WinogradWeights {
     /// products read the transformed input once per 24 output channels, which waits on memory when it is
     /// large; such calls transform the whole weight first.
     pub fn plain_fuses(cin: usize, k: usize, tiles: usize, precision: Precision) -> bool {
-        plain::fuses(cin, k, tiles, precision == Precision::Bf16 && crate::has_avx512_bf16())
+        plain::fuses(cin, k, tiles, plain::Products::best(precision, k) == plain::Products::Bf16)
     }
 
     /// [O, I, k] of the weight it was made from.

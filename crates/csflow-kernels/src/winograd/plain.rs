@@ -80,7 +80,7 @@ pub(super) fn from_blocks(w: &[f32], cin: usize, k: usize) -> Vec<f32> {
 /// `Precision::Bf16` on CPUs with AVX512_BF16 rounds the transformed weights and input to bfloat16 and sums
 /// their products in f32 (`vdpbf16ps`); elsewhere, and for calls that transform the whole weight, f32.
 pub(super) fn conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape, p: Precision) -> Vec<f32> {
-    let kernel = Products::best(p);
+    let kernel = Products::best(p, s.k);
     conv_by(x, w, bias, act, s, fuses(s.cin, s.k, s.tiles(), kernel == Products::Bf16), kernel)
 }
 
@@ -96,9 +96,11 @@ pub(super) enum Products {
 }
 
 impl Products {
-    /// The fastest this CPU runs in precision p.
-    fn best(p: Precision) -> Self {
-        if p == Precision::Bf16 && crate::has_avx512_bf16() {
+    /// The fastest this CPU runs in precision p for k x k kernels. bfloat16 for 3x3 only: F(2x2, 5x5)'s
+    /// transforms (coefficients up to 5 and 1/24) amplify the rounding, and with its 5x5 block in bfloat16 too
+    /// a trained flow's scores moved by up to 1.4e-3 relative (4.3e-4 without; tests/cli.rs).
+    pub(super) fn best(p: Precision, k: usize) -> Self {
+        if p == Precision::Bf16 && k == 3 && crate::has_avx512_bf16() {
             Products::Bf16
         } else if crate::has_avx512() {
             Products::Avx512

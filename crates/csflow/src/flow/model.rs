@@ -96,10 +96,9 @@ impl CsFlow {
         self.for_inference_in(maps, Precision::F32)
     }
 
-    /// [`CsFlow::for_inference`] with the products of the layers kept plain in `precision`: with
-    /// [`Precision::Bf16`] on CPUs with AVX512_BF16 their operands are rounded to bfloat16 (scores agree with
-    /// f32's to about 1e-4 relative; see the parity tests), and the paper's 5x5 layers on 24x24 maps are kept
-    /// plain too (their bfloat16 input fits the fused products).
+    /// [`CsFlow::for_inference`] with the products of the 3x3 layers kept plain in `precision`: with
+    /// [`Precision::Bf16`] on CPUs with AVX512_BF16 their operands are rounded to bfloat16 (scores within
+    /// 4.3e-4 relative of f32's in the tests; the 5x5 block stays f32, see `tests/flow_parity.rs`).
     pub fn for_inference_in(mut self, maps: Option<[[usize; 2]; 3]>, precision: Precision) -> Result<Self> {
         let tiles = maps.map(|m| m.map(|[h, w]| winograd_tiles(1, h, w)));
         crate::memory::release_freed_memory();

@@ -2,6 +2,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use candle_core::Tensor;
+use csflow_kernels::Precision;
 
 use super::{read_safetensors, write_safetensors};
 use crate::flow::{CsFlow, FlowConfig, ParamMap};
@@ -137,10 +138,15 @@ impl ModelFile {
     /// The flow for scoring ([`CsFlow::for_inference`]), made after the file's own copy of the weights is
     /// released, so each plain weight is freed as its transform is made and the two are never all held at once.
     pub fn into_inference_flow(self) -> Result<(CsFlow, ModelMeta)> {
+        self.into_inference_flow_in(Precision::F32)
+    }
+
+    /// [`ModelFile::into_inference_flow`] with products in `precision` ([`CsFlow::for_inference_in`]).
+    pub fn into_inference_flow_in(self, precision: Precision) -> Result<(CsFlow, ModelMeta)> {
         let flow = self.flow()?;
         let meta = self.meta;
         drop(self.params);
-        Ok((flow.for_inference(meta.map_sizes)?, meta))
+        Ok((flow.for_inference_in(meta.map_sizes, precision)?, meta))
     }
 }
 
