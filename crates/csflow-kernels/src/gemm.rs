@@ -47,6 +47,26 @@ pub(crate) unsafe fn gemm_into(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
+    // Rows of both operands contiguous, one thread: on CPUs with AVX-512 our own kernel (the `gemm` crate's
+    // AVX-512 kernels need a nightly compiler; its AVX2 ones ran the Winograd products of 1024 -> 304 3x3 on
+    // 24x24 in 12.1 ms against 7.5 in AVX-512 registers, on Zen 5).
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx512() && lhs.cs == 1 && rhs.cs == 1 && lhs.rs > 0 && rhs.rs > 0 && dst_rs > 0 {
+        if let Parallelism::None = parallelism {
+            let (lda, ldb) = (lhs.rs as usize, rhs.rs as usize);
+            // SAFETY: the CPU has AVX-512 (checked); the caller's promises on the operands are gemm512's.
+            return crate::microkernel::gemm512(
+                dst,
+                dst_rs as usize,
+                (m, n, k),
+                lhs.ptr,
+                lda,
+                rhs.ptr,
+                ldb,
+                accumulate,
+            );
+        }
+    }
     gemm::gemm(
         m,
         n,
@@ -177,5 +197,43 @@ mod tests {
             }
         }
         assert_eq!(block_cols(1100, 1000, 2), 64);
+    }
+
+    /// Products through `gemm_into` (our AVX-512 kernel where the CPU has it) against f64 sums: several
+    /// slices of k (256) and blocks of columns (512) with partial last ones, partial strips of 32 columns and
+    /// panels of 8 rows, strided rows, accumulation and k = 0.
+    #[test]
+    fn strided_products_match_direct_sums() {
+        for (m, n, k, accumulate) in [(19, 600, 530, false), (9, 33, 257, true), (8, 7, 1, false), (3, 40, 0, true)] {
+            let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
+            let (lhs, rhs, start) = (data(m * lda, 4), data(k.max(1) * ldb, 5), data(m * ldc, 6));
+            let mut dst = start.clone();
+            // SAFETY: the buffers cover the strided extents.
+            unsafe {
+                gemm_into(
+                    dst.as_mut_ptr(),
+                    ldc as isize,
+                    m,
+                    n,
+                    k,
+                    Mat { ptr: lhs.as_ptr(), rs: lda as isize, cs: 1 },
+                    Mat { ptr: rhs.as_ptr(), rs: ldb as isize, cs: 1 },
+                    accumulate,
+                    Parallelism::None,
+                )
+            };
+            for r in 0..m {
+                for c in 0..ldc {
+                    let got = dst[r * ldc + c];
+                    if c >= n {
+                        assert_eq!(got, start[r * ldc + c], "padding ({r}, {c}) written");
+                        continue;
+                    }
+                    let sum: f64 = (0..k).map(|t| lhs[r * lda + t] as f64 * rhs[t * ldb + c] as f64).sum();
+                    let want = sum + if accumulate { start[r * ldc + c] as f64 } else { 0.0 };
+                    assert!((got as f64 - want).abs() < 1e-4, "({r}, {c}) of {m}x{n}x{k}: {got} vs {want}");
+                }
+            }
+        }
     }
 }

@@ -25,6 +25,8 @@ mod depthwise;
 mod gemm;
 mod leaky_relu;
 mod mbconv;
+#[cfg(target_arch = "x86_64")]
+mod microkernel;
 mod pointwise;
 mod stem;
 mod winograd;

@@ -12,12 +12,9 @@
 use super::*;
 use crate::Precision;
 
-/// Output channels per micro-kernel call.
-const MR: usize = 6;
-/// Columns (tiles) per micro-kernel call: two AVX2 vectors.
-const NR: usize = 16;
-/// Output channels per task: four panels pass over each strip of V while it is in L1.
-const ROWS: usize = 4 * MR;
+/// Output channels per task: the micro-kernel's panels (four of 6 channels in AVX2 registers, three of 8 in
+/// AVX-512 ones) pass over each strip of V while it is in L1.
+const ROWS: usize = 24;
 /// Bytes of transformed weights per task and slice of input channels, which stay in L2 while the products
 /// use them.
 const SLICE_BYTES: usize = 128 * 1024;
@@ -206,6 +203,7 @@ mod x86 {
     use std::cell::RefCell;
 
     use super::*;
+    use crate::microkernel::{products, Bf16x16, F32x16, F32x8, Kernel};
 
     thread_local! {
         /// Each worker's slice of transformed weights, [α²][ROWS][channels], kept between calls.
@@ -258,7 +256,7 @@ mod x86 {
         s: Shape,
         g: usize,
     ) {
-        group_body::<A, R, T, bf16::Bf16x16>(w, v.cast(), m, s, g)
+        group_body::<A, R, T, Bf16x16>(w, v.cast(), m, s, g)
     }
 
     #[inline(always)]
@@ -314,11 +312,11 @@ mod x86 {
                     // Pairs of bfloat16: u's rows hold kcm / 2, v's channel pairs are ld apart.
                     let ub = u.as_ptr().cast::<K::E>().add(xi * ROWS * kcm / 2);
                     let vb = v.cast::<K::E>().add(k0 / 2 * ld + xi * tiles);
-                    products::<K>(ub, kcm / 2, vb, mb, ld, (kc.div_ceil(2), rows, first, tiles));
+                    products::<K>(ub, kcm / 2, vb, mb, (ld, ld), (kc.div_ceil(2), rows, first, tiles));
                 } else {
                     let ub = u.as_ptr().cast::<K::E>().add(xi * ROWS * kcm);
                     let vb = v.cast::<K::E>().add(k0 * ld + xi * tiles);
-                    products::<K>(ub, kcm, vb, mb, ld, (kc, rows, first, tiles));
+                    products::<K>(ub, kcm, vb, mb, (ld, ld), (kc, rows, first, tiles));
                 }
             }
         }
@@ -382,72 +380,6 @@ mod x86 {
                 // a's 16 values in the low half, b's in the high, then interleaved value by value.
                 let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(fb, fa));
                 _mm512_mask_storeu_epi32(out.as_mut_ptr().add(t0).cast(), mask, _mm512_permutexvar_epi16(idx, packed));
-            }
-        }
-
-        /// bfloat16 pairs in AVX-512 registers: 8 channels (16 accumulators of the 32 registers) x 32 tiles,
-        /// each multiply-add summing a pair of input channels.
-        pub(in super::super) struct Bf16x16;
-
-        impl Kernel for Bf16x16 {
-            type E = u32;
-            const PAIRS: bool = true;
-            const MR: usize = 8;
-            const NR: usize = 32;
-
-            #[inline(always)]
-            unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<u32>) {
-                let mut masks = [0 as __mmask16; V];
-                for (j, m) in masks.iter_mut().enumerate() {
-                    *m = lanes(c.width.saturating_sub(16 * j));
-                }
-                let mut acc = [[_mm512_setzero_ps(); V]; 8];
-                if !c.first {
-                    for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
-                        for (j, a) in row.iter_mut().enumerate() {
-                            *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ld + 16 * j));
-                        }
-                    }
-                }
-                for k in 0..c.k {
-                    let mut xv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
-                    for (j, x) in xv.iter_mut().enumerate() {
-                        let p = c.v.add(k * c.ld + 16 * j);
-                        let v = if MASKED {
-                            _mm512_maskz_loadu_epi32(masks[j], p.cast())
-                        } else {
-                            _mm512_loadu_si512(p.cast())
-                        };
-                        *x = std::mem::transmute::<__m512i, __m512bh>(v);
-                    }
-                    for (i, row) in acc.iter_mut().enumerate() {
-                        let w = _mm512_set1_epi32(*c.u.add(i * c.ldu + k) as i32);
-                        let w = std::mem::transmute::<__m512i, __m512bh>(w);
-                        for (a, x) in row.iter_mut().zip(&xv) {
-                            *a = _mm512_dpbf16_ps(*a, w, *x);
-                        }
-                    }
-                }
-                store_rows::<V, MASKED, _>(c, &acc, &masks);
-            }
-        }
-
-        /// The first `rows` rows of 8 accumulators into m (`MASKED`: the first `width` tiles).
-        #[inline(always)]
-        pub(in super::super) unsafe fn store_rows<const V: usize, const MASKED: bool, E>(
-            c: &Call<E>,
-            acc: &[[__m512; V]; 8],
-            masks: &[__mmask16; V],
-        ) {
-            for (i, row) in acc.iter().enumerate().take(c.rows) {
-                for (j, a) in row.iter().enumerate() {
-                    let p = c.m.add(i * c.ld + 16 * j);
-                    if MASKED {
-                        _mm512_mask_storeu_ps(p, masks[j], *a);
-                    } else {
-                        _mm512_storeu_ps(p, *a);
-                    }
-                }
             }
         }
     }
@@ -538,156 +470,6 @@ mod x86 {
                     }
                 }
             }
-        }
-    }
-
-    /// One micro-kernel call: `MR` output channels (`rows` of them real) by `width` tiles, over `k` steps
-    /// (input channels, or pairs of them in bfloat16); rows of u are `ldu` apart, rows of v and m (channels or
-    /// pairs) `ld`. The first slice starts from zero, later ones from the partial sums stored in m.
-    struct Call<E> {
-        u: *const E,
-        ldu: usize,
-        v: *const E,
-        m: *mut f32,
-        ld: usize,
-        k: usize,
-        rows: usize,
-        first: bool,
-        width: usize,
-    }
-
-    /// A micro-kernel of `MR` output channels by `NR` tiles (two registers).
-    trait Kernel {
-        /// What u and v hold: f32 values, or pairs of bfloat16 (`PAIRS`).
-        type E;
-        const PAIRS: bool;
-        const MR: usize;
-        const NR: usize;
-        /// `V` registers of NR / 2 tiles; `MASKED` reads and stores only the first `width`.
-        unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<Self::E>);
-    }
-
-    /// The products of one position ξ and one slice for a task's `rows` output channels: u holds their
-    /// transformed weights (rows `ldu` apart), v the slice's rows of V and m their rows of M (`ld` apart).
-    #[inline(always)]
-    unsafe fn products<K: Kernel>(
-        u: *const K::E,
-        ldu: usize,
-        v: *const K::E,
-        m: *mut f32,
-        ld: usize,
-        (k, rows, first, tiles): (usize, usize, bool, usize),
-    ) {
-        for col in (0..tiles).step_by(K::NR) {
-            let width = K::NR.min(tiles - col);
-            for p in 0..rows.div_ceil(K::MR) {
-                let c = Call {
-                    u: u.add(p * K::MR * ldu),
-                    ldu,
-                    v: v.add(col),
-                    m: m.add(p * K::MR * ld + col),
-                    ld,
-                    k,
-                    rows: K::MR.min(rows - p * K::MR),
-                    first,
-                    width,
-                };
-                if width == K::NR {
-                    K::run::<2, false>(&c);
-                } else if width > K::NR / 2 {
-                    K::run::<2, true>(&c);
-                } else {
-                    K::run::<1, true>(&c);
-                }
-            }
-        }
-    }
-
-    /// f32 in AVX2 registers: 6 channels x 16 tiles.
-    struct F32x8;
-
-    impl Kernel for F32x8 {
-        type E = f32;
-        const PAIRS: bool = false;
-        const MR: usize = MR;
-        const NR: usize = NR;
-
-        #[inline(always)]
-        unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
-            let mut masks = [_mm256_setzero_si256(); V];
-            for (v, m) in masks.iter_mut().enumerate() {
-                *m = crate::first_lanes(c.width.saturating_sub(8 * v));
-            }
-            let mut acc = [[_mm256_setzero_ps(); V]; MR];
-            if !c.first {
-                for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
-                    for (v, a) in row.iter_mut().enumerate() {
-                        *a = crate::load_lanes::<MASKED>(c.m.add(i * c.ld + 8 * v), masks[v]);
-                    }
-                }
-            }
-            for k in 0..c.k {
-                let mut xv = [_mm256_setzero_ps(); V];
-                for (v, x) in xv.iter_mut().enumerate() {
-                    *x = crate::load_lanes::<MASKED>(c.v.add(k * c.ld + 8 * v), masks[v]);
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let wv = _mm256_broadcast_ss(&*c.u.add(i * c.ldu + k));
-                    for (a, x) in row.iter_mut().zip(&xv) {
-                        *a = _mm256_fmadd_ps(wv, *x, *a);
-                    }
-                }
-            }
-            for (i, row) in acc.iter().enumerate().take(c.rows) {
-                for (v, a) in row.iter().enumerate() {
-                    let p = c.m.add(i * c.ld + 8 * v);
-                    if MASKED {
-                        _mm256_maskstore_ps(p, masks[v], *a);
-                    } else {
-                        _mm256_storeu_ps(p, *a);
-                    }
-                }
-            }
-        }
-    }
-
-    /// f32 in AVX-512 registers: 8 channels x 32 tiles.
-    struct F32x16;
-
-    impl Kernel for F32x16 {
-        type E = f32;
-        const PAIRS: bool = false;
-        const MR: usize = 8;
-        const NR: usize = 32;
-
-        #[inline(always)]
-        unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
-            let mut masks = [0 as __mmask16; V];
-            for (j, m) in masks.iter_mut().enumerate() {
-                *m = bf16::lanes(c.width.saturating_sub(16 * j));
-            }
-            let mut acc = [[_mm512_setzero_ps(); V]; 8];
-            if !c.first {
-                for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
-                    for (j, a) in row.iter_mut().enumerate() {
-                        *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ld + 16 * j));
-                    }
-                }
-            }
-            for k in 0..c.k {
-                let mut xv = [_mm512_setzero_ps(); V];
-                for (j, x) in xv.iter_mut().enumerate() {
-                    let p = c.v.add(k * c.ld + 16 * j);
-                    *x = if MASKED { _mm512_maskz_loadu_ps(masks[j], p) } else { _mm512_loadu_ps(p) };
-                }
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let w = _mm512_set1_ps(*c.u.add(i * c.ldu + k));
-                    for (a, x) in row.iter_mut().zip(&xv) {
-                        *a = _mm512_fmadd_ps(w, *x, *a);
-                    }
-                }
-            }
-            bf16::store_rows::<V, MASKED, _>(c, &acc, &masks);
         }
     }
 }

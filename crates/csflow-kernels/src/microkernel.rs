@@ -1,0 +1,278 @@
+//! Register-blocked micro-kernels for row-major products C (+)= A · B on x86-64: f32 in AVX2 (6 x 16) and
+//! AVX-512 (8 x 32) registers, and bfloat16 pairs with `vdpbf16ps` (8 x 32). The fused Winograd products
+//! drive them slice by slice ([`crate::winograd`]), and on CPUs with AVX-512 every product whose rows are
+//! contiguous goes through [`gemm512`] (the `gemm` crate's AVX-512 kernels need a nightly compiler).
+
+use std::arch::x86_64::*;
+
+/// Rows and columns of the AVX2 kernel.
+const MR: usize = 6;
+const NR: usize = 16;
+
+/// One micro-kernel call: `MR` output channels (`rows` of them real) by `width` tiles, over `k` steps
+/// (input channels, or pairs of them in bfloat16); rows of u are `ldu` apart, rows of v and m (channels or
+/// pairs) `ld`. The first slice starts from zero, later ones from the partial sums stored in m.
+pub(crate) struct Call<E> {
+    u: *const E,
+    ldu: usize,
+    v: *const E,
+    m: *mut f32,
+    ldv: usize,
+    ldm: usize,
+    k: usize,
+    rows: usize,
+    first: bool,
+    width: usize,
+}
+
+/// A micro-kernel of `MR` output channels by `NR` tiles (two registers).
+pub(crate) trait Kernel {
+    /// What u and v hold: f32 values, or pairs of bfloat16 (`PAIRS`).
+    type E;
+    const PAIRS: bool;
+    const MR: usize;
+    const NR: usize;
+    /// `V` registers of NR / 2 tiles; `MASKED` reads and stores only the first `width`.
+    unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<Self::E>);
+}
+
+/// The products of one position ξ and one slice for a task's `rows` output channels: u holds their
+/// transformed weights (rows `ldu` apart), v the slice's rows of V and m their rows of M (`ld` apart).
+#[inline(always)]
+pub(crate) unsafe fn products<K: Kernel>(
+    u: *const K::E,
+    ldu: usize,
+    v: *const K::E,
+    m: *mut f32,
+    (ldv, ldm): (usize, usize),
+    (k, rows, first, tiles): (usize, usize, bool, usize),
+) {
+    for col in (0..tiles).step_by(K::NR) {
+        let width = K::NR.min(tiles - col);
+        for p in 0..rows.div_ceil(K::MR) {
+            let c = Call {
+                u: u.add(p * K::MR * ldu),
+                ldu,
+                v: v.add(col),
+                m: m.add(p * K::MR * ldm + col),
+                ldv,
+                ldm,
+                k,
+                rows: K::MR.min(rows - p * K::MR),
+                first,
+                width,
+            };
+            if width == K::NR {
+                K::run::<2, false>(&c);
+            } else if width > K::NR / 2 {
+                K::run::<2, true>(&c);
+            } else {
+                K::run::<1, true>(&c);
+            }
+        }
+    }
+}
+
+/// f32 in AVX2 registers: 6 channels x 16 tiles.
+pub(crate) struct F32x8;
+
+impl Kernel for F32x8 {
+    type E = f32;
+    const PAIRS: bool = false;
+    const MR: usize = MR;
+    const NR: usize = NR;
+
+    #[inline(always)]
+    unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
+        let mut masks = [_mm256_setzero_si256(); V];
+        for (v, m) in masks.iter_mut().enumerate() {
+            *m = crate::first_lanes(c.width.saturating_sub(8 * v));
+        }
+        let mut acc = [[_mm256_setzero_ps(); V]; MR];
+        if !c.first {
+            for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = crate::load_lanes::<MASKED>(c.m.add(i * c.ldm + 8 * v), masks[v]);
+                }
+            }
+        }
+        for k in 0..c.k {
+            let mut xv = [_mm256_setzero_ps(); V];
+            for (v, x) in xv.iter_mut().enumerate() {
+                *x = crate::load_lanes::<MASKED>(c.v.add(k * c.ldv + 8 * v), masks[v]);
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let wv = _mm256_broadcast_ss(&*c.u.add(i * c.ldu + k));
+                for (a, x) in row.iter_mut().zip(&xv) {
+                    *a = _mm256_fmadd_ps(wv, *x, *a);
+                }
+            }
+        }
+        for (i, row) in acc.iter().enumerate().take(c.rows) {
+            for (v, a) in row.iter().enumerate() {
+                let p = c.m.add(i * c.ldm + 8 * v);
+                if MASKED {
+                    _mm256_maskstore_ps(p, masks[v], *a);
+                } else {
+                    _mm256_storeu_ps(p, *a);
+                }
+            }
+        }
+    }
+}
+
+/// f32 in AVX-512 registers: 8 channels x 32 tiles.
+pub(crate) struct F32x16;
+
+impl Kernel for F32x16 {
+    type E = f32;
+    const PAIRS: bool = false;
+    const MR: usize = 8;
+    const NR: usize = 32;
+
+    #[inline(always)]
+    unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
+        let mut masks = [0 as __mmask16; V];
+        for (j, m) in masks.iter_mut().enumerate() {
+            *m = lanes(c.width.saturating_sub(16 * j));
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; 8];
+        if !c.first {
+            for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
+                for (j, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ldm + 16 * j));
+                }
+            }
+        }
+        for k in 0..c.k {
+            let mut xv = [_mm512_setzero_ps(); V];
+            for (j, x) in xv.iter_mut().enumerate() {
+                let p = c.v.add(k * c.ldv + 16 * j);
+                *x = if MASKED { _mm512_maskz_loadu_ps(masks[j], p) } else { _mm512_loadu_ps(p) };
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_ps(*c.u.add(i * c.ldu + k));
+                for (a, x) in row.iter_mut().zip(&xv) {
+                    *a = _mm512_fmadd_ps(w, *x, *a);
+                }
+            }
+        }
+        store_rows::<V, MASKED, _>(c, &acc, &masks);
+    }
+}
+
+/// bfloat16 pairs in AVX-512 registers: 8 channels (16 accumulators of the 32 registers) x 32 tiles,
+/// each multiply-add summing a pair of input channels.
+pub(crate) struct Bf16x16;
+
+impl Kernel for Bf16x16 {
+    type E = u32;
+    const PAIRS: bool = true;
+    const MR: usize = 8;
+    const NR: usize = 32;
+
+    #[inline(always)]
+    unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<u32>) {
+        let mut masks = [0 as __mmask16; V];
+        for (j, m) in masks.iter_mut().enumerate() {
+            *m = lanes(c.width.saturating_sub(16 * j));
+        }
+        let mut acc = [[_mm512_setzero_ps(); V]; 8];
+        if !c.first {
+            for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
+                for (j, a) in row.iter_mut().enumerate() {
+                    *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ldm + 16 * j));
+                }
+            }
+        }
+        for k in 0..c.k {
+            let mut xv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
+            for (j, x) in xv.iter_mut().enumerate() {
+                let p = c.v.add(k * c.ldv + 16 * j);
+                let v =
+                    if MASKED { _mm512_maskz_loadu_epi32(masks[j], p.cast()) } else { _mm512_loadu_si512(p.cast()) };
+                *x = std::mem::transmute::<__m512i, __m512bh>(v);
+            }
+            for (i, row) in acc.iter_mut().enumerate() {
+                let w = _mm512_set1_epi32(*c.u.add(i * c.ldu + k) as i32);
+                let w = std::mem::transmute::<__m512i, __m512bh>(w);
+                for (a, x) in row.iter_mut().zip(&xv) {
+                    *a = _mm512_dpbf16_ps(*a, w, *x);
+                }
+            }
+        }
+        store_rows::<V, MASKED, _>(c, &acc, &masks);
+    }
+}
+
+/// The first `rows` rows of 8 accumulators into m (`MASKED`: the first `width` tiles).
+#[inline(always)]
+unsafe fn store_rows<const V: usize, const MASKED: bool, E>(
+    c: &Call<E>,
+    acc: &[[__m512; V]; 8],
+    masks: &[__mmask16; V],
+) {
+    for (i, row) in acc.iter().enumerate().take(c.rows) {
+        for (j, a) in row.iter().enumerate() {
+            let p = c.m.add(i * c.ldm + 16 * j);
+            if MASKED {
+                _mm512_mask_storeu_ps(p, masks[j], *a);
+            } else {
+                _mm512_storeu_ps(p, *a);
+            }
+        }
+    }
+}
+
+/// mask of the first n (at most 16) lanes.
+fn lanes(n: usize) -> __mmask16 {
+    if n >= 16 {
+        0xFFFF
+    } else {
+        (1u16 << n) - 1
+    }
+}
+
+/// Input channels (k) per slice of [`gemm512`]: A's slice of 8 rows (8 KB) and B's strip (32 KB) stay in L2.
+const KC: usize = 256;
+/// Columns per block of [`gemm512`]: a slice of B, KC x NC (512 KB at most), passes under all of A's rows.
+const NC: usize = 512;
+
+/// C [m x n] (+ C with `accumulate`) = A [m x k] · B [k x n], rows of A `lda` apart, of B `ldb` and of C
+/// `ldc`, each contiguous; single-threaded.
+///
+/// # Safety
+/// The CPU supports AVX2, FMA and AVX512F/BW/VL; the matrices hold what their sizes and strides say, and C
+/// does not overlap A or B.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm512(
+    c: *mut f32,
+    ldc: usize,
+    (m, n, k): (usize, usize, usize),
+    a: *const f32,
+    lda: usize,
+    b: *const f32,
+    ldb: usize,
+    accumulate: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                std::ptr::write_bytes(c.add(r * ldc), 0, n);
+            }
+        }
+        return;
+    }
+    for n0 in (0..n).step_by(NC) {
+        let nc = NC.min(n - n0);
+        for k0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - k0);
+            let first = !accumulate && k0 == 0;
+            products::<F32x16>(a.add(k0), lda, b.add(k0 * ldb + n0), c.add(n0), (ldb, ldc), (kc, m, first, nc));
+        }
+    }
+}
