@@ -21,8 +21,10 @@ ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv
 # (workload, what, reps)
 WORKLOADS = [
     ("flow-forward-paper", "flow forward, paper size (C 304, hidden 1024, 24/12/6), batch 1", 3),
+    ("flow-forward-paper-bf16", "the same, csflow --precision bf16 (3x3 layers; f32 without AVX512_BF16)", 3),
     ("flow-step-paper", "flow training step, paper size, batch 2", 2),
     ("flow-forward-cpu", "flow forward, CPU size (C 192, hidden 256, 8/4/2), batch 16", 5),
+    ("flow-forward-cpu-bf16", "the same, csflow --precision bf16", 5),
     ("flow-step-cpu", "flow training step, CPU size, batch 16", 3),
     ("b5-768", "EfficientNet-B5 to block 35, 768 px, 3 scales, batch 1", 2),
     ("lite0-256", "EfficientNet-Lite0 to block 14, 256 px, 3 scales, batch 1", 10),
@@ -62,14 +64,18 @@ def main():
     # forked child's peak (wait4's ru_maxrss) starts from its parent's.
     versions = subprocess.run(
         [sys.executable, "-c", "import torch\ntry:\n import openvino as o; v=o.__version__.split('-')[0]\n"
-         "except ImportError:\n v=''\nprint(torch.__version__, v)"],
+         " p=o.Core().get_property('CPU', 'INFERENCE_PRECISION_HINT').get_type_name()\n"
+         "except ImportError:\n v=p=''\nprint(torch.__version__, v, p)"],
         capture_output=True, text=True, check=True).stdout.split()
     torch_version, ov = versions[0], (versions[1] if len(versions) > 1 else None)
+    ov_precision = versions[2] if len(versions) > 2 else "?"
     cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
     print(f"machine: {cpu}, {os.cpu_count()} cores, {platform.system()}; 2 threads everywhere")
     version = open(os.path.join(root, "Cargo.toml")).read().split('version = "')[1].split('"')[0]
-    print(f"PyTorch {torch_version} (FP32), OpenVINO {ov} (ONNX opset 17, default settings: FP32 on this CPU), "
-          f"csflow {version}; best median of {ROUNDS} interleaved round(s)")
+    flags = [f for f in ("avx2", "avx512f", "avx512_bf16") if f in open("/proc/cpuinfo").read().split()]
+    print(f"PyTorch {torch_version} (FP32), OpenVINO {ov} (ONNX opset 17, default settings: inference precision "
+          f"{ov_precision} on this CPU), csflow {version}; CPU flags {' '.join(flags)}; best median of {ROUNDS} "
+          "interleaved round(s)")
     rows = []
     for i, (w, what, reps) in enumerate(WORKLOADS):
         reps = 1 if QUICK else reps
@@ -82,6 +88,8 @@ def main():
                     cmd = [exe, w, str(reps)]
                 else:
                     if e == "openvino" and (ov is None or "step" in w):
+                        continue
+                    if e == "pytorch" and w.endswith("-bf16"):
                         continue
                     cmd = [sys.executable, os.path.join(root, "bench", "workloads.py"), e, w, str(reps)]
                 t, rss = run(cmd)

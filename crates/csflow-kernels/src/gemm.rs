@@ -31,6 +31,39 @@ pub(crate) struct SendPtr(pub *mut f32);
 unsafe impl Sync for SendPtr {}
 unsafe impl Send for SendPtr {}
 
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Each worker's row-major copies of strided operands for `gemm512`, kept between calls.
+    static ROW_MAJOR: std::cell::RefCell<(Vec<f32>, Vec<f32>)> =
+        const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// x [rows, cols] as a pointer to row-major values and its row stride: itself where its rows are
+/// contiguous, else a copy in `buf`.
+///
+/// # Safety
+/// x covers rows x cols elements at its strides.
+#[cfg(target_arch = "x86_64")]
+unsafe fn row_major(x: Mat, rows: usize, cols: usize, buf: &mut Vec<f32>) -> (*const f32, usize) {
+    if x.cs == 1 && x.rs > 0 {
+        return (x.ptr, x.rs as usize);
+    }
+    buf.clear();
+    buf.resize(rows * cols, 0.0);
+    // In 32 x 32 blocks, so that both the strided reads and the writes stay within a few pages.
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for c in c0..(c0 + B).min(cols) {
+                for r in r0..(r0 + B).min(rows) {
+                    buf[r * cols + c] = *x.ptr.offset(r as isize * x.rs + c as isize * x.cs);
+                }
+            }
+        }
+    }
+    (buf.as_ptr(), cols.max(1))
+}
+
 /// dst [m, n] (row stride `dst_rs`, unit column stride) = (accumulate ? dst : 0) + lhs [m, k] · rhs [k, n].
 ///
 /// # Safety
@@ -47,24 +80,20 @@ pub(crate) unsafe fn gemm_into(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
-    // Rows of both operands contiguous, one thread: on CPUs with AVX-512 our own kernel (the `gemm` crate's
-    // AVX-512 kernels need a nightly compiler; its AVX2 ones ran the Winograd products of 1024 -> 304 3x3 on
-    // 24x24 in 12.1 ms against 7.5 in AVX-512 registers, on Zen 5).
+    // One thread, on CPUs with AVX-512: our own kernel (the `gemm` crate's AVX-512 kernels need a nightly
+    // compiler; its AVX2 ones ran the Winograd products of 1024 -> 304 3x3 on 24x24 in 12.1 ms against 7.5 in
+    // AVX-512 registers, on Zen 5). An operand with strided rows (the weight gradients' transposed ones) is
+    // first copied row-major, which costs under 1/16 of the product where the other side has 16 or more rows.
     #[cfg(target_arch = "x86_64")]
-    if crate::has_avx512() && lhs.cs == 1 && rhs.cs == 1 && lhs.rs > 0 && rhs.rs > 0 && dst_rs > 0 {
-        if let Parallelism::None = parallelism {
-            let (lda, ldb) = (lhs.rs as usize, rhs.rs as usize);
-            // SAFETY: the CPU has AVX-512 (checked); the caller's promises on the operands are gemm512's.
-            return crate::microkernel::gemm512(
-                dst,
-                dst_rs as usize,
-                (m, n, k),
-                lhs.ptr,
-                lda,
-                rhs.ptr,
-                ldb,
-                accumulate,
-            );
+    if crate::has_avx512() && dst_rs > 0 && matches!(parallelism, Parallelism::None) {
+        let contiguous = |x: &Mat| x.cs == 1 && x.rs > 0;
+        if (contiguous(&lhs) || n >= 16) && (contiguous(&rhs) || m >= 16) {
+            return ROW_MAJOR.with_borrow_mut(|(a, b)| {
+                let (lhs, lda) = row_major(lhs, m, k, a);
+                let (rhs, ldb) = row_major(rhs, k, n, b);
+                // SAFETY: the CPU has AVX-512 (checked); the operands cover what the caller promised.
+                crate::microkernel::gemm512(dst, dst_rs as usize, (m, n, k), lhs, lda, rhs, ldb, accumulate)
+            });
         }
     }
     gemm::gemm(
@@ -201,27 +230,28 @@ mod tests {
 
     /// Products through `gemm_into` (our AVX-512 kernel where the CPU has it) against f64 sums: several
     /// slices of k (256) and blocks of columns (512) with partial last ones, partial strips of 32 columns and
-    /// panels of 8 rows, strided rows, accumulation and k = 0.
+    /// panels of 8 rows, strided rows, accumulation and k = 0; each operand also stored transposed (copied
+    /// row-major first).
     #[test]
     fn strided_products_match_direct_sums() {
-        for (m, n, k, accumulate) in [(19, 600, 530, false), (9, 33, 257, true), (8, 7, 1, false), (3, 40, 0, true)] {
+        let cases = [(19, 600, 530, false), (9, 33, 257, true), (8, 7, 1, false), (3, 40, 0, true), (20, 18, 40, true)];
+        for ((m, n, k, accumulate), transposed) in cases.into_iter().flat_map(|c| [(c, 0), (c, 1), (c, 2)]) {
             let (lda, ldb, ldc) = (k + 3, n + 5, n + 2);
             let (lhs, rhs, start) = (data(m * lda, 4), data(k.max(1) * ldb, 5), data(m * ldc, 6));
+            // The same values in column-major copies: lhs[r, t] at t * m + r, rhs[t, c] at c * k + t.
+            let lhs_t: Vec<f32> = (0..k * m).map(|i| lhs[(i % m) * lda + i / m]).collect();
+            let rhs_t: Vec<f32> = (0..n * k).map(|i| rhs[(i % k) * ldb + i / k]).collect();
+            let a = match transposed {
+                1 => Mat { ptr: lhs_t.as_ptr(), rs: 1, cs: m as isize },
+                _ => Mat { ptr: lhs.as_ptr(), rs: lda as isize, cs: 1 },
+            };
+            let b = match transposed {
+                2 => Mat { ptr: rhs_t.as_ptr(), rs: 1, cs: k as isize },
+                _ => Mat { ptr: rhs.as_ptr(), rs: ldb as isize, cs: 1 },
+            };
             let mut dst = start.clone();
             // SAFETY: the buffers cover the strided extents.
-            unsafe {
-                gemm_into(
-                    dst.as_mut_ptr(),
-                    ldc as isize,
-                    m,
-                    n,
-                    k,
-                    Mat { ptr: lhs.as_ptr(), rs: lda as isize, cs: 1 },
-                    Mat { ptr: rhs.as_ptr(), rs: ldb as isize, cs: 1 },
-                    accumulate,
-                    Parallelism::None,
-                )
-            };
+            unsafe { gemm_into(dst.as_mut_ptr(), ldc as isize, m, n, k, a, b, accumulate, Parallelism::None) };
             for r in 0..m {
                 for c in 0..ldc {
                     let got = dst[r * ldc + c];

@@ -25,6 +25,15 @@ pub(crate) struct Call<E> {
     width: usize,
 }
 
+impl<E> Call<E> {
+    /// Where row i of u starts: rows past the real ones read the last real row (their sums are never stored),
+    /// so a product of m rows reads only those m.
+    #[inline(always)]
+    fn row(&self, i: usize) -> usize {
+        i.min(self.rows - 1) * self.ldu
+    }
+}
+
 /// A micro-kernel of `MR` output channels by `NR` tiles (two registers).
 pub(crate) trait Kernel {
     /// What u and v hold: f32 values, or pairs of bfloat16 (`PAIRS`).
@@ -102,7 +111,7 @@ impl Kernel for F32x8 {
                 *x = crate::load_lanes::<MASKED>(c.v.add(k * c.ldv + 8 * v), masks[v]);
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let wv = _mm256_broadcast_ss(&*c.u.add(i * c.ldu + k));
+                let wv = _mm256_broadcast_ss(&*c.u.add(c.row(i) + k));
                 for (a, x) in row.iter_mut().zip(&xv) {
                     *a = _mm256_fmadd_ps(wv, *x, *a);
                 }
@@ -151,7 +160,7 @@ impl Kernel for F32x16 {
                 *x = if MASKED { _mm512_maskz_loadu_ps(masks[j], p) } else { _mm512_loadu_ps(p) };
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let w = _mm512_set1_ps(*c.u.add(i * c.ldu + k));
+                let w = _mm512_set1_ps(*c.u.add(c.row(i) + k));
                 for (a, x) in row.iter_mut().zip(&xv) {
                     *a = _mm512_fmadd_ps(w, *x, *a);
                 }
@@ -194,7 +203,7 @@ impl Kernel for Bf16x16 {
                 *x = std::mem::transmute::<__m512i, __m512bh>(v);
             }
             for (i, row) in acc.iter_mut().enumerate() {
-                let w = _mm512_set1_epi32(*c.u.add(i * c.ldu + k) as i32);
+                let w = _mm512_set1_epi32(*c.u.add(c.row(i) + k) as i32);
                 let w = std::mem::transmute::<__m512i, __m512bh>(w);
                 for (a, x) in row.iter_mut().zip(&xv) {
                     *a = _mm512_dpbf16_ps(*a, w, *x);
