@@ -1,6 +1,7 @@
 //! Prepared Winograd convolutions that keep the plain weights: each task transforms the weights it is about
 //! to multiply (U = G g Gᵀ for its 24 output channels and a slice of input channels) into a buffer that stays
-//! in L2, then runs the α² products of that slice with its own micro-kernel (6 channels x 16 tiles).
+//! in L2, then runs the α² products of that slice with a micro-kernel of `crate::microkernel` (f32 in AVX2 or
+//! AVX-512 registers, or bfloat16 pairs with `Precision::Bf16` on CPUs with AVX512_BF16).
 //!
 //! Transformed weights hold 16/9 (3x3) or 36/25 (5x5) as many values as the plain ones: 1.5 GB against 1.0 GB
 //! for the paper's flow. Reordered at load so that each output channel's weights are one sequential stream
