@@ -46,7 +46,7 @@ pub fn toy_features(
     map: usize,
     seed: u32,
 ) -> Result<(FeatureSet, FeatureSet)> {
-    if map % 4 != 0 || map == 0 {
+    if !map.is_multiple_of(4) || map == 0 {
         return Err(crate::Error::Invalid(format!("the map size must be a positive multiple of 4, got {map}")));
     }
     let mut g = Gauss(Mt19937::new(seed));

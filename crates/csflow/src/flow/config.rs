@@ -31,7 +31,7 @@ impl FlowConfig {
 
     pub fn validate(&self) -> crate::Result<()> {
         let bad = |m: String| Err(crate::Error::Invalid(m));
-        if self.channels < 2 || self.channels % 2 != 0 {
+        if self.channels < 2 || !self.channels.is_multiple_of(2) {
             return bad(format!("the flow needs an even number of channels, got {}", self.channels));
         }
         if self.hidden == 0 {

@@ -349,7 +349,7 @@ pub fn check_input_size(height: usize, width: usize, n_scales: usize) -> Result<
         return Err(Error::Invalid(format!("n_scales must be between 1 and 8, got {n_scales}")));
     }
     let m = 32usize << (n_scales - 1);
-    if height > 0 && width > 0 && height % m == 0 && width % m == 0 {
+    if height > 0 && width > 0 && height.is_multiple_of(m) && width.is_multiple_of(m) {
         return Ok(());
     }
     let near = |v: usize| {
