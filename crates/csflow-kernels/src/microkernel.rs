@@ -5,6 +5,8 @@
 
 use std::arch::x86_64::*;
 
+use rayon::prelude::*;
+
 /// Rows and columns of the AVX2 kernel.
 const MR: usize = 6;
 const NR: usize = 16;
@@ -283,5 +285,48 @@ pub(crate) unsafe fn gemm512(
             let first = !accumulate && k0 == 0;
             products::<F32x16>(a.add(k0), lda, b.add(k0 * ldb + n0), c.add(n0), (ldb, ldc), (kc, m, first, nc));
         }
+    }
+}
+
+/// `rows` rows of n values, `ld` apart, as bfloat16 pairs of rows: ⌈rows / 2⌉ rows of n u32 values, `ld`
+/// apart, row 2c in each value's low half and 2c + 1 (zero past the last) in its high half, as
+/// `vdpbf16ps` multiplies them (the Winograd input's channels, im2col's columns).
+///
+/// # Safety
+/// The CPU supports AVX512_BF16 (with AVX512F, BW and VL); v holds `cin` rows.
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+// Written before read, as `crate::uninit`'s buffers.
+#[allow(clippy::uninit_vec)]
+pub(crate) unsafe fn to_pairs(v: &[f32], cin: usize, n: usize, ld: usize) -> Vec<u32> {
+    let pairs = cin.div_ceil(2);
+    assert!(v.len() >= (cin - 1) * ld + n && n <= ld);
+    let mut out: Vec<u32> = Vec::with_capacity(pairs * ld);
+    // SAFETY: u32 has no invalid values; the first n of every row are written below, and the padding up to
+    // the next row is never read.
+    out.set_len(pairs * ld);
+    out.par_chunks_mut(ld).enumerate().for_each(|(cp, row)| {
+        let a = &v[2 * cp * ld..][..n];
+        let b = (2 * cp + 1 < cin).then(|| &v[(2 * cp + 1) * ld..][..n]);
+        // SAFETY: as this function's; the row has room for n values.
+        unsafe { pair_row(a, b, &mut row[..n]) }
+    });
+    out
+}
+
+/// The bfloat16 kernels: 512-bit registers of 16 tiles, each multiply-add summing a pair of input
+/// channels.
+
+/// One row of [`to_pairs`].
+#[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+unsafe fn pair_row(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {
+    let idx: [u16; 32] = std::array::from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 16 + i as u16 / 2 });
+    let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+    for t0 in (0..a.len()).step_by(16) {
+        let mask = lanes(a.len() - t0);
+        let fa = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(t0));
+        let fb = b.map_or(_mm512_setzero_ps(), |b| _mm512_maskz_loadu_ps(mask, b.as_ptr().add(t0)));
+        // a's 16 values in the low half, b's in the high, then interleaved value by value.
+        let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(fb, fa));
+        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(t0).cast(), mask, _mm512_permutexvar_epi16(idx, packed));
     }
 }

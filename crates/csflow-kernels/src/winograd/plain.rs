@@ -179,8 +179,8 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
     around_products::<A, R, T>(x, bias, act, s, |v, m| {
         let dst = crate::gemm::SendPtr(m.as_mut_ptr());
         // SAFETY: AVX512_BF16 for these products (asserted by `conv_by`); v holds s.cin channels.
-        let pairs =
-            (kernel == Products::Bf16).then(|| unsafe { x86::to_pairs(v, s.cin, A * A * s.tiles(), s.ld(A * A)) });
+        let pairs = (kernel == Products::Bf16)
+            .then(|| unsafe { crate::microkernel::to_pairs(v, s.cin, A * A * s.tiles(), s.ld(A * A)) });
         (0..s.cout.div_ceil(ROWS)).into_par_iter().for_each(|g| {
             let dst = &dst;
             // SAFETY: the CPU supports AVX2 and FMA (checked by the caller), and AVX512_BF16 for the pairs;
@@ -324,64 +324,14 @@ mod x86 {
         SLICE.set(u);
     }
 
-    /// V [cin][α²][tiles] (channels `ld` apart, `n` values each) as bfloat16 pairs of channels: ⌈cin / 2⌉ rows
-    /// of n u32 values, `ld` apart, channel 2c in each value's low half and 2c + 1 (zero past the last) in
-    /// its high half, as `vdpbf16ps` multiplies them.
-    ///
-    /// # Safety
-    /// The CPU supports AVX512_BF16 (with AVX512F, BW and VL); v holds cin channels.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-    // Written before read, as `crate::uninit`'s buffers.
-    #[allow(clippy::uninit_vec)]
-    pub(super) unsafe fn to_pairs(v: &[f32], cin: usize, n: usize, ld: usize) -> Vec<u32> {
-        let pairs = cin.div_ceil(2);
-        assert!(v.len() >= (cin - 1) * ld + n && n <= ld);
-        let mut out: Vec<u32> = Vec::with_capacity(pairs * ld);
-        // SAFETY: u32 has no invalid values; the first n of every row are written below, and the padding up to
-        // the next row is never read.
-        out.set_len(pairs * ld);
-        out.par_chunks_mut(ld).enumerate().for_each(|(cp, row)| {
-            let a = &v[2 * cp * ld..][..n];
-            let b = (2 * cp + 1 < cin).then(|| &v[(2 * cp + 1) * ld..][..n]);
-            // SAFETY: as this function's; the row has room for n values.
-            unsafe { bf16::pair_row(a, b, &mut row[..n]) }
-        });
-        out
-    }
-
-    /// The bfloat16 kernels: 512-bit registers of 16 tiles, each multiply-add summing a pair of input
-    /// channels.
     mod bf16 {
         use super::*;
-
-        pub(in super::super) fn lanes(n: usize) -> __mmask16 {
-            if n >= 16 {
-                0xFFFF
-            } else {
-                (1u16 << n) - 1
-            }
-        }
 
         /// Eight values rounded to bfloat16 (to nearest even) at `dst`.
         #[inline(always)]
         pub(super) unsafe fn store8(dst: *mut u16, val: __m256) {
             let b: __m128bh = _mm256_cvtneps_pbh(val);
             _mm_storeu_si128(dst.cast(), std::mem::transmute::<__m128bh, __m128i>(b));
-        }
-
-        /// One row of [`to_pairs`].
-        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-        pub(super) unsafe fn pair_row(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {
-            let idx: [u16; 32] = from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 16 + i as u16 / 2 });
-            let idx = _mm512_loadu_si512(idx.as_ptr().cast());
-            for t0 in (0..a.len()).step_by(16) {
-                let mask = lanes(a.len() - t0);
-                let fa = _mm512_maskz_loadu_ps(mask, a.as_ptr().add(t0));
-                let fb = b.map_or(_mm512_setzero_ps(), |b| _mm512_maskz_loadu_ps(mask, b.as_ptr().add(t0)));
-                // a's 16 values in the low half, b's in the high, then interleaved value by value.
-                let packed = std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(fb, fa));
-                _mm512_mask_storeu_epi32(out.as_mut_ptr().add(t0).cast(), mask, _mm512_permutexvar_epi16(idx, packed));
-            }
         }
     }
 
