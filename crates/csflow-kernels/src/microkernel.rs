@@ -143,18 +143,7 @@ impl Kernel for F32x16 {
 
     #[inline(always)]
     unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<f32>) {
-        let mut masks = [0 as __mmask16; V];
-        for (j, m) in masks.iter_mut().enumerate() {
-            *m = lanes(c.width.saturating_sub(16 * j));
-        }
-        let mut acc = [[_mm512_setzero_ps(); V]; 8];
-        if !c.first {
-            for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
-                for (j, a) in row.iter_mut().enumerate() {
-                    *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ldm + 16 * j));
-                }
-            }
-        }
+        let (mut acc, masks) = start_rows::<V, _>(c);
         for k in 0..c.k {
             let mut xv = [_mm512_setzero_ps(); V];
             for (j, x) in xv.iter_mut().enumerate() {
@@ -184,18 +173,7 @@ impl Kernel for Bf16x16 {
 
     #[inline(always)]
     unsafe fn run<const V: usize, const MASKED: bool>(c: &Call<u32>) {
-        let mut masks = [0 as __mmask16; V];
-        for (j, m) in masks.iter_mut().enumerate() {
-            *m = lanes(c.width.saturating_sub(16 * j));
-        }
-        let mut acc = [[_mm512_setzero_ps(); V]; 8];
-        if !c.first {
-            for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
-                for (j, a) in row.iter_mut().enumerate() {
-                    *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ldm + 16 * j));
-                }
-            }
-        }
+        let (mut acc, masks) = start_rows::<V, _>(c);
         for k in 0..c.k {
             let mut xv = [std::mem::transmute::<__m512i, __m512bh>(_mm512_setzero_si512()); V];
             for (j, x) in xv.iter_mut().enumerate() {
@@ -214,6 +192,25 @@ impl Kernel for Bf16x16 {
         }
         store_rows::<V, MASKED, _>(c, &acc, &masks);
     }
+}
+
+/// The 16-lane masks of a call's `width` columns, and its 8 rows of accumulators: zero, or (after the first
+/// slice) the partial sums stored in m.
+#[inline(always)]
+unsafe fn start_rows<const V: usize, E>(c: &Call<E>) -> ([[__m512; V]; 8], [__mmask16; V]) {
+    let mut masks = [0 as __mmask16; V];
+    for (j, m) in masks.iter_mut().enumerate() {
+        *m = lanes(c.width.saturating_sub(16 * j));
+    }
+    let mut acc = [[_mm512_setzero_ps(); V]; 8];
+    if !c.first {
+        for (i, row) in acc.iter_mut().enumerate().take(c.rows) {
+            for (j, a) in row.iter_mut().enumerate() {
+                *a = _mm512_maskz_loadu_ps(masks[j], c.m.add(i * c.ldm + 16 * j));
+            }
+        }
+    }
+    (acc, masks)
 }
 
 /// The first `rows` rows of 8 accumulators into m (`MASKED`: the first `width` tiles).
