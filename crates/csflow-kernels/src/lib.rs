@@ -28,6 +28,8 @@ mod mbconv;
 #[cfg(target_arch = "x86_64")]
 mod microkernel;
 mod pointwise;
+#[cfg(target_arch = "x86_64")]
+mod simd;
 mod stem;
 mod winograd;
 

@@ -233,7 +233,7 @@ unsafe fn store_rows<const V: usize, const MASKED: bool, E>(
 }
 
 /// mask of the first n (at most 16) lanes.
-fn lanes(n: usize) -> __mmask16 {
+pub(crate) fn lanes(n: usize) -> __mmask16 {
     if n >= 16 {
         0xFFFF
     } else {

@@ -1,0 +1,132 @@
+//! One vector register of f32, 256 or 512 bits wide, so that a kernel is written once and compiled for
+//! AVX2 + FMA and for AVX-512 (each instance inlined into a function with those target features).
+
+use std::arch::x86_64::*;
+
+/// A vector of [`Simd::LANES`] f32 and the mask type that selects some of its lanes.
+///
+/// # Safety
+/// Every method needs the CPU features of its type (AVX2 + FMA for `__m256`, AVX-512 F for `__m512`) and
+/// may only be called from code compiled with them.
+pub(crate) trait Simd: Copy {
+    const LANES: usize;
+    type Mask: Copy;
+    /// Selects the first `n` lanes (all of them when `n >= LANES`).
+    unsafe fn first(n: usize) -> Self::Mask;
+    /// `LANES` values at `p`, or with `MASKED` only the lanes of `m` (zeros elsewhere, nothing read there).
+    unsafe fn load<const MASKED: bool>(p: *const f32, m: Self::Mask) -> Self;
+    /// Stores every lane at `p`, or with `MASKED` only the lanes of `m`.
+    unsafe fn store<const MASKED: bool>(self, p: *mut f32, m: Self::Mask);
+    unsafe fn splat(v: f32) -> Self;
+    unsafe fn add(self, o: Self) -> Self;
+    /// `a * b + self`.
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self;
+    /// Clamped to [0, 6].
+    unsafe fn relu6(self) -> Self;
+    /// `slope *` the lanes not above zero.
+    unsafe fn leaky(self, slope: f32) -> Self;
+}
+
+impl Simd for __m256 {
+    const LANES: usize = 8;
+    type Mask = __m256i;
+
+    #[inline(always)]
+    unsafe fn first(n: usize) -> __m256i {
+        crate::first_lanes(n)
+    }
+
+    #[inline(always)]
+    unsafe fn load<const MASKED: bool>(p: *const f32, m: __m256i) -> Self {
+        crate::load_lanes::<MASKED>(p, m)
+    }
+
+    #[inline(always)]
+    unsafe fn store<const MASKED: bool>(self, p: *mut f32, m: __m256i) {
+        if MASKED {
+            _mm256_maskstore_ps(p, m, self)
+        } else {
+            _mm256_storeu_ps(p, self)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm256_set1_ps(v)
+    }
+
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        _mm256_add_ps(self, o)
+    }
+
+    #[inline(always)]
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+        _mm256_fmadd_ps(a, b, self)
+    }
+
+    #[inline(always)]
+    unsafe fn relu6(self) -> Self {
+        _mm256_min_ps(_mm256_max_ps(self, _mm256_setzero_ps()), _mm256_set1_ps(6.0))
+    }
+
+    #[inline(always)]
+    unsafe fn leaky(self, slope: f32) -> Self {
+        let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(self, _mm256_setzero_ps());
+        _mm256_blendv_ps(_mm256_mul_ps(self, _mm256_set1_ps(slope)), self, positive)
+    }
+}
+
+impl Simd for __m512 {
+    const LANES: usize = 16;
+    type Mask = __mmask16;
+
+    #[inline(always)]
+    unsafe fn first(n: usize) -> __mmask16 {
+        crate::microkernel::lanes(n)
+    }
+
+    #[inline(always)]
+    unsafe fn load<const MASKED: bool>(p: *const f32, m: __mmask16) -> Self {
+        if MASKED {
+            _mm512_maskz_loadu_ps(m, p)
+        } else {
+            _mm512_loadu_ps(p)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn store<const MASKED: bool>(self, p: *mut f32, m: __mmask16) {
+        if MASKED {
+            _mm512_mask_storeu_ps(p, m, self)
+        } else {
+            _mm512_storeu_ps(p, self)
+        }
+    }
+
+    #[inline(always)]
+    unsafe fn splat(v: f32) -> Self {
+        _mm512_set1_ps(v)
+    }
+
+    #[inline(always)]
+    unsafe fn add(self, o: Self) -> Self {
+        _mm512_add_ps(self, o)
+    }
+
+    #[inline(always)]
+    unsafe fn fmadd(self, a: Self, b: Self) -> Self {
+        _mm512_fmadd_ps(a, b, self)
+    }
+
+    #[inline(always)]
+    unsafe fn relu6(self) -> Self {
+        _mm512_min_ps(_mm512_max_ps(self, _mm512_setzero_ps()), _mm512_set1_ps(6.0))
+    }
+
+    #[inline(always)]
+    unsafe fn leaky(self, slope: f32) -> Self {
+        let not_positive = _mm512_cmp_ps_mask::<_CMP_NGT_UQ>(self, _mm512_setzero_ps());
+        _mm512_mask_mul_ps(self, not_positive, self, _mm512_set1_ps(slope))
+    }
+}
