@@ -13,7 +13,7 @@ use crate::{f32_slice, items_per_task, Activation};
 
 /// Geometry of one convolution.
 #[derive(Clone, Copy, Debug)]
-struct Geom {
+pub(crate) struct Geom {
     cin: usize,
     h: usize,
     w: usize,
@@ -22,12 +22,12 @@ struct Geom {
     kw: usize,
     stride: usize,
     pad: usize,
-    ho: usize,
-    wo: usize,
+    pub(crate) ho: usize,
+    pub(crate) wo: usize,
 }
 
 impl Geom {
-    fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
+    pub(crate) fn new(x: &[usize], w: &[usize], stride: usize, pad: usize) -> Result<Self> {
         let (&[_, cin, h, wd], &[cout, wcin, kh, kw]) = (x, w) else {
             candle_core::bail!("conv2d: expected x [N, C, H, W] and w [O, C, kh, kw], got {x:?} and {w:?}");
         };
@@ -42,7 +42,7 @@ impl Geom {
     }
 
     /// Rows of the column matrix: Cin * kh * kw.
-    fn k(&self) -> usize {
+    pub(crate) fn k(&self) -> usize {
         self.cin * self.kh * self.kw
     }
 
@@ -54,7 +54,7 @@ impl Geom {
         (g.kh == g.kw && g.stride == 1 && g.pad == g.kh / 2 && winograd::pays(s)).then_some(s)
     }
 
-    fn hw_out(&self) -> usize {
+    pub(crate) fn hw_out(&self) -> usize {
         self.ho * self.wo
     }
 
@@ -71,7 +71,7 @@ impl Geom {
 
     /// Unfolds m samples [m, Cin, H, W] into cols [Cin*kh*kw, ld], ld = m x Ho*Wo (sample j in columns
     /// j*Ho*Wo..(j+1)*Ho*Wo).
-    fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
+    pub(crate) fn im2col(&self, x: &[f32], cols: &mut [f32], ld: usize) {
         let g = *self;
         let (hw, plane) = (g.hw_out(), g.cin * g.h * g.w);
         let m = ld / hw;

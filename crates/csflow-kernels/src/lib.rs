@@ -7,6 +7,8 @@
 //! - [`conv2d`]: im2col + `gemm`, or Winograd F(2x2, 3x3) / F(2x2, 5x5) for stride-1 3x3 and 5x5 kernels,
 //!   with both gradients;
 //!   [`conv2d_act`] and [`conv_winograd`] (prepared [`WinogradWeights`]) fuse an activation, for inference.
+//! - [`conv_narrow`]: convolutions onto few output pixels on weights packed once ([`NarrowWeights`], f32 or
+//!   f16), for inference.
 //! - [`depthwise_conv2d`]: with fused bias and activation, for inference.
 //! - [`pointwise_conv`]: 1x1 convolutions on packed weights ([`PointwiseWeights`]) with fused bias, residual,
 //!   input-channel scale and activation, for inference.
@@ -27,6 +29,7 @@ mod leaky_relu;
 mod mbconv;
 #[cfg(target_arch = "x86_64")]
 mod microkernel;
+mod narrow;
 mod pointwise;
 #[cfg(target_arch = "x86_64")]
 mod simd;
@@ -40,6 +43,7 @@ pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, DepthwiseWeights, Padding};
 pub use leaky_relu::leaky_relu;
 pub use mbconv::InvertedResidual;
+pub use narrow::{conv_narrow, NarrowWeights};
 pub use pointwise::{pointwise_conv, PointwiseWeights};
 pub use stem::stem_conv;
 pub use winograd::{conv_winograd, WinogradWeights};

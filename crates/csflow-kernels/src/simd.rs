@@ -17,6 +17,8 @@ pub(crate) trait Simd: Copy {
     unsafe fn load<const MASKED: bool>(p: *const f32, m: Self::Mask) -> Self;
     /// Stores every lane at `p`, or with `MASKED` only the lanes of `m`.
     unsafe fn store<const MASKED: bool>(self, p: *mut f32, m: Self::Mask);
+    /// `LANES` f16 values (bits) at `p`, widened (F16C with AVX2).
+    unsafe fn load_half(p: *const u16) -> Self;
     unsafe fn splat(v: f32) -> Self;
     unsafe fn add(self, o: Self) -> Self;
     /// `a * b + self`.
@@ -48,6 +50,11 @@ impl Simd for __m256 {
         } else {
             _mm256_storeu_ps(p, self)
         }
+    }
+
+    #[inline(always)]
+    unsafe fn load_half(p: *const u16) -> Self {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast()))
     }
 
     #[inline(always)]
@@ -102,6 +109,11 @@ impl Simd for __m512 {
         } else {
             _mm512_storeu_ps(p, self)
         }
+    }
+
+    #[inline(always)]
+    unsafe fn load_half(p: *const u16) -> Self {
+        _mm512_cvtph_ps(_mm256_loadu_si256(p.cast()))
     }
 
     #[inline(always)]

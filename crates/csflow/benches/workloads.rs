@@ -2,6 +2,7 @@
 //! a fresh process, and measures peak memory): prints `{"median": seconds, "what": ...}`.
 //! Run: `cargo bench -p csflow --bench workloads -- <workload> [reps]`; workloads: flow-forward-paper (batch 1),
 //! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
+//! flow-forward-cpu-1[-bf16] (the same at batch 1, as `predict` runs it),
 //! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 (one level of it alone),
 //! predict (one 512 px PNG to score and full-size map with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
 //! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
@@ -22,8 +23,8 @@ use csflow::io::ModelMeta;
 use csflow::score::MapMode;
 use csflow::train::{TrainConfig, Trainer};
 use csflow_kernels::{
-    conv2d_act, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, Padding, PointwiseWeights, Precision,
-    WinogradWeights,
+    conv2d_act, conv_narrow, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, NarrowWeights, Padding,
+    PointwiseWeights, Precision, WinogradWeights,
 };
 
 /// The median; with `BENCH_DIST` set, the deciles on stderr too (this VM's times are often bimodal).
@@ -184,6 +185,8 @@ fn main() {
         "flow-forward-cpu" => flow_forward(cpu(), 16, 8, reps, Precision::F32),
         "flow-forward-cpu-bf16" => flow_forward(cpu(), 16, 8, reps, Precision::Bf16),
         "flow-step-cpu" => flow_step(cpu(), 16, 8, reps),
+        "flow-forward-cpu-1" => flow_forward(cpu(), 1, 8, reps, Precision::F32),
+        "flow-forward-cpu-1-bf16" => flow_forward(cpu(), 1, 8, reps, Precision::Bf16),
         "lite0-256" => extraction(EfficientNetConfig::lite0(), 256, reps),
         "lite0-256-level0" => lite0_level(0, reps),
         "lite0-256-level1" => lite0_level(1, reps),
@@ -205,6 +208,7 @@ fn main() {
         "pointwise" => pointwise(reps),
         "flow-layers" => flow_layers(FlowConfig::paper(), 1, 24, reps),
         "flow-layers-cpu" => flow_layers(cpu(), 16, 8, reps),
+        "flow-layers-cpu-1" => flow_layers(cpu(), 1, 8, reps),
         other => {
             eprintln!("unknown workload `{other}`");
             std::process::exit(2);
@@ -327,6 +331,13 @@ fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
                 gflops(plain)
             );
             let mut best = plain;
+            for half in [false, true] {
+                let nws: Vec<_> = ws.iter().map(|w| NarrowWeights::new(w, &b, half).unwrap()).collect();
+                let narrow = min(&mut |i| {
+                    conv_narrow(&x, &nws[i % copies], stride, Activation::Identity).unwrap();
+                });
+                line += &format!(" | narrow{} {:>7.3} ms", if half { " f16" } else { "" }, narrow * 1e3);
+            }
             if stride == 1 {
                 let us: Vec<_> = ws.iter().map(|w| WinogradWeights::new(w).unwrap().unwrap()).collect();
                 let wino = min(&mut |i| {

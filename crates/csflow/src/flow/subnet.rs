@@ -1,5 +1,5 @@
 use candle_core::Tensor;
-use csflow_kernels::{bilinear_up2, leaky_relu, Activation, Precision, WinogradWeights};
+use csflow_kernels::{bilinear_up2, conv_narrow, leaky_relu, Activation, NarrowWeights, Precision, WinogradWeights};
 
 use super::model::{winograd_tiles, ParamMap, MIN_WINOGRAD_TILES};
 use crate::{Error, Result};
@@ -29,17 +29,25 @@ pub struct Conv2d {
 }
 
 /// A convolution's weight: as trained, or (3x3 and 5x5 stride-1 layers of a flow made for inference) its
-/// Winograd transform instead, or both where the layer's map is small ([`CsFlow::for_inference`]).
+/// Winograd transform instead, or packed for few output pixels where the layer's output map is small, or
+/// both ([`CsFlow::for_inference`]).
 ///
 /// [`CsFlow::for_inference`]: super::CsFlow::for_inference
 #[derive(Clone, Debug)]
 pub enum ConvWeight {
     Plain(Tensor),
     Winograd(WinogradWeights),
-    /// Both forms: the plain weight for inputs with fewer than [`MIN_WINOGRAD_TILES`] tiles (one image), the
-    /// transform for batches.
-    Both(Tensor, WinogradWeights),
+    /// Packed for [`conv_narrow`] (stride-2 layers onto small maps).
+    Narrow(NarrowWeights),
+    /// Both forms: the packed weight for inputs with fewer than [`MIN_WINOGRAD_TILES`] tiles (one image),
+    /// the transform for batches.
+    Both(NarrowWeights, WinogradWeights),
 }
+
+/// Output pixels per image up to which a stride-2 layer takes [`conv_narrow`]: the paper's 12x12 -> 6x6 at
+/// batch 1, one thread pair, 3x3 2.02 -> 0.89 ms, 5x5 4.03 -> 2.24 ms; CPU size 4x4 -> 2x2 at batch 16
+/// 0.54 -> 0.32 ms (from 8x8 at batch 16, 64 pixels: 0.71 -> 0.85 ms, so not there).
+const NARROW_MAX_PIXELS: usize = 36;
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
@@ -55,10 +63,21 @@ impl Conv2d {
     /// [`MIN_WINOGRAD_TILES`] (one image takes im2col there), kept plain where the products fuse the weight's
     /// transform at that size (9/16 or 25/36 of the memory), else transformed once.
     fn prepare_for_inference(&mut self, tiles: Option<usize>, precision: Precision) -> Result<()> {
-        if let (ConvWeight::Plain(w), 1) = (&self.weight, self.stride) {
+        let ConvWeight::Plain(w) = &self.weight else { return Ok(()) };
+        let narrow = || NarrowWeights::new(w, &self.bias, precision == Precision::Bf16 && precision.supported());
+        if self.stride == 2 {
+            if tiles.is_some_and(|t| 4 * t <= NARROW_MAX_PIXELS) {
+                self.weight = ConvWeight::Narrow(narrow()?);
+            }
+            return Ok(());
+        }
+        if self.stride == 1 {
             let (cin, k) = (w.dim(1)?, w.dim(2)?);
             let prepared = match tiles {
-                Some(t) if t < MIN_WINOGRAD_TILES => WinogradWeights::new(w)?.map(|u| ConvWeight::Both(w.clone(), u)),
+                Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
+                    Some(u) => Some(ConvWeight::Both(narrow()?, u)),
+                    None => None,
+                },
                 Some(t) if WinogradWeights::plain_fuses(cin, k, t, precision) => {
                     WinogradWeights::plain(w, precision)?.map(ConvWeight::Winograd)
                 }
@@ -93,12 +112,13 @@ impl Conv2d {
                 }
             }
             ConvWeight::Winograd(u) => winograd(u)?,
+            ConvWeight::Narrow(w) => conv_narrow(x, w, self.stride, act)?,
             ConvWeight::Both(w, u) => {
                 let (n, _, h, wd) = x.dims4()?;
                 if winograd_tiles(n, h, wd) >= MIN_WINOGRAD_TILES {
                     winograd(u)?
                 } else {
-                    csflow_kernels::conv2d_act(x, w, &self.bias, 1, w.dim(2)? / 2, act)?
+                    conv_narrow(x, w, 1, act)?
                 }
             }
         })
@@ -145,13 +165,23 @@ impl CrossConvolutions {
     ///
     /// [`CsFlow::for_inference`]: super::CsFlow::for_inference
     pub(crate) fn prepare_for_inference(&mut self, tiles: Option<[usize; 3]>, precision: Precision) -> Result<()> {
-        let Self { conv_in, conv_out, up_conv10, up_conv21, .. } = self;
-        // Each convolution with the scale whose map it runs on (the up convolutions on the finer one's).
+        let Self { conv_in, conv_out, up_conv10, up_conv21, down_conv01, down_conv12, .. } = self;
+        // Each convolution with the scale of its output map (the up convolutions the finer one's, the down
+        // convolutions the coarser one's).
         let [in0, in1, in2] = conv_in;
         let [out0, out1, out2] = conv_out;
-        for (c, scale) in
-            [(in0, 0), (in1, 1), (in2, 2), (out0, 0), (out1, 1), (out2, 2), (up_conv10, 0), (up_conv21, 1)]
-        {
+        for (c, scale) in [
+            (in0, 0),
+            (in1, 1),
+            (in2, 2),
+            (out0, 0),
+            (out1, 1),
+            (out2, 2),
+            (up_conv10, 0),
+            (up_conv21, 1),
+            (down_conv01, 1),
+            (down_conv12, 2),
+        ] {
             c.prepare_for_inference(tiles.map(|t| t[scale]), precision)?;
             crate::memory::release_freed_memory();
         }

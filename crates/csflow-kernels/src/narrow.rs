@@ -1,0 +1,389 @@
+//! Convolutions onto few output pixels (a flow's 4x4 and 2x2 maps one image at a time, and the stride-2
+//! convolutions onto them), for inference.
+//!
+//! There every weight meets a handful of pixels and the time is the weights' read: a 3x3 256 -> 192 layer
+//! holds 1.8 MB for 4 output pixels, and the im2col path packed all of it again on every call. Here the
+//! weights are packed once, in panels of [`CH`] output channels (`[panel][C·k·k][CH]`), in f32 or in f16
+//! (half the bytes, 11 significant bits, widened in registers), and each panel is read once per group of up
+//! to 16 output pixels: vectors over output channels, one broadcast im2col value per pixel.
+
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use rayon::prelude::*;
+
+use crate::conv::Geom;
+use crate::{f32_slice, Activation};
+
+/// Output channels per packed panel: one AVX-512 vector, two AVX2 ones.
+const CH: usize = 16;
+/// im2col values read past a row's last column by a group rounded up to its kernel's pixel count.
+const OVERREAD: usize = 16;
+
+/// A convolution's weight [O, C, k, k] packed for [`conv_narrow`], with its bias.
+#[derive(Clone, Debug)]
+pub struct NarrowWeights {
+    packed: Packed,
+    /// Zero past the last output channel.
+    bias: Vec<f32>,
+    cout: usize,
+    cin: usize,
+    k: usize,
+}
+
+#[derive(Clone, Debug)]
+enum Packed {
+    F32(Vec<f32>),
+    /// IEEE half-precision bits.
+    F16(Vec<u16>),
+}
+
+impl NarrowWeights {
+    /// From a square weight [O, C, k, k] and a bias [O]; with `half`, the weights rounded to f16 (relative
+    /// error at most 2^-11; f16's range covers any trained convolution's weights).
+    pub fn new(weight: &Tensor, bias: &Tensor, half: bool) -> Result<Self> {
+        let &[cout, cin, k, kw] = weight.dims() else {
+            candle_core::bail!("narrow conv: weight must be [O, C, k, k], got {:?}", weight.dims());
+        };
+        if k != kw || cin == 0 || k == 0 {
+            candle_core::bail!("narrow conv: weight {:?} is not a square kernel over some channels", weight.dims());
+        }
+        if bias.dims() != [cout] {
+            candle_core::bail!("narrow conv: bias {:?} for {cout} output channels", bias.dims());
+        }
+        let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+        let kdim = cin * k * k;
+        let panels = cout.div_ceil(CH);
+        let mut packed = vec![0f32; panels * kdim * CH];
+        for (o, row) in w.chunks_exact(kdim).enumerate() {
+            for (r, &v) in row.iter().enumerate() {
+                packed[((o / CH) * kdim + r) * CH + o % CH] = v;
+            }
+        }
+        let packed = match half {
+            true => Packed::F16(packed.iter().map(|&v| half::f16::from_f32(v).to_bits()).collect()),
+            false => Packed::F32(packed),
+        };
+        let mut bias: Vec<f32> = bias.to_vec1()?;
+        bias.resize(panels * CH, 0.0);
+        Ok(Self { packed, bias, cout, cin, k })
+    }
+
+    /// Whether the weights are held in f16.
+    pub fn is_half(&self) -> bool {
+        matches!(self.packed, Packed::F16(_))
+    }
+
+    /// Weight `r` (of C·k·k) of output channel `o`, widened.
+    fn get(&self, o: usize, r: usize) -> f32 {
+        let at = ((o / CH) * self.cin * self.k * self.k + r) * CH + o % CH;
+        match &self.packed {
+            Packed::F32(p) => p[at],
+            Packed::F16(p) => half::f16::from_bits(p[at]).to_f32(),
+        }
+    }
+}
+
+/// `act(F.conv2d(x, w, b, stride, padding=k // 2))` for x [N, C, H, W] through the packed weights; no
+/// gradients. Fastest where N·Ho·Wo is small (up to about 16 pixels); right at any size.
+pub fn conv_narrow(x: &Tensor, w: &NarrowWeights, stride: usize, act: Activation) -> Result<Tensor> {
+    x.contiguous()?.apply_op1_no_bwd(&Narrow { w, stride, act })
+}
+
+struct Narrow<'a> {
+    w: &'a NarrowWeights,
+    stride: usize,
+    act: Activation,
+}
+
+impl CustomOp1 for Narrow<'_> {
+    fn name(&self) -> &'static str {
+        "csflow-narrow-conv"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_slice(xs, xl, self.name())?;
+        let w = self.w;
+        let g = Geom::new(xl.dims(), &[w.cout, w.cin, w.k, w.k], self.stride, w.k / 2)?;
+        let (n, hw) = (xl.dims()[0], g.hw_out());
+        let shape = Shape::from((n, w.cout, g.ho, g.wo));
+        let (cols_n, kdim) = (n * hw, g.k());
+        let mut out = crate::uninit(n * w.cout * hw);
+        if cols_n == 0 || w.cout == 0 {
+            return Ok((CpuStorage::F32(out), shape));
+        }
+        let mut cols = vec![0f32; kdim * cols_n + OVERREAD];
+        g.im2col(x, &mut cols[..kdim * cols_n], cols_n);
+        let at = |j: usize, o: usize| ((j / hw) * w.cout + o) * hw + j % hw;
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
+            // SAFETY: AVX2, FMA and F16C checked (AVX-512 for `wide`); cols holds kdim rows of cols_n values
+            // and OVERREAD more; `at` maps into out.
+            unsafe { x86::run(w, self.act, &cols, cols_n, &mut out, &at, crate::has_avx512()) };
+            return Ok((CpuStorage::F32(out), shape));
+        }
+        portable(w, self.act, &cols, cols_n, &mut out, hw);
+        Ok((CpuStorage::F32(out), shape))
+    }
+}
+
+/// Without AVX2: direct sums per output value.
+fn portable(w: &NarrowWeights, act: Activation, cols: &[f32], ld: usize, out: &mut [f32], hw: usize) {
+    let kdim = w.cin * w.k * w.k;
+    out.par_chunks_mut(hw).enumerate().for_each(|(idx, plane)| {
+        let (s, o) = (idx / w.cout, idx % w.cout);
+        for (p, y) in plane.iter_mut().enumerate() {
+            let j = s * hw + p;
+            let sum = (0..kdim).fold(w.bias[o], |acc, r| acc + w.get(o, r) * cols[r * ld + j]);
+            *y = act.apply(sum);
+        }
+    });
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::*;
+    use crate::gemm::SendPtr;
+    use crate::simd::Simd;
+
+    /// The weights' element type, widened to f32 lanes as loaded.
+    trait Weight: Copy + Sync {
+        unsafe fn load<S: Simd>(p: *const Self) -> S;
+    }
+
+    impl Weight for f32 {
+        #[inline(always)]
+        unsafe fn load<S: Simd>(p: *const f32) -> S {
+            S::load::<false>(p, S::first(S::LANES))
+        }
+    }
+
+    impl Weight for u16 {
+        #[inline(always)]
+        unsafe fn load<S: Simd>(p: *const u16) -> S {
+            S::load_half(p)
+        }
+    }
+
+    /// The output's index of output channel `o` at im2col column `j`.
+    type At<'a> = &'a (dyn Fn(usize, usize) -> usize + Sync);
+
+    /// Through the AVX-512 kernel with `wide`, else the AVX2 one.
+    ///
+    /// # Safety
+    /// The CPU supports AVX2, FMA and F16C (and AVX-512 for `wide`); `cols` holds C·k·k rows of `ld` values
+    /// and [`OVERREAD`] more; `at` maps into `out`.
+    pub(super) unsafe fn run(
+        w: &NarrowWeights,
+        act: Activation,
+        cols: &[f32],
+        ld: usize,
+        out: &mut [f32],
+        at: At,
+        wide: bool,
+    ) {
+        match &w.packed {
+            Packed::F32(p) => run_with(w, p, act, (cols, ld), out, at, wide),
+            Packed::F16(p) => run_with(w, p, act, (cols, ld), out, at, wide),
+        }
+    }
+
+    unsafe fn run_with<W: Weight>(
+        w: &NarrowWeights,
+        packed: &[W],
+        act: Activation,
+        (cols, ld): (&[f32], usize),
+        out: &mut [f32],
+        at: At,
+        wide: bool,
+    ) {
+        let px = if wide { 16 } else { 6 };
+        let (panels, groups) = (w.cout.div_ceil(CH), ld.div_ceil(px));
+        let kdim = w.cin * w.k * w.k;
+        let dst = SendPtr(out.as_mut_ptr());
+        // Consecutive tasks share a panel: its weights come from L2 for the later pixel groups.
+        (0..panels * groups).into_par_iter().for_each(|t| {
+            let (p, g) = (t / groups, t % groups);
+            let task = Task {
+                w,
+                weights: packed[p * kdim * CH..].as_ptr(),
+                kdim,
+                act,
+                cols: cols[g * px..].as_ptr(),
+                ld,
+                panel: p,
+                first: g * px,
+                pixels: px.min(ld - g * px),
+            };
+            let dst = &dst;
+            // SAFETY: the CPU's features checked by the caller; this task alone writes its panel's channels at
+            // its pixels.
+            unsafe {
+                match wide {
+                    true => task512(&task, dst.0, at),
+                    false => task256(&task, dst.0, at),
+                }
+            }
+        });
+    }
+
+    /// One panel of output channels at one group of pixels.
+    struct Task<'a, W> {
+        w: &'a NarrowWeights,
+        weights: *const W,
+        kdim: usize,
+        act: Activation,
+        /// The group's first im2col column.
+        cols: *const f32,
+        ld: usize,
+        panel: usize,
+        first: usize,
+        pixels: usize,
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    unsafe fn task512<W: Weight>(t: &Task<W>, out: *mut f32, at: At) {
+        match t.pixels {
+            0..=4 => t.compute::<__m512, 1, 4>(out, at),
+            5..=8 => t.compute::<__m512, 1, 8>(out, at),
+            9..=12 => t.compute::<__m512, 1, 12>(out, at),
+            _ => t.compute::<__m512, 1, 16>(out, at),
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn task256<W: Weight>(t: &Task<W>, out: *mut f32, at: At) {
+        match t.pixels {
+            0..=2 => t.compute::<__m256, 2, 2>(out, at),
+            3..=4 => t.compute::<__m256, 2, 4>(out, at),
+            _ => t.compute::<__m256, 2, 6>(out, at),
+        }
+    }
+
+    impl<W: Weight> Task<'_, W> {
+        /// `P` pixels (the group's, rounded up: the columns past it are read, never stored) by `V` vectors
+        /// of output channels.
+        #[inline(always)]
+        unsafe fn compute<S: Simd, const V: usize, const P: usize>(&self, out: *mut f32, at: At) {
+            let bias = self.w.bias[self.panel * CH..].as_ptr();
+            let mut acc = [[S::splat(0.0); V]; P];
+            for row in acc.iter_mut() {
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = S::load::<false>(bias.add(v * S::LANES), S::first(S::LANES));
+                }
+            }
+            for k in 0..self.kdim {
+                let wv: [S; V] = std::array::from_fn(|v| W::load(self.weights.add(k * CH + v * S::LANES)));
+                let x = self.cols.add(k * self.ld);
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let xb = S::splat(*x.add(i));
+                    for (a, wv) in row.iter_mut().zip(&wv) {
+                        *a = a.fmadd(*wv, xb);
+                    }
+                }
+            }
+            let mut tile = [[0f32; CH]; P];
+            for (row, t) in acc.iter_mut().zip(tile.iter_mut()) {
+                self.act.apply_registers(row);
+                for (v, a) in row.iter().enumerate() {
+                    a.store::<false>(t.as_mut_ptr().add(v * S::LANES), S::first(S::LANES));
+                }
+            }
+            // Back to NCHW: each pixel's channels scattered.
+            let channels = CH.min(self.w.cout - self.panel * CH);
+            for (i, t) in tile.iter().enumerate().take(self.pixels) {
+                for (c, &v) in t.iter().enumerate().take(channels) {
+                    *out.add(at(self.first + i, self.panel * CH + c)) = v;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_data as data;
+    use candle_core::Device;
+
+    /// Against candle's own convolution (with the bias and activations added there): stride 1 and 2,
+    /// 3x3 and 5x5, 1x1 to 5x5 maps, batch 1 and 3 (pixel groups of 16 and 6 and their rounded-up tails),
+    /// output channels not a multiple of 16; f32 weights to 1e-5, f16 weights within f16's rounding.
+    #[test]
+    fn matches_candle_conv() {
+        let dev = Device::Cpu;
+        for &(n, c, o, k, stride, h) in &[
+            (1usize, 7usize, 20usize, 3usize, 1usize, 4usize),
+            (1, 5, 16, 3, 1, 2),
+            (3, 6, 33, 5, 1, 4),
+            (1, 9, 17, 3, 2, 8),
+            (2, 4, 5, 5, 2, 4),
+            (1, 3, 40, 5, 1, 1),
+            (1, 3, 18, 3, 1, 5),
+        ] {
+            let x = Tensor::from_vec(data(n * c * h * h, 1), (n, c, h, h), &dev).unwrap();
+            let w = Tensor::from_vec(data(o * c * k * k, 2), (o, c, k, k), &dev).unwrap();
+            let b = Tensor::from_vec(data(o, 3), o, &dev).unwrap();
+            for half in [false, true] {
+                let nw = NarrowWeights::new(&w, &b, half).unwrap();
+                // The reference takes the weights as stored: f16-rounded ones for `half`.
+                let wr = if half {
+                    w.to_dtype(candle_core::DType::F16).unwrap().to_dtype(candle_core::DType::F32).unwrap()
+                } else {
+                    w.clone()
+                };
+                let pad = crate::Padding::symmetric(k / 2);
+                let mut refs = crate::candle_reference(&x, &wr, &b, stride, pad, 1);
+                let plain = refs[0].1.clone();
+                refs.push((Activation::LeakyRelu(0.1), plain.maximum(&(&plain * 0.1).unwrap()).unwrap()));
+                for (act, want) in refs {
+                    let got = conv_narrow(&x, &nw, stride, act).unwrap();
+                    assert_eq!(got.dims(), want.dims());
+                    let (got, want): (Vec<f32>, Vec<f32>) =
+                        (got.flatten_all().unwrap().to_vec1().unwrap(), want.flatten_all().unwrap().to_vec1().unwrap());
+                    let mut outputs = vec![("op", got)];
+                    // Every path this CPU has, called directly (the op takes the widest).
+                    let g = Geom::new(x.dims(), &[o, c, k, k], stride, k / 2).unwrap();
+                    let (hw, kdim) = (g.hw_out(), g.k());
+                    let mut cols = vec![0f32; kdim * n * hw + OVERREAD];
+                    g.im2col(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), &mut cols[..kdim * n * hw], n * hw);
+                    let mut out = vec![f32::NAN; n * o * hw];
+                    portable(&nw, act, &cols, n * hw, &mut out, hw);
+                    outputs.push(("portable", out));
+                    #[cfg(target_arch = "x86_64")]
+                    for wide in [false, true].into_iter().filter(|&w| {
+                        crate::has_avx2_fma() && std::is_x86_feature_detected!("f16c") && (!w || crate::has_avx512())
+                    }) {
+                        let mut out = vec![f32::NAN; n * o * hw];
+                        let at = |j: usize, ch: usize| ((j / hw) * o + ch) * hw + j % hw;
+                        // SAFETY: features checked above; cols as the op makes it.
+                        unsafe { x86::run(&nw, act, &cols, n * hw, &mut out, &at, wide) };
+                        outputs.push((if wide { "avx512" } else { "avx2" }, out));
+                    }
+                    for (what, got) in outputs {
+                        for (i, (g, r)) in got.iter().zip(&want).enumerate() {
+                            assert!(
+                                (g - r).abs() < 1e-5,
+                                "{what} {n}x{c}->{o} k{k} s{stride} {h}x{h} half {half} {act:?} [{i}]: {g} vs {r}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Bad shapes are errors, not panics.
+    #[test]
+    fn bad_shapes_are_errors() {
+        let dev = Device::Cpu;
+        let z = |s: &[usize]| Tensor::zeros(s, candle_core::DType::F32, &dev).unwrap();
+        assert!(NarrowWeights::new(&z(&[4, 3, 3, 2]), &z(&[4]), false).is_err());
+        assert!(NarrowWeights::new(&z(&[4, 3, 3, 3]), &z(&[5]), false).is_err());
+        let w = NarrowWeights::new(&z(&[4, 3, 3, 3]), &z(&[4]), true).unwrap();
+        assert!(w.is_half());
+        let err = conv_narrow(&z(&[1, 2, 4, 4]), &w, 1, Activation::Identity).unwrap_err().to_string();
+        assert!(err.contains("channels"), "{err}");
+        assert_eq!(conv_narrow(&z(&[0, 3, 4, 4]), &w, 1, Activation::Identity).unwrap().dims(), [0, 4, 4, 4]);
+    }
+}
