@@ -61,7 +61,7 @@ impl InvertedResidual<'_> {
         if crate::has_avx2_fma() {
             let (_, c, h, w) = x.dims4()?;
             if h * w <= SMALL_PIXELS {
-                return self.fused(x, Path::Small);
+                return self.fused(x, Path::Small { avx512: crate::has_avx512() });
             }
             if self.expand.map_or(c, |e| e.cout) * h * w * 4 >= FUSE_BYTES {
                 return self.fused(x, Path::Banded(BAND_BYTES));
@@ -96,8 +96,8 @@ enum Path {
     /// In bands of output rows whose buffers take at most this many bytes (tests make them as small as
     /// allowed).
     Banded(usize),
-    /// With vectors over channels.
-    Small,
+    /// With vectors over channels, 512 bits wide with `avx512` (the CPU must have it), else 256.
+    Small { avx512: bool },
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -176,10 +176,11 @@ impl CustomOp3 for Fused<'_> {
         let dims = Dims { n, cin, h, wd, c, k, cout, ho, wo };
         let mut out = crate::uninit(n * cout * ho * wo);
         if n > 0 {
-            // SAFETY: the CPU supports AVX2 and FMA; the sizes are checked above.
+            // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says); the sizes are checked
+            // above.
             match self.path {
                 Path::Banded(band_bytes) => unsafe { x86::run(blk, band_bytes, dims, x, (w, b), &mut out) },
-                Path::Small => unsafe { small::x86::run(blk, dims, x, &mut out) },
+                Path::Small { avx512 } => unsafe { small::x86::run(blk, dims, x, &mut out, avx512) },
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
@@ -415,7 +416,9 @@ mod tests {
                 assert!(diff <= 1e-6 * scale, "case {case} {act:?} layered: {diff} of {scale}");
                 for threads in [1, 3, 16] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                    for path in [Path::Small, Path::Banded(1), Path::Banded(40 * 1024), Path::Banded(usize::MAX)] {
+                    for path in
+                        small_paths().chain([Path::Banded(1), Path::Banded(40 * 1024), Path::Banded(usize::MAX)])
+                    {
                         let got = pool.install(|| block.fused(&x, path)).unwrap();
                         assert_eq!(got.dims(), want.dims());
                         let diff: f32 = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
@@ -424,6 +427,11 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The small-map path in each width this CPU has.
+    fn small_paths() -> impl Iterator<Item = Path> {
+        [false, true].into_iter().filter(|&w| !w || crate::has_avx512()).map(|avx512| Path::Small { avx512 })
     }
 
     /// A transposed or narrowed input (not contiguous) gives the contiguous copy's output on every path.
@@ -450,7 +458,7 @@ mod tests {
             assert!(!x.is_contiguous());
             let want = block.layered(&x.contiguous().unwrap()).unwrap();
             let mut outs = vec![block.forward(&x).unwrap(), block.layered(&x).unwrap()];
-            for path in [Path::Small, Path::Banded(1), Path::Banded(usize::MAX)] {
+            for path in small_paths().chain([Path::Banded(1), Path::Banded(usize::MAX)]) {
                 outs.push(block.fused(&x, path).unwrap());
             }
             for got in outs {
@@ -478,7 +486,7 @@ mod tests {
             act: Activation::Relu6,
             skip: true,
         };
-        for path in [Path::Small, Path::Banded(BAND_BYTES)] {
+        for path in small_paths().chain([Path::Banded(BAND_BYTES)]) {
             let err = block.fused(&z(&[1, 4, 8, 8]), path).unwrap_err().to_string();
             assert!(err.contains("skip"), "{err}");
             let err = block.fused(&z(&[1, 5, 8, 8]), path).unwrap_err().to_string();
@@ -487,7 +495,7 @@ mod tests {
             assert_eq!(empty.dims(), [0, 4, 4, 4]);
         }
         let none = PointwiseWeights::new(&z(&[0, 12]), &z(&[0])).unwrap();
-        for path in [Path::Small, Path::Banded(BAND_BYTES)] {
+        for path in small_paths().chain([Path::Banded(BAND_BYTES)]) {
             let block = InvertedResidual { project: &none, skip: false, ..block };
             let err = block.fused(&z(&[1, 4, 8, 8]), path).unwrap_err().to_string();
             assert!(err.contains("no output channels"), "{err}");

@@ -310,9 +310,6 @@ pub(crate) unsafe fn to_pairs(v: &[f32], cin: usize, n: usize, ld: usize) -> Vec
     out
 }
 
-/// The bfloat16 kernels: 512-bit registers of 16 tiles, each multiply-add summing a pair of input
-/// channels.
-
 /// One row of [`to_pairs`].
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn pair_row(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {

@@ -8,7 +8,7 @@
 //! tap. Each task expands one panel of channels and convolves it while it is in L1; the projection then reads
 //! all panels' depthwise output.
 
-/// Channels per panel: two AVX2 vectors.
+/// Channels per panel: two AVX2 vectors, one AVX-512 vector.
 pub(crate) const CH: usize = 16;
 
 /// Weights with vectors over output channels: `packed[p][k][i]` = `rows[p * CH + i][k]` for rows [o][cols],
@@ -45,19 +45,94 @@ pub(super) mod x86 {
     use super::{ChannelPanels, CH};
     use crate::gemm::SendPtr;
     use crate::mbconv::{Dims, InvertedResidual};
+    use crate::simd::Simd;
 
-    /// Vectors per panel.
-    const V: usize = CH / 8;
-    /// Pixels per micro-kernel tile: twelve accumulators, the two weight vectors and a broadcast fill the 16
-    /// registers. Three vectors by four pixels needed one more: the spilled accumulator's chain through memory
-    /// held the kernel to 42 GFLOPS.
-    const PX: usize = 6;
-
-    type Tile = [[__m256; V]; PX];
-
+    /// With 512-bit vectors for `avx512`, else 256-bit ones.
+    ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `d` are x's, the layers' and out's sizes, checked to chain.
-    pub(in crate::mbconv) unsafe fn run(blk: &InvertedResidual, d: Dims, x: &[f32], out: &mut [f32]) {
+    /// The CPU supports AVX2 and FMA (and AVX-512 F, BW and VL for `avx512`); `d` are x's, the layers' and
+    /// out's sizes, checked to chain.
+    pub(in crate::mbconv) unsafe fn run(blk: &InvertedResidual, d: Dims, x: &[f32], out: &mut [f32], avx512: bool) {
+        if avx512 {
+            run_with::<Avx512>(blk, d, x, out)
+        } else {
+            run_with::<Avx2>(blk, d, x, out)
+        }
+    }
+
+    /// The two passes compiled for one vector width.
+    trait Width {
+        /// Pixels per product tile.
+        const PX: usize;
+        unsafe fn expand_convolve(
+            blk: &InvertedResidual,
+            expand: Option<&ChannelPanels>,
+            d: Dims,
+            xs: &[f32],
+            p: usize,
+            expanded: &mut Vec<f32>,
+            dst: (*mut f32, usize),
+        );
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn project_panel(
+            blk: &InvertedResidual,
+            w: &ChannelPanels,
+            d: Dims,
+            src: (&[f32], usize),
+            q: usize,
+            pixels: std::ops::Range<usize>,
+            xs: &[f32],
+            out: *mut f32,
+        );
+    }
+
+    /// Two AVX2 vectors a panel, tiles of six pixels: twelve accumulators, the two weight vectors and a
+    /// broadcast fill the 16 registers. Three vectors by four pixels needed one more: the spilled
+    /// accumulator's chain through memory held the kernel to 42 GFLOPS.
+    struct Avx2;
+    /// One AVX-512 vector a panel, tiles of twelve pixels.
+    struct Avx512;
+
+    /// [`Width`] for a vector type `$s`, `$v` of them a panel, tiles of `$px` pixels, compiled with `$features`.
+    macro_rules! width {
+        ($name:ident, $s:ty, $v:literal, $px:literal, $features:literal) => {
+            impl Width for $name {
+                const PX: usize = $px;
+
+                #[target_feature(enable = $features)]
+                unsafe fn expand_convolve(
+                    blk: &InvertedResidual,
+                    expand: Option<&ChannelPanels>,
+                    d: Dims,
+                    xs: &[f32],
+                    p: usize,
+                    expanded: &mut Vec<f32>,
+                    dst: (*mut f32, usize),
+                ) {
+                    expand_convolve::<$s, $v, $px>(blk, expand, d, xs, p, expanded, dst)
+                }
+
+                #[target_feature(enable = $features)]
+                unsafe fn project_panel(
+                    blk: &InvertedResidual,
+                    w: &ChannelPanels,
+                    d: Dims,
+                    src: (&[f32], usize),
+                    q: usize,
+                    pixels: std::ops::Range<usize>,
+                    xs: &[f32],
+                    out: *mut f32,
+                ) {
+                    project_panel::<$s, $v, $px>(blk, w, d, src, q, pixels, xs, out)
+                }
+            }
+        };
+    }
+
+    width!(Avx2, __m256, 2, 6, "avx2,fma");
+    width!(Avx512, __m512, 1, 12, "avx2,fma,avx512f,avx512bw,avx512vl");
+
+    unsafe fn run_with<W: Width>(blk: &InvertedResidual, d: Dims, x: &[f32], out: &mut [f32]) {
         let (hw, hwo) = (d.h * d.wd, d.ho * d.wo);
         let (panels, out_panels) = (d.c.div_ceil(CH), d.cout.div_ceil(CH));
         let cpad = panels * CH;
@@ -69,16 +144,17 @@ pub(super) mod x86 {
             let conv = &conv;
             let (s, p) = (t / panels, t % panels);
             let xs = &x[s * d.cin * hw..(s + 1) * d.cin * hw];
-            // SAFETY: the CPU supports AVX2 and FMA; this task alone writes panel p's lanes of sample s.
-            unsafe { expand_convolve(blk, expand, d, xs, p, expanded, conv.0.add(s * hwo * cpad + p * CH), cpad) };
+            let dst = (conv.0.add(s * hwo * cpad + p * CH), cpad);
+            // SAFETY: the CPU supports W's features; this task alone writes panel p's lanes of sample s.
+            unsafe { W::expand_convolve(blk, expand, d, xs, p, expanded, dst) };
         });
         let project = blk.project.channel_panels();
         let dst = SendPtr(out.as_mut_ptr());
         // Tasks of pixel groups (whose depthwise output then stays in cache while every panel of weights passes
         // over it) by ranges of output panels (on the smallest maps the weights are the work to split).
         let want = 4 * rayon::current_num_threads();
-        let groups = (hwo / (8 * PX)).clamp(1, want);
-        let per_group = hwo.div_ceil(groups).next_multiple_of(PX);
+        let groups = (hwo / (8 * W::PX)).clamp(1, want);
+        let per_group = hwo.div_ceil(groups).next_multiple_of(W::PX);
         let groups = hwo.div_ceil(per_group);
         let per_chunk = out_panels.div_ceil(want.div_ceil(d.n * groups).clamp(1, out_panels));
         let chunks = out_panels.div_ceil(per_chunk);
@@ -89,28 +165,26 @@ pub(super) mod x86 {
             let src = &convolved[s * hwo * cpad..(s + 1) * hwo * cpad];
             let pixels = g * per_group..((g + 1) * per_group).min(hwo);
             for q in c * per_chunk..((c + 1) * per_chunk).min(out_panels) {
-                // SAFETY: the CPU supports AVX2 and FMA; this task alone writes output channels q * CH.. of
+                // SAFETY: the CPU supports W's features; this task alone writes output channels q * CH.. of
                 // sample s at `pixels`.
                 unsafe {
-                    project_panel(blk, project, d, src, cpad, q, pixels.clone(), xs, dst.0.add(s * d.cout * hwo))
+                    W::project_panel(blk, project, d, (src, cpad), q, pixels.clone(), xs, dst.0.add(s * d.cout * hwo))
                 };
             }
         });
     }
 
     /// Panel `p` of one sample: the expansion of its channels into `expanded` ([pixel][CH]), then the depthwise
-    /// convolution of those into `dst` (pixel-major, `ld` apart).
-    #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn expand_convolve(
+    /// convolution of those into `dst` (pixel-major, `ld` apart). `V` vectors of `S` make a panel.
+    #[inline(always)]
+    unsafe fn expand_convolve<S: Simd, const V: usize, const PX: usize>(
         blk: &InvertedResidual,
         expand: Option<&ChannelPanels>,
         d: Dims,
         xs: &[f32],
         p: usize,
         expanded: &mut Vec<f32>,
-        dst: *mut f32,
-        ld: usize,
+        (dst, ld): (*mut f32, usize),
     ) {
         let hw = d.h * d.wd;
         let c0 = p * CH;
@@ -118,11 +192,11 @@ pub(super) mod x86 {
         let e = expanded.as_mut_ptr();
         match expand {
             Some(w) => {
-                let (wp, bias) = (w.packed[p * w.cols * CH..].as_ptr(), load(w.bias[c0..].as_ptr()));
+                let (wp, bias) = (w.packed[p * w.cols * CH..].as_ptr(), load::<S, V>(w.bias[c0..].as_ptr()));
                 for p0 in (0..hw).step_by(PX) {
                     let np = PX.min(hw - p0);
                     // Pixel q of channel k is xs[k * hw + q].
-                    let acc = product(np, wp, w.cols, xs[p0..].as_ptr(), (1, hw));
+                    let acc = product::<S, V, PX>(np, wp, w.cols, xs[p0..].as_ptr(), (1, hw));
                     for (i, row) in acc.iter().enumerate().take(np) {
                         let mut r = add(*row, bias);
                         blk.act.apply_registers(&mut r);
@@ -139,24 +213,33 @@ pub(super) mod x86 {
             }
         }
         let dw = blk.depthwise.channel_panels();
-        let (taps, bias) = (dw.packed[p * dw.cols * CH..].as_ptr(), load(dw.bias[c0..].as_ptr()));
+        let (taps, bias) = (dw.packed[p * dw.cols * CH..].as_ptr(), load::<S, V>(dw.bias[c0..].as_ptr()));
         let (k, s, pad) = (d.k as isize, blk.stride as isize, blk.pad);
         let (h, wd) = (d.h as isize, d.wd as isize);
         for oy in 0..d.ho {
             let y0 = oy as isize * s - pad.top as isize;
             for ox in 0..d.wo {
                 let x0 = ox as isize * s - pad.left as isize;
-                let mut acc = bias;
+                // Even and odd taps sum apart: two chains of multiply-adds (one vector a panel had one).
+                let (mut even, mut odd) = (bias, [S::splat(0.0); V]);
                 // Taps inside the map only: the padding is zero.
                 for ky in (-y0).max(0)..k.min(h - y0) {
-                    for kx in (-x0).max(0)..k.min(wd - x0) {
-                        let w = taps.add((ky * k + kx) as usize * CH);
-                        let v = e.add(((y0 + ky) * wd + x0 + kx) as usize * CH);
-                        for (j, a) in acc.iter_mut().enumerate() {
-                            *a = _mm256_fmadd_ps(_mm256_loadu_ps(w.add(8 * j)), _mm256_loadu_ps(v.add(8 * j)), *a);
+                    let row = |kx: isize| {
+                        (taps.add((ky * k + kx) as usize * CH), e.add(((y0 + ky) * wd + x0 + kx) as usize * CH))
+                    };
+                    let (kx0, kx1) = ((-x0).max(0), k.min(wd - x0));
+                    let mut kx = kx0;
+                    while kx < kx1 {
+                        let (w, v) = row(kx);
+                        even = fmadd(even, load(w), load(v));
+                        if kx + 1 < kx1 {
+                            let (w, v) = row(kx + 1);
+                            odd = fmadd(odd, load(w), load(v));
                         }
+                        kx += 2;
                     }
                 }
+                let mut acc = add(even, odd);
                 blk.act.apply_registers(&mut acc);
                 store(dst.add((oy * d.wo + ox) * ld), acc);
             }
@@ -166,26 +249,25 @@ pub(super) mod x86 {
     /// Output channels `q * CH..` at output pixels `pixels` of one sample from the depthwise output `src`
     /// (pixel-major, `ld` apart), bias and skip added, written to `out` [cout, ho * wo].
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn project_panel(
+    #[inline(always)]
+    unsafe fn project_panel<S: Simd, const V: usize, const PX: usize>(
         blk: &InvertedResidual,
         w: &ChannelPanels,
         d: Dims,
-        src: &[f32],
-        ld: usize,
+        (src, ld): (&[f32], usize),
         q: usize,
         pixels: std::ops::Range<usize>,
         xs: &[f32],
         out: *mut f32,
     ) {
         let hwo = d.ho * d.wo;
-        let (wp, bias) = (w.packed[q * w.cols * CH..].as_ptr(), load(w.bias[q * CH..].as_ptr()));
+        let (wp, bias) = (w.packed[q * w.cols * CH..].as_ptr(), load::<S, V>(w.bias[q * CH..].as_ptr()));
         let rows = CH.min(d.cout - q * CH);
         let mut tile = [[0f32; CH]; PX];
         for p0 in pixels.clone().step_by(PX) {
             let np = PX.min(pixels.end - p0);
             // Pixel i of channel k is src[i * ld + k].
-            let acc = product(np, wp, w.cols, src[p0 * ld..].as_ptr(), (ld, 1));
+            let acc = product::<S, V, PX>(np, wp, w.cols, src[p0 * ld..].as_ptr(), (ld, 1));
             for (row, t) in acc.iter().zip(tile.iter_mut()).take(np) {
                 store(t.as_mut_ptr(), add(*row, bias));
             }
@@ -203,53 +285,70 @@ pub(super) mod x86 {
     /// The products of `np` (1..=PX) pixels' inputs with a panel of weights `w` ([kdim][CH]): pixel i's k-th
     /// input is x[i * strides.0 + k * strides.1]. Rows from np on are zero.
     #[inline(always)]
-    unsafe fn product(np: usize, w: *const f32, kdim: usize, x: *const f32, strides: (usize, usize)) -> Tile {
-        match np {
-            6 => product_of::<6>(w, kdim, x, strides),
-            5 => product_of::<5>(w, kdim, x, strides),
-            4 => product_of::<4>(w, kdim, x, strides),
-            3 => product_of::<3>(w, kdim, x, strides),
-            2 => product_of::<2>(w, kdim, x, strides),
-            _ => product_of::<1>(w, kdim, x, strides),
+    unsafe fn product<S: Simd, const V: usize, const PX: usize>(
+        np: usize,
+        w: *const f32,
+        kdim: usize,
+        x: *const f32,
+        strides: (usize, usize),
+    ) -> [[S; V]; PX] {
+        macro_rules! by_pixels {
+            ($($p:literal)*) => {
+                match np {
+                    $($p => product_of::<S, V, PX, $p>(w, kdim, x, strides),)*
+                    _ => product_of::<S, V, PX, PX>(w, kdim, x, strides),
+                }
+            };
         }
+        by_pixels!(1 2 3 4 5 6 7 8 9 10 11)
     }
 
     #[inline(always)]
-    unsafe fn product_of<const P: usize>(w: *const f32, kdim: usize, x: *const f32, (sp, sk): (usize, usize)) -> Tile {
-        let mut acc = [[_mm256_setzero_ps(); V]; PX];
+    unsafe fn product_of<S: Simd, const V: usize, const PX: usize, const P: usize>(
+        w: *const f32,
+        kdim: usize,
+        x: *const f32,
+        (sp, sk): (usize, usize),
+    ) -> [[S; V]; PX] {
+        let mut acc = [[S::splat(0.0); V]; PX];
         for k in 0..kdim {
-            let wv = load(w.add(k * CH));
+            let wv = load::<S, V>(w.add(k * CH));
             for (i, row) in acc.iter_mut().enumerate().take(P) {
-                let xb = _mm256_broadcast_ss(&*x.add(i * sp + k * sk));
+                let xb = S::splat(*x.add(i * sp + k * sk));
                 for (a, wv) in row.iter_mut().zip(&wv) {
-                    *a = _mm256_fmadd_ps(xb, *wv, *a);
+                    *a = a.fmadd(xb, *wv);
                 }
             }
         }
         acc
     }
 
+    /// A panel's CH values at p.
     #[inline(always)]
-    unsafe fn load(p: *const f32) -> [__m256; V] {
-        let mut v = [_mm256_setzero_ps(); V];
-        for (j, v) in v.iter_mut().enumerate() {
-            *v = _mm256_loadu_ps(p.add(8 * j));
-        }
-        v
+    unsafe fn load<S: Simd, const V: usize>(p: *const f32) -> [S; V] {
+        std::array::from_fn(|j| S::load::<false>(p.add(S::LANES * j), S::first(S::LANES)))
     }
 
     #[inline(always)]
-    unsafe fn add(mut a: [__m256; V], b: [__m256; V]) -> [__m256; V] {
+    unsafe fn add<S: Simd, const V: usize>(mut a: [S; V], b: [S; V]) -> [S; V] {
         for (a, b) in a.iter_mut().zip(b) {
-            *a = _mm256_add_ps(*a, b);
+            *a = a.add(b);
         }
         a
     }
 
     #[inline(always)]
-    unsafe fn store(p: *mut f32, v: [__m256; V]) {
+    unsafe fn fmadd<S: Simd, const V: usize>(mut acc: [S; V], a: [S; V], b: [S; V]) -> [S; V] {
+        for ((acc, a), b) in acc.iter_mut().zip(a).zip(b) {
+            *acc = acc.fmadd(a, b);
+        }
+        acc
+    }
+
+    #[inline(always)]
+    unsafe fn store<S: Simd, const V: usize>(p: *mut f32, v: [S; V]) {
         for (j, v) in v.iter().enumerate() {
-            _mm256_storeu_ps(p.add(8 * j), *v);
+            v.store::<false>(p.add(S::LANES * j), S::first(S::LANES));
         }
     }
 }
