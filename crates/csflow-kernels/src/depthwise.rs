@@ -129,7 +129,7 @@ impl CustomOp3 for Depthwise {
         let mut out = crate::uninit(n * c * ho * wo);
         out.par_chunks_mut(ho * wo).enumerate().for_each_init(
             // Zeroed once: the interior is overwritten for every plane, the border and the slack stay zero.
-            || vec![0f32; phased.len() + LANES],
+            || vec![0f32; phased.len() + SLACK],
             |buf, (plane_idx, o)| {
                 let ch = plane_idx % c;
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
@@ -241,8 +241,11 @@ fn deinterleave(row: &[f32], evens: &mut [f32], odds: &mut [f32]) {
     }
 }
 
-/// Outputs kept in registers while all kernel taps accumulate.
+/// Outputs kept in registers while all kernel taps accumulate (the portable path).
 pub(crate) const LANES: usize = 16;
+/// Values past a plane's phases that a block may read: the widest block (two AVX-512 vectors) starting in
+/// the last row.
+pub(crate) const SLACK: usize = 32;
 
 /// One channel's padded input (in column phases) and what each output row reads of it.
 pub(crate) struct Plane<'a> {
@@ -266,7 +269,7 @@ impl Plane<'_> {
     }
 
     /// Accumulates LANES outputs at a time over every tap, applies the activation and stores them once (the
-    /// portable path; [`x86::convolve`] is the same with explicit AVX2). Rows narrower than LANES take
+    /// portable path; [`x86::convolve`] is the same with explicit AVX2 or AVX-512). Rows narrower than LANES take
     /// half-width blocks; blocks read past the row end into the next row or the buffer's slack and store only
     /// the row's part.
     fn convolve_lanes(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
@@ -302,24 +305,15 @@ impl Plane<'_> {
     }
 }
 
-/// The AVX2 + FMA kernels, with explicit intrinsics: stores of a block's first n lanes are masked moves, not
+/// The AVX2 + FMA and AVX-512 kernels, with explicit intrinsics: stores of a block's first n lanes are masked moves, not
 /// `memcpy` calls of a run-time length (those calls were a third of the depthwise time).
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::{Plane, LANES};
+    use super::Plane;
+    use crate::simd::Simd;
     use crate::Activation;
-
-    /// Stores the first `n` of 8 lanes of `v` at `p`.
-    #[inline(always)]
-    unsafe fn store_first(p: *mut f32, v: __m256, n: usize) {
-        if n >= 8 {
-            _mm256_storeu_ps(p, v)
-        } else if n > 0 {
-            _mm256_maskstore_ps(p, crate::first_lanes(n), v)
-        }
-    }
 
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn copy_row(dst: &mut [f32], src: &[f32]) {
@@ -356,11 +350,33 @@ mod x86 {
         groups * 8
     }
 
-    #[target_feature(enable = "avx2,fma")]
+    /// # Safety
+    /// The CPU supports AVX2 and FMA.
     pub(super) unsafe fn convolve(plane: &Plane, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
-        // The furthest any block reads: the last row's last block, 8 or 16 lanes wide, at the largest tap.
-        let last_x0 = (wo - 1) / LANES * LANES;
-        let last_read = if wo - last_x0 > LANES / 2 { LANES } else { LANES / 2 };
+        if crate::has_avx512() {
+            convolve512(plane, bias, act, wo, out)
+        } else {
+            convolve256(plane, bias, act, wo, out)
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn convolve256(plane: &Plane, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        convolve_with::<__m256>(plane, bias, act, wo, out)
+    }
+
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
+    pub(super) unsafe fn convolve512(plane: &Plane, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        convolve_with::<__m512>(plane, bias, act, wo, out)
+    }
+
+    /// Blocks of two vectors of `S` (one where less than a vector of the row is left).
+    #[inline(always)]
+    unsafe fn convolve_with<S: Simd>(plane: &Plane, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
+        let wide = 2 * S::LANES;
+        // The furthest any block reads: the last row's last block, one or two vectors wide, at the largest tap.
+        let last_x0 = (wo - 1) / wide * wide;
+        let last_read = if wo - last_x0 > S::LANES { wide } else { S::LANES };
         let rows = out.len() / wo;
         let max_tap = plane.taps.iter().copied().max().unwrap_or(0);
         assert!(rows == 0 || (rows - 1) * plane.row_step + last_x0 + max_tap + last_read <= plane.buf.len());
@@ -372,13 +388,13 @@ mod x86 {
             let r = if rows - oy >= ROWS { ROWS } else { 1 };
             let mut x0 = 0;
             while x0 < wo {
-                let width = LANES.min(wo - x0);
+                let width = wide.min(wo - x0);
                 let (start, dst) = (oy * plane.row_step + x0, out.as_mut_ptr().add(oy * wo + x0));
-                match (width > LANES / 2, r) {
-                    (true, ROWS) => block::<2, ROWS>(plane, start, bias, act, dst, wo, width),
-                    (true, _) => block::<2, 1>(plane, start, bias, act, dst, wo, width),
-                    (false, ROWS) => block::<1, ROWS>(plane, start, bias, act, dst, wo, width),
-                    (false, _) => block::<1, 1>(plane, start, bias, act, dst, wo, width),
+                match (width > S::LANES, r) {
+                    (true, ROWS) => block::<S, 2, ROWS>(plane, start, bias, act, dst, wo, width),
+                    (true, _) => block::<S, 2, 1>(plane, start, bias, act, dst, wo, width),
+                    (false, ROWS) => block::<S, 1, ROWS>(plane, start, bias, act, dst, wo, width),
+                    (false, _) => block::<S, 1, 1>(plane, start, bias, act, dst, wo, width),
                 }
                 x0 += width;
             }
@@ -389,12 +405,12 @@ mod x86 {
     /// Output rows a block covers at once.
     const ROWS: usize = 4;
 
-    /// `R` rows of `V` vectors of 8 outputs; row r's windows start at `start + r * row_step` (+ each tap's
-    /// offset) and its first `width` (at most 8 V) outputs are stored at `out + r * wo`. Reads stay in the
-    /// buffer as [`convolve`] asserts once per plane; writes stay in the caller's rows.
+    /// `R` rows of `V` vectors of outputs; row r's windows start at `start + r * row_step` (+ each tap's
+    /// offset) and its first `width` (at most V vectors) outputs are stored at `out + r * wo`. Reads stay in
+    /// the buffer as [`convolve_with`] asserts once per plane; writes stay in the caller's rows.
     #[inline(always)]
     #[allow(clippy::too_many_arguments)]
-    unsafe fn block<const V: usize, const R: usize>(
+    unsafe fn block<S: Simd, const V: usize, const R: usize>(
         plane: &Plane,
         start: usize,
         bias: f32,
@@ -403,21 +419,28 @@ mod x86 {
         wo: usize,
         width: usize,
     ) {
-        debug_assert!(width <= 8 * V);
+        debug_assert!(width <= S::LANES * V);
         let src = plane.buf.as_ptr().add(start);
-        let mut acc = [[_mm256_set1_ps(bias); V]; R];
+        let all = S::first(S::LANES);
+        let mut acc = [[S::splat(bias); V]; R];
         for (&off, &wv) in plane.taps.iter().zip(plane.filt) {
-            let w = _mm256_set1_ps(wv);
+            let w = S::splat(wv);
             for (r, row) in acc.iter_mut().enumerate() {
                 for (v, a) in row.iter_mut().enumerate() {
-                    *a = _mm256_fmadd_ps(w, _mm256_loadu_ps(src.add(r * plane.row_step + off + 8 * v)), *a);
+                    *a = a.fmadd(w, S::load::<false>(src.add(r * plane.row_step + off + S::LANES * v), all));
                 }
             }
         }
         for (r, row) in acc.iter_mut().enumerate() {
             act.apply_registers(row);
             for (v, a) in row.iter().enumerate() {
-                store_first(out.add(r * wo + 8 * v), *a, width.saturating_sub(8 * v));
+                // Masked moves for a row's last lanes, not `memcpy` calls of a run-time length.
+                let (p, n) = (out.add(r * wo + S::LANES * v), width.saturating_sub(S::LANES * v));
+                if n >= S::LANES {
+                    a.store::<false>(p, all)
+                } else if n > 0 {
+                    a.store::<true>(p, S::first(n))
+                }
             }
         }
     }
@@ -442,7 +465,7 @@ mod tests {
     use candle_core::Device;
 
     /// Against candle's grouped convolution on an explicitly padded input, then candle's activation; maps wide
-    /// enough for full LANES blocks and a partial one, strides 1-3, odd and even sizes.
+    /// enough for full blocks (16 and 32 lanes) and partial ones, strides 1-3, odd and even sizes.
     #[test]
     fn matches_grouped_convolution() {
         let dev = Device::Cpu;
@@ -453,7 +476,7 @@ mod tests {
             (5, 1, Padding::symmetric(2)),
             (3, 3, Padding { top: 1, bottom: 1, left: 2, right: 0 }),
         ] {
-            for (h, w) in [(9, 8), (7, 41)] {
+            for (h, w) in [(9, 8), (7, 41), (5, 20), (3, 70)] {
                 let (n, c) = (2, 5);
                 let x = Tensor::from_vec(data(n * c * h * w, 1), (n, c, h, w), &dev).unwrap();
                 let wt = Tensor::from_vec(data(c * k * k, 2), (c, 1, k, k), &dev).unwrap();
@@ -463,6 +486,41 @@ mod tests {
                     assert_eq!(ours.dims(), theirs.dims());
                     let d: f32 = (ours - theirs).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                     assert!(d < 1e-5, "k {k} s {s} {h}x{w} {act:?}: {d}");
+                }
+            }
+        }
+    }
+
+    /// Each kernel this CPU has (AVX2, AVX-512) gives the portable path's values on one plane: rows in groups
+    /// of four and alone, blocks of one and two vectors, partial ones.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn kernels_match_the_portable_path() {
+        let (row_step, taps) = (75usize, [0usize, 1, 2, 75, 76, 77, 150, 151, 152]);
+        let filt = data(taps.len(), 2);
+        for (rows, wo) in [(6usize, 70usize), (5, 20), (1, 9), (4, 33)] {
+            let buf = data(rows * row_step + 152 + SLACK, 1);
+            let plane = Plane { buf: &buf, taps: &taps, filt: &filt, row_step };
+            for act in [Activation::Identity, Activation::Swish, Activation::Relu6, Activation::LeakyRelu(0.1)] {
+                let mut want = vec![f32::NAN; rows * wo];
+                plane.convolve_lanes(0.25, act, wo, &mut want);
+                let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
+                if crate::has_avx2_fma() {
+                    let mut out = vec![f32::NAN; rows * wo];
+                    // SAFETY: AVX2 and FMA checked.
+                    unsafe { x86::convolve256(&plane, 0.25, act, wo, &mut out) };
+                    paths.push(("avx2", out));
+                }
+                if crate::has_avx512() {
+                    let mut out = vec![f32::NAN; rows * wo];
+                    // SAFETY: AVX-512 checked.
+                    unsafe { x86::convolve512(&plane, 0.25, act, wo, &mut out) };
+                    paths.push(("avx512", out));
+                }
+                for (what, got) in paths {
+                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                        assert!((g - w).abs() < 1e-5, "{what} {rows}x{wo} {act:?} [{i}]: {g} vs {w}");
+                    }
                 }
             }
         }

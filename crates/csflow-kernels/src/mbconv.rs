@@ -192,7 +192,7 @@ mod x86 {
     use rayon::prelude::*;
 
     use super::{Dims, InvertedResidual};
-    use crate::depthwise::{Phased, Plane, LANES};
+    use crate::depthwise::{Phased, Plane, SLACK};
     use crate::gemm::SendPtr;
     use crate::pointwise::x86::{task as pointwise, Task};
     use crate::Activation;
@@ -262,7 +262,7 @@ mod x86 {
         let [mut plane, mut rows, mut convolved] = BANDS.take();
         // Zeroed: the border stays zero, the interior is overwritten channel by channel.
         plane.clear();
-        plane.resize(phased.len() + LANES, 0.0);
+        plane.resize(phased.len() + SLACK, 0.0);
         rows.resize(c * ring * wd, 0.0);
         convolved.resize(c * band * d.wo, 0.0);
         // Map rows below `expanded` are (or were) in the ring.
