@@ -42,6 +42,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     csflow::memory::retain_freed_memory();
+    csflow::threads::settle_candle_workers();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Extract(a) => extract::run(a),

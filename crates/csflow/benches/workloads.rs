@@ -174,6 +174,7 @@ fn predict(image: &str, reps: usize) -> f64 {
 
 fn main() {
     csflow::memory::retain_freed_memory();
+    csflow::threads::settle_candle_workers();
     let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let workload = args.first().map(String::as_str).unwrap_or("flow-forward-cpu");
     let reps: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3);

@@ -17,6 +17,7 @@ pub mod overlay;
 pub mod report;
 pub mod score;
 pub mod synth;
+pub mod threads;
 pub mod threshold;
 pub mod train;
 
