@@ -29,6 +29,7 @@ WORKLOADS = [
     ("b5-768", "EfficientNet-B5 to block 35, 768 px, 3 scales, batch 1", 2),
     ("lite0-256", "EfficientNet-Lite0 to block 14, 256 px, 3 scales, batch 1", 10),
     ("predict", "predict end to end: 512 px PNG -> score + full-size map (Lite0 256 px, CPU-size flow)", 10),
+    ("predict-bf16", "the same, csflow --precision bf16 (flow only; the backbone stays f32)", 10),
 ]
 ENGINES = ["csflow", "pytorch", "openvino"]
 root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

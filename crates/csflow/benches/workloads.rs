@@ -4,10 +4,12 @@
 //! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
 //! flow-forward-cpu-1[-bf16] (the same at batch 1, as `predict` runs it),
 //! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 (one level of it alone),
-//! predict (one 512 px PNG to score and full-size map with Lite0 at 256 px and the CPU-size flow), depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1
-//! layers of Lite0 at 256 px and B5 at 768 px, own kernel against the `gemm` crate's product; a table on
-//! stderr, the kernel's total as the median), flow-layers (each convolution shape of the paper-size flow at
-//! batch 1, prepared Winograd weights against the plain ones; a table on stderr).
+//! predict[-bf16] (one 512 px PNG to score and full-size map with Lite0 at 256 px and the CPU-size flow),
+//! depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1 layers of Lite0 at 256 px and B5 at 768 px, own
+//! kernel against the `gemm` crate's product; a table on stderr, the kernel's total as the median),
+//! flow-layers[-cpu[-1]] (each convolution shape of the paper-size flow at batch 1, or the CPU-size one at
+//! batch 16 or 1, through each path: im2col, the narrow kernel, prepared Winograd weights transformed and kept
+//! plain; a table on stderr).
 //! Weights are random (Lite0's are the real ones): time does not depend on their values. `BENCH_DIST=1` prints
 //! the deciles of the repetitions' times on stderr.
 
@@ -158,12 +160,12 @@ fn lite0_weights() -> BTreeMap<String, Tensor> {
     csflow::extract::load_backbone_weights(std::path::Path::new(path)).expect("run scripts/setup.sh first")
 }
 
-fn predict(image: &str, reps: usize) -> f64 {
+fn predict(image: &str, reps: usize, precision: Precision) -> f64 {
     let extractor = FeatureExtractor::new("efficientnet-lite0", &lite0_weights(), None, [256, 256]).unwrap();
     let flow_config = FlowConfig::new(extractor.channels(), 256);
     let flow = CsFlow::new(flow_config.clone(), &flow_params(&flow_config)).unwrap();
     // Lite0 at 256 px: latent maps 8, 4 and 2.
-    let flow = flow.for_inference(Some([[8, 8], [4, 4], [2, 2]])).unwrap();
+    let flow = flow.for_inference_in(Some([[8, 8], [4, 4], [2, 2]]), precision).unwrap();
     let det = Detector { extractor, flow, meta: ModelMeta::new(flow_config) };
     let path = std::path::Path::new(image);
     time(reps, || {
@@ -193,9 +195,10 @@ fn main() {
         "lite0-256-level1" => lite0_level(1, reps),
         "lite0-256-level2" => lite0_level(2, reps),
         "b5-768" => extraction(EfficientNetConfig::b5(), 768, reps),
-        "predict" => {
+        "predict" | "predict-bf16" => {
             let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/brick.png");
-            predict(args.get(2).map(String::as_str).unwrap_or(default), reps)
+            let precision = if workload == "predict" { Precision::F32 } else { Precision::Bf16 };
+            predict(args.get(2).map(String::as_str).unwrap_or(default), reps, precision)
         }
         "depthwise" => {
             let dev = Device::Cpu;
