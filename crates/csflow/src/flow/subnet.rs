@@ -44,9 +44,11 @@ pub enum ConvWeight {
     Both(NarrowWeights, WinogradWeights),
 }
 
-/// Output pixels per image up to which a stride-2 layer takes [`conv_narrow`]: the paper's 12x12 -> 6x6 at
-/// batch 1, one thread pair, 3x3 2.02 -> 0.89 ms, 5x5 4.03 -> 2.24 ms; CPU size 4x4 -> 2x2 at batch 16
-/// 0.54 -> 0.32 ms (from 8x8 at batch 16, 64 pixels: 0.71 -> 0.85 ms, so not there).
+/// Output pixels per image up to which a stride-2 layer takes [`conv_narrow`]. One thread pair: paper size at
+/// batch 1, 12x12 -> 6x6 3x3 1.55 -> 0.97 ms, 5x5 4.6 -> 2.1 ms; CPU size at batch 16 (input rows in blocks),
+/// 8x8 -> 4x4 3x3 1.25 -> 0.85 ms, 5x5 1.93 -> 2.06 ms, 4x4 -> 2x2 0.54 -> 0.32 ms. Not onto 12x12 (144
+/// pixels): the paper-size forward ran 3 % slower with it there (0.240 -> 0.247 s), though the layer alone
+/// was as fast (3x3 2.67 vs 2.73 ms, 5x5 8.7 vs 7.7 ms).
 const NARROW_MAX_PIXELS: usize = 36;
 
 impl Conv2d {
