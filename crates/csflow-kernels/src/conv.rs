@@ -369,7 +369,7 @@ impl CustomOp2 for ConvWeightGrad {
     }
 }
 
-/// `F.conv2d(x, w, b, stride, padding=pad)` for f32 tensors: x [N, C, H, W], w [O, C, kh, kw], b [O].
+/// `F.conv2d(x, w, b, stride, padding=pad)` for f32 tensors: x `[N, C, H, W]`, w `[O, C, kh, kw]`, b `[O]`.
 /// Differentiable in all three arguments.
 pub fn conv2d(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: usize) -> Result<Tensor> {
     x.contiguous()?.apply_op3(&w.contiguous()?, &b.contiguous()?, Conv { stride, pad, act: Activation::Identity })

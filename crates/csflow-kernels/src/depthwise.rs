@@ -43,7 +43,7 @@ impl Padding {
     }
 }
 
-/// A depthwise convolution's weight [C, 1, k, k] and bias [C], for [`InvertedResidual`](crate::InvertedResidual),
+/// A depthwise convolution's weight `[C, 1, k, k]` and bias `[C]`, for [`InvertedResidual`](crate::InvertedResidual),
 /// with a copy that has vectors over channels (for small maps).
 #[derive(Clone, Debug)]
 pub struct DepthwiseWeights {
@@ -53,7 +53,7 @@ pub struct DepthwiseWeights {
 }
 
 impl DepthwiseWeights {
-    /// From a square kernel's weight [C, 1, k, k] and a bias [C].
+    /// From a square kernel's weight `[C, 1, k, k]` and a bias `[C]`.
     pub fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
         let &[c, 1, k, kw] = weight.dims() else {
             candle_core::bail!("depthwise conv: weight must be [C, 1, k, k], got {:?}", weight.dims());
@@ -446,7 +446,7 @@ mod x86 {
     }
 }
 
-/// Depthwise convolution x [N, C, H, W] * w [C, 1, k, k] + b [C], then `act`. Inference only.
+/// Depthwise convolution x `[N, C, H, W]` * w `[C, 1, k, k]` + b `[C]`, then `act`. Inference only.
 pub fn depthwise_conv2d(
     x: &Tensor,
     w: &Tensor,
@@ -492,13 +492,13 @@ mod tests {
     }
 
     /// Each kernel this CPU has (AVX2, AVX-512) gives the portable path's values on one plane: rows in groups
-    /// of four and alone, blocks of one and two vectors, partial ones.
+    /// of four and alone, blocks of one and two vectors, partial ones, a last block exactly one vector wide.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn kernels_match_the_portable_path() {
         let (row_step, taps) = (75usize, [0usize, 1, 2, 75, 76, 77, 150, 151, 152]);
         let filt = data(taps.len(), 2);
-        for (rows, wo) in [(6usize, 70usize), (5, 20), (1, 9), (4, 33)] {
+        for (rows, wo) in [(6usize, 70usize), (5, 20), (1, 9), (4, 33), (3, 48), (4, 16)] {
             let buf = data(rows * row_step + 152 + SLACK, 1);
             let plane = Plane { buf: &buf, taps: &taps, filt: &filt, row_step };
             for act in [Activation::Identity, Activation::Swish, Activation::Relu6, Activation::LeakyRelu(0.1)] {

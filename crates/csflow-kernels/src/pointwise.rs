@@ -20,7 +20,7 @@ const MR: usize = 6;
 /// Columns per strip (two AVX2 vectors).
 const NR: usize = 16;
 
-/// A 1x1 convolution's weights, packed in panels of [`MR`] output channels (`packed[p][k][i]` =
+/// A 1x1 convolution's weights, packed in panels of 6 output channels (`packed[p][k][i]` =
 /// `weight[p * MR + i][k]`, zero past the last channel), and its bias.
 #[derive(Clone, Debug)]
 pub struct PointwiseWeights {
@@ -34,7 +34,7 @@ pub struct PointwiseWeights {
 }
 
 impl PointwiseWeights {
-    /// From a weight [O, C] or [O, C, 1, 1] and a bias [O].
+    /// From a weight `[O, C]` or `[O, C, 1, 1]` and a bias `[O]`.
     pub fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
         let (cout, cin) = match weight.dims() {
             &[o, c] | &[o, c, 1, 1] => (o, c),

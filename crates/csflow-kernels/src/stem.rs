@@ -234,7 +234,7 @@ mod x86 {
 }
 
 /// `F.conv2d(F.pad(x, pad), w, b, stride)` then `act`, for x [N, C, H, W] with few channels (the stem),
-/// w [O, C, kh, kw], b [O]; without gradients.
+/// w `[O, C, kh, kw]`, b `[O]`; without gradients.
 pub fn stem_conv(x: &Tensor, w: &Tensor, b: &Tensor, stride: usize, pad: Padding, act: Activation) -> Result<Tensor> {
     x.contiguous()?.apply_op3_no_bwd(&w.contiguous()?, &b.contiguous()?, &Stem { stride, pad, act })
 }

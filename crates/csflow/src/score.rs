@@ -17,7 +17,7 @@ pub enum MapMode {
     Product,
 }
 
-/// Image score per sample: mean over all D latent entries of z^2 / 2 (no log-det term), [B].
+/// Image score per sample: mean over all D latent entries of z^2 / 2 (no log-det term), `[B]`.
 pub fn image_scores(out: &FlowOutput) -> Result<Tensor> {
     let flat = crate::flow::flatten_z(&out.z)?;
     Ok((flat.sqr()?.mean(1)? / 2.0)?)

@@ -121,13 +121,13 @@ fn paper_maps_three_adam_steps_with_clipping() {
 
 /// The inference flow (3x3 and 5x5 weights replaced by their Winograd transforms, used at every map size, 2x2
 /// included; or with the map sizes, kept plain and transformed slice by slice in each call on the paper's
-/// maps, and beside the transforms on small ones) gives the reference's latents, log-determinants and scores
-/// too.
+/// maps, packed for the narrow products beside the transforms on small ones, and the stride-2 layers onto
+/// small maps packed too) gives the reference's latents, log-determinants and scores too.
 #[test]
 fn inference_flow_matches_the_reference() {
     for name in ["flow_small.safetensors", "flow_paper_maps.safetensors"] {
         let c = case(name);
-        // Every scale prepared (no sizes), and the smaller scales left plain where their maps are small.
+        // Every scale prepared (no sizes), and with the sizes the small maps' layers packed for few pixels.
         for maps in [None, Some(c.x.clone().map(|x| [x.dim(2).unwrap(), x.dim(3).unwrap()]))] {
             let flow = c.flow.clone().for_inference(maps).unwrap();
             let out = flow.forward(&c.x).unwrap();

@@ -3,10 +3,10 @@
 //! The NCHW kernels put a map's columns in the vector lanes: on a 4x4 map half of each vector idles, a
 //! depthwise plane costs more to set up than to convolve (some 180 ns per 8x8 plane against 40 ns of
 //! multiply-adds), and at 2x2 a block ran at an eighth of the FMA peak. Here the expanded and depthwise maps
-//! are pixel-major, in panels of [`CH`] channels (two vectors): the 1x1 layers broadcast one input value per
-//! pixel against two vectors of weights, the depthwise convolution multiplies whole vectors of channels per
-//! tap. Each task expands one panel of channels and convolves it while it is in L1; the projection then reads
-//! all panels' depthwise output.
+//! are pixel-major, in panels of [`CH`] channels (two AVX2 vectors, one AVX-512 vector): the 1x1 layers
+//! broadcast one input value per pixel against a panel of weights, the depthwise convolution multiplies
+//! whole vectors of channels per tap. Each task expands one panel of channels and convolves it while it is in
+//! L1; the projection then reads all panels' depthwise output.
 
 /// Channels per panel: two AVX2 vectors, one AVX-512 vector.
 pub(crate) const CH: usize = 16;

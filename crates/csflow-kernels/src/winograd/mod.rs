@@ -1147,7 +1147,7 @@ impl WinogradWeights {
     }
 
     /// w [O, I, k, k] kept at its size, reordered so that each call transforms it a cache-sized slice at a
-    /// time with vector arithmetic just before multiplying ([`plain`]): for flows whose transforms would
+    /// time with vector arithmetic just before multiplying (`winograd::plain`): for flows whose transforms would
     /// not fit the memory the users have (the paper's, 1.5 GB against 1.0 GB) or that run on maps large
     /// enough for the transform's cost to vanish. AVX2 CPUs only; elsewhere it transforms the whole weight
     /// per call.
@@ -1180,7 +1180,7 @@ impl WinogradWeights {
     }
 }
 
-/// `F.conv2d(x, w, b, padding=k // 2)` for the w that `u` was made from; x [N, I, H, W], b [O]. Without
+/// `F.conv2d(x, w, b, padding=k // 2)` for the w that `u` was made from; x `[N, I, H, W]`, b `[O]`. Without
 /// gradients (an inference path). With the transform made it beats im2col from about 8 tiles (measured,
 /// 3x3: 1024 -> 304 on 6x6, 1.7-2.0 ms vs 3.6-4.6 ms); below, inside a whole flow at batch 1, im2col on the
 /// smaller plain weights does better (see `csflow::flow::MIN_WINOGRAD_TILES`).

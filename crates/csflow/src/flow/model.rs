@@ -75,30 +75,35 @@ impl CsFlow {
         Ok(Self { config, blocks, perms, inv_perms })
     }
 
-    /// The same flow with its 3x3 and 5x5 stride-1 weights prepared for Winograd convolutions: for scoring
-    /// (values agree to rounding). Such a flow has no gradients.
+    /// The same flow with its weights prepared for inference: the 3x3 and 5x5 stride-1 ones for Winograd
+    /// convolutions, the stride-2 ones onto small maps for [`csflow_kernels::conv_narrow`]. For scoring
+    /// (values agree to rounding); such a flow has no gradients.
     ///
-    /// `maps` are the latent map sizes [h, w] per scale when known (model files record them). Per layer, at
-    /// the tiles of one image:
-    /// - below [`MIN_WINOGRAD_TILES`] 2x2 tiles, the transform beside the plain weight, which single images
-    ///   use: there the products read each transformed weight for only 1-4 tiles, so they wait on memory, and
-    ///   the transform holds 16/9 (3x3) or 36/25 (5x5) as many values (`predict` at the CPU size, maps 8, 4,
-    ///   2: 10-15 % less CPU time with plain weights on its two smaller maps; batches of 16 ran 10 % slower
-    ///   without the transforms there);
+    /// `maps` are the latent map sizes [h, w] per scale when known (model files record them). Per stride-1
+    /// layer, at the tiles of one image:
+    /// - below `MIN_WINOGRAD_TILES` (8) 2x2 tiles, the transform beside weights packed for
+    ///   [`csflow_kernels::conv_narrow`], which single images use: there the products read each transformed
+    ///   weight for only 1-4 tiles, so they wait on memory, and the transform holds 16/9 (3x3) or 36/25 (5x5)
+    ///   as many values; the packed weights are read once per image with a prefetch (`predict` at the CPU
+    ///   size, maps 8, 4, 2: the flow 10.8 -> 7.2 ms against im2col on plain weights); batches take the
+    ///   transform;
     /// - where the products can transform the weights slice by slice as they go
-    ///   ([`csflow_kernels::WinogradWeights::plain_fuses`]), the plain weight only: the paper's flow holds 1.1 GB instead of
-    ///   1.5 (peak 1.65 -> 1.18 GB at batch 1) for 3 % more time;
+    ///   ([`csflow_kernels::WinogradWeights::plain_fuses`]), the plain weight only: the paper's flow holds
+    ///   1.1 GB instead of 1.5 (peak 1.65 -> 1.18 GB at batch 1) for 3 % more time;
     /// - elsewhere (the paper's 5x5 layers from 1024 channels on the 24x24 map) the transform, made once.
     ///
-    /// Unknown sizes keep only the transforms. Freed memory is returned to the kernel layer by layer, so the
-    /// process does not hold all plain weights and their transforms at once.
+    /// Stride-2 layers onto maps of at most 36 pixels take the packed weights (see `subnet.rs`). Unknown
+    /// sizes keep only the transforms (and the stride-2 layers plain). Freed memory is returned to the
+    /// kernel layer by layer, so the process does not hold all plain weights and their transforms at once.
     pub fn for_inference(self, maps: Option<[[usize; 2]; 3]>) -> Result<Self> {
         self.for_inference_in(maps, Precision::F32)
     }
 
-    /// [`CsFlow::for_inference`] with the products of the 3x3 layers kept plain in `precision`: with
-    /// [`Precision::Bf16`] on CPUs with AVX512_BF16 their operands are rounded to bfloat16 (scores within
-    /// 4.3e-4 relative of f32's in the tests; the 5x5 block stays f32, see `tests/flow_parity.rs`).
+    /// [`CsFlow::for_inference`] in `precision`: with [`Precision::Bf16`] on CPUs with AVX512_BF16 the
+    /// fused products of the 3x3 layers round their operands to bfloat16 and the packed weights of the
+    /// narrow products are held in f16 (11 significant bits, 3x3 and 5x5), scores within 4.3e-4 relative of
+    /// f32's in the tests; the 5x5 Winograd products stay f32 (in bfloat16 they moved scores by 1.4e-3, see
+    /// `tests/flow_parity.rs`).
     pub fn for_inference_in(mut self, maps: Option<[[usize; 2]; 3]>, precision: Precision) -> Result<Self> {
         let tiles = maps.map(|m| m.map(|[h, w]| winograd_tiles(1, h, w)));
         crate::memory::release_freed_memory();

@@ -39,7 +39,7 @@ pub enum ConvWeight {
     Winograd(WinogradWeights),
     /// Packed for [`conv_narrow`] (stride-2 layers onto small maps).
     Narrow(NarrowWeights),
-    /// Both forms: the packed weight for inputs with fewer than [`MIN_WINOGRAD_TILES`] tiles (one image),
+    /// Both forms: the packed weight for inputs with fewer than `MIN_WINOGRAD_TILES` (8) tiles (one image),
     /// the transform for batches.
     Both(NarrowWeights, WinogradWeights),
 }
@@ -60,10 +60,12 @@ impl Conv2d {
         })
     }
 
-    /// Prepares a 3x3 or 5x5 stride-1 weight for Winograd convolutions without gradients, for calls of
-    /// `tiles` 2x2 output tiles per image where known: beside the plain weight below
-    /// [`MIN_WINOGRAD_TILES`] (one image takes im2col there), kept plain where the products fuse the weight's
-    /// transform at that size (9/16 or 25/36 of the memory), else transformed once.
+    /// Prepares the weight for calls without gradients whose output map has `tiles` 2x2 tiles per image
+    /// where known: a 3x3 or 5x5 stride-1 weight for Winograd convolutions (below [`MIN_WINOGRAD_TILES`]
+    /// beside weights packed for [`conv_narrow`], which single images take; kept plain where the products fuse
+    /// the weight's transform at that size, 9/16 or 25/36 of the memory; else transformed once), a stride-2
+    /// weight onto at most [`NARROW_MAX_PIXELS`] pixels packed for [`conv_narrow`]. The packed weights are
+    /// f16 under [`Precision::Bf16`] where the CPU takes it.
     fn prepare_for_inference(&mut self, tiles: Option<usize>, precision: Precision) -> Result<()> {
         let ConvWeight::Plain(w) = &self.weight else { return Ok(()) };
         let narrow = || NarrowWeights::new(w, &self.bias, precision == Precision::Bf16 && precision.supported());
