@@ -1,5 +1,6 @@
 //! CPU kernels that candle 0.11 lacks, as candle custom ops with their backward.
 //!
+//! - [`soft_affine`]: a coupling block's soft-clamped affine transform, one pass each way.
 //! - [`atan`]: elementwise arctangent (candle has no `atan`); CS-Flow's soft clamp needs it.
 //! - [`bilinear_resize`]: bilinear resampling with `align_corners = false`, exactly as PyTorch's
 //!   `F.interpolate(mode="bilinear")`; candle's own upsampling has no backward.
@@ -20,6 +21,7 @@
 //! The ops know nothing of CS-Flow. They take f32 tensors of any layout (made contiguous first).
 
 mod activation;
+mod affine;
 mod atan;
 mod bilinear;
 mod conv;
@@ -37,6 +39,7 @@ mod stem;
 mod winograd;
 
 pub use activation::Activation;
+pub use affine::soft_affine;
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};

@@ -1,5 +1,5 @@
 use candle_core::{Tensor, D};
-use csflow_kernels::atan;
+use csflow_kernels::{atan, soft_affine};
 
 use super::model::ParamMap;
 use super::subnet::CrossConvolutions;
@@ -44,9 +44,9 @@ impl Coupling {
 
     /// One affine half-step: y = e(s) * x + t with (s, t) from the subnet output `r`; returns y and log e(s).
     fn affine(&self, x: &Tensor, r: &Tensor) -> Result<(Tensor, Tensor)> {
-        let (s, t) = split(r, x.dim(1)?)?;
-        let log_s = soft_clamp(&s, self.clamp)?;
-        Ok((((log_s.exp()? * x)? + t)?, log_s))
+        let c = x.dim(1)?;
+        let yl = soft_affine(x, r, self.clamp)?;
+        Ok((yl.narrow(1, 0, c)?, yl.narrow(1, c, c)?))
     }
 
     /// Forward: outputs per scale and the log-determinant per sample and scale, [B, 3].
