@@ -127,7 +127,8 @@ pub(crate) fn exp<const FMA: bool>(x: f32) -> f32 {
     const LN2_LO: f32 = -2.121_944_4e-4;
     // Adding 1.5 * 2^23 rounds to the nearest integer and leaves it in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5.000_000_1e-1];
+    // (Cephes' last coefficient, 0.500000001, is 0.5 in f32.)
+    const P: [f32; 6] = [1.987_569_1e-4, 1.398_199_9e-3, 8.333_452e-3, 4.166_579_6e-2, 1.666_666_5e-1, 5e-1];
     let x = x.clamp(-87.336_54, 88.376_26);
     let t = crate::madd::<FMA>(x, LOG2E, ROUND);
     let n = t - ROUND;

@@ -215,6 +215,7 @@ unsafe impl Sync for SendMat {}
 /// One parallel pass over column blocks, each multiplied single-threaded, then given its bias and activation
 /// while still in cache: three passes (bias fill, product, activation) with a thread wake-up each cost more
 /// than the product on the small maps of an extraction at 64-256 px.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn matmul_bias_act(
     dst: &mut [f32],
     m: usize,

@@ -4,6 +4,9 @@ use rayon::prelude::*;
 
 use crate::Result;
 
+/// Each variable's first and second moments, flat.
+pub type MomentSlices<'a> = Vec<(&'a [f32], &'a [f32])>;
+
 /// Adam exactly as `torch.optim.Adam` (L2 weight decay added to the gradient, not AdamW), preceded by
 /// `clip_grad_norm_` over all parameters together.
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
@@ -63,7 +66,7 @@ impl Adam {
 
     /// The first and second moments of each variable (flat, in the order of the variables) and the step
     /// count: what a checkpoint needs for `--resume` to continue exactly.
-    pub fn state(&self) -> (u64, Vec<(&[f32], &[f32])>) {
+    pub fn state(&self) -> (u64, MomentSlices<'_>) {
         (self.steps, self.moments.iter().map(|m| (m.m.as_slice(), m.v.as_slice())).collect())
     }
 
