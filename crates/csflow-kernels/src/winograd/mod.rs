@@ -1171,7 +1171,13 @@ impl WinogradWeights {
     /// products read the transformed input once per 24 output channels, which waits on memory when it is
     /// large; such calls transform the whole weight first.
     pub fn plain_fuses(cin: usize, k: usize, tiles: usize, precision: Precision) -> bool {
-        plain::fuses(cin, k, tiles, plain::Products::best(precision, k) == plain::Products::Bf16)
+        plain::fuses(cin, k, tiles, Self::plain_in_bf16(k, precision))
+    }
+
+    /// Whether [`WinogradWeights::plain`] weights of k x k kernels multiply in bfloat16 in `precision` on this
+    /// CPU (transformed ones always multiply in f32).
+    pub fn plain_in_bf16(k: usize, precision: Precision) -> bool {
+        plain::Products::best(precision, k) == plain::Products::Bf16
     }
 
     /// [O, I, k] of the weight it was made from.

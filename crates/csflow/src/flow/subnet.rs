@@ -51,6 +51,14 @@ pub enum ConvWeight {
 /// was as fast (3x3 2.67 vs 2.73 ms, 5x5 8.7 vs 7.7 ms).
 const NARROW_MAX_PIXELS: usize = 36;
 
+/// Winograd transforms up to this many bytes are kept even where the products could transform plain weights
+/// as they go: at batch 1 on 8x8 maps (16 tiles) that per-call transform cost as much as the products
+/// (3x3 96 -> 256: 0.130 ms against 0.063 with the transform kept), while the CPU-size flow's transforms
+/// add some 30 MB. The paper size's (20-45 MB each) stay plain, for memory, and so do weights whose plain
+/// products multiply in bfloat16 (CPU-size flow at batch 1 with `--precision bf16`: 7.4 ms plain, 7.8
+/// transformed).
+const KEEP_TRANSFORM_BYTES: usize = 8 << 20;
+
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
         Ok(Self {
@@ -63,7 +71,8 @@ impl Conv2d {
     /// Prepares the weight for calls without gradients whose output map has `tiles` 2x2 tiles per image
     /// where known: a 3x3 or 5x5 stride-1 weight for Winograd convolutions (below [`MIN_WINOGRAD_TILES`]
     /// beside weights packed for [`conv_narrow`], which single images take; kept plain where the products fuse
-    /// the weight's transform at that size, 9/16 or 25/36 of the memory; else transformed once), a stride-2
+    /// the weight's transform at that size and the transform would exceed [`KEEP_TRANSFORM_BYTES`], 9/16 or
+    /// 25/36 of the memory; else transformed once), a stride-2
     /// weight onto at most [`NARROW_MAX_PIXELS`] pixels packed for [`conv_narrow`]. The packed weights are
     /// f16 under [`Precision::Bf16`] where the CPU takes it.
     fn prepare_for_inference(&mut self, tiles: Option<usize>, precision: Precision) -> Result<()> {
@@ -76,13 +85,15 @@ impl Conv2d {
             return Ok(());
         }
         if self.stride == 1 {
-            let (cin, k) = (w.dim(1)?, w.dim(2)?);
+            let (cout, cin, k) = (w.dim(0)?, w.dim(1)?, w.dim(2)?);
+            let small = cout * cin * (k + 1) * (k + 1) * 4 <= KEEP_TRANSFORM_BYTES
+                && !WinogradWeights::plain_in_bf16(k, precision);
             let prepared = match tiles {
                 Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
                     Some(u) => Some(ConvWeight::Both(narrow()?, u)),
                     None => None,
                 },
-                Some(t) if WinogradWeights::plain_fuses(cin, k, t, precision) => {
+                Some(t) if !small && WinogradWeights::plain_fuses(cin, k, t, precision) => {
                     WinogradWeights::plain(w, precision)?.map(ConvWeight::Winograd)
                 }
                 _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
