@@ -88,8 +88,11 @@ impl CsFlow {
     ///   size, maps 8, 4, 2: the flow 10.8 -> 7.2 ms against im2col on plain weights); batches take the
     ///   transform;
     /// - where the products can transform the weights slice by slice as they go
-    ///   ([`csflow_kernels::WinogradWeights::plain_fuses`]), the plain weight only: the paper's flow holds
-    ///   1.1 GB instead of 1.5 (peak 1.65 -> 1.18 GB at batch 1) for 3 % more time;
+    ///   ([`csflow_kernels::WinogradWeights::plain_fuses`]), the plain weight only (9/16 or 25/36 of the
+    ///   memory), unless those products would multiply in f32 and the transform is small (up to 8 MB: the
+    ///   CPU-size flow) or their transformed input large (over 4 MB per image: the paper's 3x3 1024 -> 304
+    ///   layers on 24x24), where the per-call transform costs more than it saves: the paper-size forward's
+    ///   peak at batch 1 is 1.33 GB (1.18 GB all plain, 1.65 GB all transformed);
     /// - elsewhere (the paper's 5x5 layers from 1024 channels on the 24x24 map) the transform, made once.
     ///
     /// Stride-2 layers onto maps of at most 36 pixels take the packed weights (see `subnet.rs`). Unknown
