@@ -10,8 +10,8 @@ use rayon::prelude::*;
 
 use crate::f32_slice;
 
-/// The atan's scale: the authors' 2/π, rounded as they write it.
-const SLOPE: f64 = 0.636;
+/// The atan's scale in CS-Flow's soft clamp: the authors' 2/π, rounded as they write it.
+pub const SOFT_CLAMP_SLOPE: f64 = 0.636;
 
 /// The clamp `a`, as the scalings' f32 factors.
 #[derive(Clone, Copy)]
@@ -24,7 +24,7 @@ struct Clamp {
 
 impl Clamp {
     fn new(a: f64) -> Self {
-        Self { inv: (1.0 / a) as f32, out: (a * SLOPE) as f32 }
+        Self { inv: (1.0 / a) as f32, out: (a * SOFT_CLAMP_SLOPE) as f32 }
     }
 
     /// (u = s / a, l = a · 0.636 · atan(u)).
@@ -165,7 +165,7 @@ mod tests {
         let ours = [y, l, g.get(&x).unwrap().clone(), g.get(&st).unwrap().clone()];
 
         let (s, t) = (st.as_tensor().narrow(1, 0, c).unwrap(), st.as_tensor().narrow(1, c, c).unwrap());
-        let l = (crate::atan(&(s / a).unwrap()).unwrap() * (a * SLOPE)).unwrap();
+        let l = (crate::atan(&(s / a).unwrap()).unwrap() * (a * SOFT_CLAMP_SLOPE)).unwrap();
         let y = ((l.exp().unwrap() * x.as_tensor()).unwrap() + t).unwrap();
         let g = loss(&y, &l).backward().unwrap();
         let theirs = [y, l, g.get(&x).unwrap().clone(), g.get(&st).unwrap().clone()];

@@ -39,7 +39,7 @@ mod stem;
 mod winograd;
 
 pub use activation::Activation;
-pub use affine::soft_affine;
+pub use affine::{soft_affine, SOFT_CLAMP_SLOPE};
 pub use atan::atan;
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};

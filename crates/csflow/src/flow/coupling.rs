@@ -1,5 +1,5 @@
 use candle_core::{Tensor, D};
-use csflow_kernels::{atan, soft_affine};
+use csflow_kernels::{atan, soft_affine, SOFT_CLAMP_SLOPE};
 
 use super::model::ParamMap;
 use super::subnet::CrossConvolutions;
@@ -7,7 +7,7 @@ use crate::Result;
 
 /// log e(s) = a * 0.636 * atan(s / a): bounds the log-scale to about +-a so training cannot blow up.
 pub fn soft_clamp(s: &Tensor, a: f64) -> Result<Tensor> {
-    Ok((atan(&(s / a)?)? * (a * 0.636))?)
+    Ok((atan(&(s / a)?)? * (a * SOFT_CLAMP_SLOPE))?)
 }
 
 /// Bound applied to the coupling outputs, as the authors do.
