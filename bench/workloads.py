@@ -1,8 +1,10 @@
 """The PyTorch and OpenVINO side of crates/csflow/benches/workloads.rs: one workload per run, printing
 {"median": seconds}. OpenVINO runs the same PyTorch modules exported to ONNX (opset 17) with its default
-settings on this CPU; it has no training, so only forward workloads run there.
+settings on this CPU (`openvino`), or with float32 inference asked for (`openvino-f32`: its bfloat16 default
+moves a trained model's scores by 1e-2 to 3e-2, bench/engine_accuracy.py); it has no training, so only forward
+workloads run there.
 
-    python bench/workloads.py <pytorch|openvino> <workload> [reps] [image]
+    python bench/workloads.py <pytorch|openvino|openvino-f32> <workload> [reps] [image]
 
 BENCH_DIST=1 prints the deciles of the repetitions' times on stderr.
 """
@@ -107,7 +109,10 @@ def runner(module, inputs):
     import openvino as ov
     path = os.path.join(tempfile.mkdtemp(), "model.onnx")
     torch.onnx.export(module, tuple(torch.from_numpy(x) for x in inputs), path, dynamo=False, opset_version=17)
-    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": threads})
+    config = {"INFERENCE_NUM_THREADS": threads}
+    if engine == "openvino-f32":
+        config["INFERENCE_PRECISION_HINT"] = "f32"
+    compiled = ov.Core().compile_model(path, "CPU", config)
     return lambda *xs: list(compiled(list(xs)).values())
 
 
@@ -166,11 +171,11 @@ work = {
     "b5-768": lambda: extraction_workload("b5", 768),
     "predict": predict_workload,
 }
-if engine == "openvino" and "step" in workload:
+if engine.startswith("openvino") and "step" in workload:
     sys.exit(3)  # no training in OpenVINO
 if workload.endswith("-bf16"):
     # csflow's bfloat16 rows: OpenVINO's default (bf16 on CPUs with AVX512_BF16), nothing in PyTorch.
-    if engine == "pytorch":
+    if engine != "openvino":
         sys.exit(3)
     workload = workload.removesuffix("-bf16")
 print(json.dumps({"median": work[workload](), "torch": torch.__version__}))
