@@ -9,8 +9,9 @@
 //! the previous band's windows share stay where they are), copies each channel's rows into one padded plane
 //! that stays in L1, convolves it into the band's depthwise output and projects that straight into the
 //! block's output, skip included. The ring and the band's output are rewritten while still in cache.
-//! Squeeze-excitation needs the whole depthwise output before the projection, so blocks with it run layer by
-//! layer. Bands do not pay on small maps: their layers stay in cache anyway and their few rows per band would
+//! Squeeze-excitation needs the whole depthwise output before the projection, so blocks with it stop the
+//! bands there ([`InvertedResidual::depthwise_output`]: the expanded map is still never written whole) and
+//! project once their gates are known. Bands do not pay on small maps: their layers stay in cache anyway and their few rows per band would
 //! re-read the (then larger) weights too often.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
@@ -48,6 +49,13 @@ const FUSE_BYTES: usize = 1 << 20;
 #[cfg(target_arch = "x86_64")]
 const BAND_BYTES: usize = 1 << 20;
 
+/// Input maps of at least this many pixels take the bands in [`InvertedResidual::depthwise_output`]. B5 at
+/// 768 px (its blocks have squeeze-excitation), 2 threads, interleaved medians: 0.254 -> 0.251 s from 96x96
+/// on, 0.263 -> 0.260 s from 192x192 on (from 48x48 on 1.5 % slower: bands of 1056-1824 channels re-read
+/// their weights), peak memory 325 -> 277 MiB (B5's 144-channel expansion at 384x384 is 85 MB).
+#[cfg(target_arch = "x86_64")]
+const SE_BAND_PIXELS: usize = 96 * 96;
+
 /// Input maps of at most this many pixels run with vectors over channels ([`small`]): Lite0's blocks at 16x16
 /// and smaller. At 16x16, per block in the network (one thread, minimum of 200): 480 channels 3x3 650 -> 560 us,
 /// 672 channels 5x5 1207 -> 1152 us, 240 channels 5x5 237 -> 244 us; 32x32 maps gained nothing.
@@ -70,23 +78,57 @@ impl InvertedResidual<'_> {
         self.layered(x)
     }
 
-    /// One op after the other (mid-sized maps; CPUs without AVX2).
-    fn layered(&self, x: &Tensor) -> Result<Tensor> {
+    /// The depthwise convolution's output (activated), the projection's input: for blocks with
+    /// squeeze-excitation, whose gates need all of it before the projection. From expanded maps of
+    /// [`SE_BAND_PIXELS`] pixels and more, in bands as [`InvertedResidual::forward`] runs (the expanded map
+    /// is never written whole); else layer by layer.
+    pub fn depthwise_output(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() && self.expand.is_some() {
+            let (_, _, h, w) = x.dims4()?;
+            if h * w >= SE_BAND_PIXELS {
+                return self.fused_to(x, Path::Banded(BAND_BYTES), Until::Depthwise);
+            }
+        }
+        self.expanded_depthwise(x)
+    }
+
+    /// Expansion and depthwise convolution, one op after the other.
+    fn expanded_depthwise(&self, x: &Tensor) -> Result<Tensor> {
         let expanded = match self.expand {
             Some(e) => pointwise_conv(x, e, self.act, None, None)?,
             None => x.clone(),
         };
         let (w, b) = (self.depthwise.weight(), self.depthwise.bias());
-        let y = depthwise_conv2d(&expanded, w, b, self.stride, self.pad, self.act)?;
+        depthwise_conv2d(&expanded, w, b, self.stride, self.pad, self.act)
+    }
+
+    /// One op after the other (mid-sized maps; CPUs without AVX2).
+    fn layered(&self, x: &Tensor) -> Result<Tensor> {
+        let y = self.expanded_depthwise(x)?;
         pointwise_conv(&y, self.project, Activation::Identity, self.skip.then_some(x), None)
     }
 
     /// As one op, on `path`.
     #[cfg(target_arch = "x86_64")]
     fn fused(&self, x: &Tensor, path: Path) -> Result<Tensor> {
-        let (w, b) = (self.depthwise.weight(), self.depthwise.bias());
-        x.contiguous()?.apply_op3_no_bwd(w, b, &Fused { block: *self, path })
+        self.fused_to(x, path, Until::Projection)
     }
+
+    /// The block's layers up to `until` as one op, on `path`.
+    #[cfg(target_arch = "x86_64")]
+    fn fused_to(&self, x: &Tensor, path: Path, until: Until) -> Result<Tensor> {
+        let (w, b) = (self.depthwise.weight(), self.depthwise.bias());
+        x.contiguous()?.apply_op3_no_bwd(w, b, &Fused { block: *self, path, until })
+    }
+}
+
+/// Where the fused op stops: after the whole block, or at the depthwise output ([`Path::Banded`] only).
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Until {
+    Projection,
+    Depthwise,
 }
 
 /// How the fused op walks a block.
@@ -104,6 +146,7 @@ enum Path {
 struct Fused<'a> {
     block: InvertedResidual<'a>,
     path: Path,
+    until: Until,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -174,16 +217,27 @@ impl CustomOp3 for Fused<'_> {
             candle_core::bail!("{name}: needs AVX2 and FMA");
         }
         let dims = Dims { n, cin, h, wd, c, k, cout, ho, wo };
-        let mut out = crate::uninit(n * cout * ho * wo);
+        let channels = match self.until {
+            Until::Projection => cout,
+            Until::Depthwise => c,
+        };
+        let mut out = crate::uninit(n * channels * ho * wo);
         if n > 0 {
             // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says); the sizes are checked
             // above.
-            match self.path {
-                Path::Banded(band_bytes) => unsafe { x86::run(blk, band_bytes, dims, x, (w, b), &mut out) },
-                Path::Small { avx512 } => unsafe { small::x86::run(blk, dims, x, &mut out, avx512) },
+            match (self.path, self.until) {
+                (Path::Banded(band_bytes), until) => unsafe {
+                    x86::run(blk, band_bytes, dims, x, (w, b), &mut out, until)
+                },
+                (Path::Small { avx512 }, Until::Projection) => unsafe {
+                    small::x86::run(blk, dims, x, &mut out, avx512)
+                },
+                (Path::Small { .. }, Until::Depthwise) => {
+                    candle_core::bail!("{name}: the small-map path always runs the whole block")
+                }
             }
         }
-        Ok((CpuStorage::F32(out), Shape::from((n, cout, ho, wo))))
+        Ok((CpuStorage::F32(out), Shape::from((n, channels, ho, wo))))
     }
 }
 
@@ -191,7 +245,7 @@ impl CustomOp3 for Fused<'_> {
 mod x86 {
     use rayon::prelude::*;
 
-    use super::{Dims, InvertedResidual};
+    use super::{Dims, InvertedResidual, Until};
     use crate::depthwise::{Phased, Plane, SLACK};
     use crate::gemm::SendPtr;
     use crate::pointwise::x86::{task as pointwise, Task};
@@ -204,7 +258,8 @@ mod x86 {
     }
 
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `dims` are x's, the depthwise weight's and out's sizes, checked.
+    /// The CPU supports AVX2 and FMA; `dims` are x's, the depthwise weight's and out's sizes, checked; `out`
+    /// holds the output of the layers `until` names.
     pub(super) unsafe fn run(
         blk: &InvertedResidual,
         band_bytes: usize,
@@ -212,6 +267,7 @@ mod x86 {
         x: &[f32],
         dw: (&[f32], &[f32]),
         out: &mut [f32],
+        until: Until,
     ) {
         // Each sample's rows split into as many ranges as there are threads per sample: every range after
         // the first recomputes the expansion of k - stride rows its first band shares with the range before.
@@ -219,21 +275,22 @@ mod x86 {
         let rows = d.ho.div_ceil(per_sample);
         let ranges: Vec<(usize, usize)> = (0..d.n).flat_map(|s| (0..d.ho).step_by(rows).map(move |y| (s, y))).collect();
         let dst = SendPtr(out.as_mut_ptr());
+        let channels = if until == Until::Depthwise { d.c } else { d.cout };
         ranges.into_par_iter().for_each(|(sample, y0)| {
             let dst = &dst;
             let xs = &x[sample * d.cin * d.h * d.wd..(sample + 1) * d.cin * d.h * d.wd];
+            let out = dst.0.add(sample * channels * d.ho * d.wo);
             // SAFETY: the CPU supports AVX2 and FMA; this range alone writes output rows y0.. of its sample.
-            unsafe {
-                range(blk, band_bytes, d, xs, dw, dst.0.add(sample * d.cout * d.ho * d.wo), y0..(y0 + rows).min(d.ho))
-            }
+            unsafe { range(blk, band_bytes, d, xs, dw, out, y0..(y0 + rows).min(d.ho), until) }
         });
     }
 
     /// Output rows `ys` of one sample (`xs` its input, `out` its output), band by band: each band expands
     /// the input rows it adds into a ring of rows (row y in slot y % ring), then per channel copies the rows
     /// its windows read into one padded plane that stays in L1, convolves it into the band's depthwise
-    /// output, and projects that.
+    /// output, and projects that (or, `until` the depthwise output, convolves into `out`).
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn range(
         blk: &InvertedResidual,
         band_bytes: usize,
@@ -242,11 +299,13 @@ mod x86 {
         (dw_w, dw_b): (&[f32], &[f32]),
         out: *mut f32,
         ys: std::ops::Range<usize>,
+        until: Until,
     ) {
         let (s, k, pad, c, wd) = (blk.stride, d.k, blk.pad, d.c, d.wd);
         // The most output rows per band whose ring and depthwise output fit, but at least the depthwise
         // kernel's block of rows (one-row bands left its FMA chains waiting): r rows read (r - 1) s + k rows.
-        let bytes = |r: usize| 4 * c * (((r - 1) * s + k) * wd + r * d.wo);
+        let to_out = until == Until::Depthwise;
+        let bytes = |r: usize| 4 * c * (((r - 1) * s + k) * wd + if to_out { 0 } else { r * d.wo });
         let mut band = MIN_ROWS.min(ys.len());
         while band < ys.len() && bytes(band + 1) <= band_bytes {
             band += 1;
@@ -264,7 +323,7 @@ mod x86 {
         plane.clear();
         plane.resize(phased.len() + SLACK, 0.0);
         rows.resize(c * ring * wd, 0.0);
-        convolved.resize(c * band * d.wo, 0.0);
+        convolved.resize(if to_out { 0 } else { c * band * d.wo }, 0.0);
         // Map rows below `expanded` are (or were) in the ring.
         let mut expanded = 0;
         for oy in ys.clone().step_by(band) {
@@ -302,7 +361,16 @@ mod x86 {
                 }
                 let p =
                     Plane { buf: &plane, taps: &taps, filt: &dw_w[ch * k * k..][..k * k], row_step: phased.row_step() };
-                p.convolve(dw_b[ch], blk.act, d.wo, &mut convolved[ch * r * d.wo..][..r * d.wo]);
+                let dst = if to_out {
+                    // SAFETY: rows oy..oy + r of channel ch, this range's alone.
+                    unsafe { std::slice::from_raw_parts_mut(out.add((ch * d.ho + oy) * d.wo), r * d.wo) }
+                } else {
+                    &mut convolved[ch * r * d.wo..][..r * d.wo]
+                };
+                p.convolve(dw_b[ch], blk.act, d.wo, dst);
+            }
+            if to_out {
+                continue;
             }
             let width = r * d.wo;
             let t = Task { sample: 0, col: 0, width, panels: 0..blk.project.panels() };
@@ -350,7 +418,8 @@ mod tests {
     /// rows (so that the ring wraps), of a few more and of a whole range; one thread, three (so that
     /// ranges start mid-map and expand their first rows anew) and more threads than output rows; batch 1-3.
     /// The small-map path on maps of 1x1 to 7x7 too: channels over several panels with a partial last one,
-    /// pixels not a multiple of its tile, windows larger than the map.
+    /// pixels not a multiple of its tile, windows larger than the map. The bands stopped at the depthwise
+    /// output, and `depthwise_output`, against the first two layers.
     #[test]
     fn bands_match_candle_layers() {
         let dev = Device::Cpu;
@@ -394,6 +463,7 @@ mod tests {
                 if expanded.is_some() {
                     want = layer(&want, &ew, &eb, 1, zero, 1, act);
                 }
+                let expanded_want = want.clone();
                 want = layer(&want, &dw, &db, s, pad, c, act);
                 want = layer(&want, &pw, &pb, 1, zero, 1, Activation::Identity);
                 if skip {
@@ -414,6 +484,8 @@ mod tests {
                 // case's error lies within 2.3e-7 of its largest output.
                 let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 assert!(diff <= 1e-6 * scale, "case {case} {act:?} layered: {diff} of {scale}");
+                let want_dw = layer(&expanded_want, &dw, &db, s, pad, c, act);
+                let dw_scale: f32 = want_dw.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 for threads in [1, 3, 16] {
                     let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
                     for path in
@@ -423,8 +495,19 @@ mod tests {
                         assert_eq!(got.dims(), want.dims());
                         let diff: f32 = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                         assert!(diff <= 1e-6 * scale, "case {case} {act:?} {threads} threads, {path:?}: {diff}");
+                        if let Path::Banded(_) = path {
+                            // The bands stopped at the depthwise output (blocks with squeeze-excitation).
+                            let got = pool.install(|| block.fused_to(&x, path, Until::Depthwise)).unwrap();
+                            assert_eq!(got.dims(), want_dw.dims());
+                            let diff: f32 =
+                                (&got - &want_dw).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                            assert!(diff <= 1e-6 * dw_scale, "case {case} {act:?} {threads} threads, {path:?}: {diff}");
+                        }
                     }
                 }
+                let got = block.depthwise_output(&x).unwrap();
+                let diff: f32 = (&got - &want_dw).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(diff <= 1e-6 * dw_scale, "case {case} {act:?} depthwise_output: {diff}");
             }
         }
     }

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 use csflow_kernels::{
-    conv2d_act, depthwise_conv2d, pointwise_conv, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding,
+    conv2d_act, pointwise_conv, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding,
     PointwiseWeights,
 };
 
@@ -180,24 +180,19 @@ impl EfficientNet {
     }
 
     fn block(&self, b: &MbConv, x: Tensor) -> Result<Tensor> {
+        let layers = InvertedResidual {
+            expand: b.expand.as_ref(),
+            depthwise: &b.depthwise,
+            stride: b.stride,
+            pad: b.pad,
+            project: &b.project,
+            act: self.act,
+            skip: b.skip,
+        };
         if b.se.is_none() {
-            return Ok(InvertedResidual {
-                expand: b.expand.as_ref(),
-                depthwise: &b.depthwise,
-                stride: b.stride,
-                pad: b.pad,
-                project: &b.project,
-                act: self.act,
-                skip: b.skip,
-            }
-            .forward(&x)?);
+            return Ok(layers.forward(&x)?);
         }
-        let mut y = x.clone();
-        if let Some(e) = &b.expand {
-            y = pointwise_conv(&y, e, self.act, None, None)?;
-        }
-        let d = &b.depthwise;
-        y = depthwise_conv2d(&y, d.weight(), d.bias(), b.stride, b.pad, self.act)?;
+        let y = layers.depthwise_output(&x)?;
         let gates = b.se.as_ref().map(|se| se.gates(&y)).transpose()?;
         // The gates scale the projection's input and the skip connection is added in its epilogue.
         Ok(pointwise_conv(&y, &b.project, Activation::Identity, b.skip.then_some(&x), gates.as_ref())?)
