@@ -93,17 +93,18 @@ def openvino_runner(hint):
     """Exports copies: tracing left the modules themselves computing other values afterwards."""
     import openvino as ov
     tap, fz = copy.deepcopy(Tap()), copy.deepcopy(FlowZ())
-    core, d = ov.Core(), tempfile.mkdtemp()
+    core = ov.Core()
     cfg = {} if hint is None else {"INFERENCE_PRECISION_HINT": hint}
     nets = []
-    for s in range(3):
-        path = os.path.join(d, f"tap{s}.onnx")
-        torch.onnx.export(tap, (torch.zeros(1, 3, h >> s, w >> s),), path, dynamo=False, opset_version=17)
-        nets.append(core.compile_model(path, "CPU", cfg))
-    shapes = [tuple(tap(torch.zeros(1, 3, h >> s, w >> s)).shape) for s in range(3)]
-    path = os.path.join(d, "flow.onnx")
-    torch.onnx.export(fz, tuple(torch.zeros(s) for s in shapes), path, dynamo=False, opset_version=17)
-    flow_c = core.compile_model(path, "CPU", cfg)
+    with tempfile.TemporaryDirectory() as d:
+        for s in range(3):
+            path = os.path.join(d, f"tap{s}.onnx")
+            torch.onnx.export(tap, (torch.zeros(1, 3, h >> s, w >> s),), path, dynamo=False, opset_version=17)
+            nets.append(core.compile_model(path, "CPU", cfg))
+        shapes = [tuple(tap(torch.zeros(1, 3, h >> s, w >> s)).shape) for s in range(3)]
+        path = os.path.join(d, "flow.onnx")
+        torch.onnx.export(fz, tuple(torch.zeros(s) for s in shapes), path, dynamo=False, opset_version=17)
+        flow_c = core.compile_model(path, "CPU", cfg)
     precision = flow_c.get_property("INFERENCE_PRECISION_HINT")
 
     def run(pyr):

@@ -107,12 +107,14 @@ def runner(module, inputs):
             return [o.numpy() for o in (out if isinstance(out, tuple) else (out,))]
         return run
     import openvino as ov
-    path = os.path.join(tempfile.mkdtemp(), "model.onnx")
-    torch.onnx.export(module, tuple(torch.from_numpy(x) for x in inputs), path, dynamo=False, opset_version=17)
     config = {"INFERENCE_NUM_THREADS": threads}
     if engine == "openvino-f32":
         config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = ov.Core().compile_model(path, "CPU", config)
+    # The ONNX file (up to 1.1 GB at the paper size) is gone once compiled.
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "model.onnx")
+        torch.onnx.export(module, tuple(torch.from_numpy(x) for x in inputs), path, dynamo=False, opset_version=17)
+        compiled = ov.Core().compile_model(path, "CPU", config)
     return lambda *xs: list(compiled(list(xs)).values())
 
 
