@@ -218,8 +218,30 @@ pub(super) mod x86 {
         let (h, wd) = (d.h as isize, d.wd as isize);
         for oy in 0..d.ho {
             let y0 = oy as isize * s - pad.top as isize;
-            for ox in 0..d.wo {
+            let ys = (-y0).max(0)..k.min(h - y0);
+            let mut ox = 0;
+            while ox < d.wo {
                 let x0 = ox as isize * s - pad.left as isize;
+                if ox + GROUP <= d.wo && x0 >= 0 && x0 + (GROUP as isize - 1) * s + k <= wd {
+                    // GROUP pixels whose windows lie inside the map's columns: GROUP chains of multiply-adds
+                    // (one pixel's two left the FMA latency exposed).
+                    let mut acc = [bias; GROUP];
+                    for ky in ys.clone() {
+                        let row = e.add(((y0 + ky) * wd + x0) as usize * CH);
+                        for kx in 0..k {
+                            let w = load(taps.add((ky * k + kx) as usize * CH));
+                            for (j, a) in acc.iter_mut().enumerate() {
+                                *a = fmadd(*a, w, load(row.add((j as isize * s + kx) as usize * CH)));
+                            }
+                        }
+                    }
+                    for (j, a) in acc.iter_mut().enumerate() {
+                        blk.act.apply_registers(a);
+                        store(dst.add((oy * d.wo + ox + j) * ld), *a);
+                    }
+                    ox += GROUP;
+                    continue;
+                }
                 // Even and odd taps sum apart: two chains of multiply-adds (one vector a panel had one).
                 let (mut even, mut odd) = (bias, [S::splat(0.0); V]);
                 // Taps inside the map only: the padding is zero.
@@ -242,9 +264,13 @@ pub(super) mod x86 {
                 let mut acc = add(even, odd);
                 blk.act.apply_registers(&mut acc);
                 store(dst.add((oy * d.wo + ox) * ld), acc);
+                ox += 1;
             }
         }
     }
+
+    /// Output pixels of a row the depthwise convolution takes at once where their windows lie inside the map.
+    const GROUP: usize = 4;
 
     /// Output channels `q * CH..` at output pixels `pixels` of one sample from the depthwise output `src`
     /// (pixel-major, `ld` apart), bias and skip added, written to `out` [cout, ho * wo].
