@@ -211,13 +211,17 @@ pub(crate) mod x86 {
         pub(crate) panels: std::ops::Range<usize>,
     }
 
-    /// Splits the work into about four tasks per thread: column ranges of whole strips first, then panel
-    /// ranges where the maps are too small for that (8x8 and smaller).
-    fn tasks(n: usize, hw: usize, panels: usize, threads: usize) -> Vec<Task> {
+    /// Splits the work into about four tasks per thread: column ranges of whole units of `unit` strips first
+    /// (the AVX-512 product takes strips in pairs), then panel ranges where the maps are too small for that.
+    /// Ranges of single or odd strips left the AVX-512 product with half-width tiles (six accumulators, not
+    /// enough to hide the FMA latency): on B5's 24x24 maps (36 strips in blocks of 5) every fifth tile, on
+    /// 6x6 maps all of them.
+    pub(super) fn tasks(n: usize, hw: usize, panels: usize, threads: usize, unit: usize) -> Vec<Task> {
         let want = 4 * threads;
         let strips = hw.div_ceil(NR);
-        let col_blocks = want.div_ceil(n).clamp(1, strips);
-        let strips_per_block = strips.div_ceil(col_blocks);
+        let units = strips.div_ceil(unit);
+        let col_blocks = want.div_ceil(n).clamp(1, units);
+        let strips_per_block = units.div_ceil(col_blocks) * unit;
         let col_blocks = strips.div_ceil(strips_per_block);
         let panel_blocks = want.div_ceil(n * col_blocks).clamp(1, panels);
         let panels_per_block = panels.div_ceil(panel_blocks);
@@ -250,7 +254,8 @@ pub(crate) mod x86 {
         let (o, c) = (w.cout, w.cin);
         let panels = o.div_ceil(MR);
         let dst = SendPtr(out.as_mut_ptr());
-        tasks(n, hw, panels, rayon::current_num_threads()).into_par_iter().for_each(|t| {
+        let unit = if crate::has_avx512() { 2 } else { 1 };
+        tasks(n, hw, panels, rayon::current_num_threads(), unit).into_par_iter().for_each(|t| {
             let dst = &dst;
             let xs = &x[t.sample * c * hw..(t.sample + 1) * c * hw];
             let res = residual.map(|r| &r[t.sample * o * hw..(t.sample + 1) * o * hw]);
@@ -569,6 +574,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// The tasks cover every (sample, column, panel) once, each column range starting at a whole unit of
+    /// strips (pairs for the AVX-512 product), for maps of one pixel to odd numbers of strips.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn tasks_cover_the_work_once_in_whole_units() {
+        for (n, hw, panels, threads, unit) in task_grid() {
+            let mut seen = vec![0u8; n * hw * panels];
+            for t in x86::tasks(n, hw, panels, threads, unit) {
+                assert_eq!(t.col % (unit * NR), 0, "{n} {hw} {panels} {threads} {unit}: column {}", t.col);
+                for col in t.col..t.col + t.width {
+                    for p in t.panels.clone() {
+                        seen[(t.sample * hw + col) * panels + p] += 1;
+                    }
+                }
+            }
+            assert!(seen.iter().all(|&v| v == 1), "{n} {hw} {panels} {threads} {unit}");
+        }
+    }
+
+    fn task_grid() -> impl Iterator<Item = (usize, usize, usize, usize, usize)> {
+        let mut out = Vec::new();
+        for n in [1, 2, 3] {
+            for hw in [1, 15, 16, 17, 36, 144, 576, 1000] {
+                for panels in [1, 5, 30] {
+                    for threads in [1, 2, 3] {
+                        for unit in [1, 2] {
+                            out.push((n, hw, panels, threads, unit));
+                        }
+                    }
+                }
+            }
+        }
+        out.into_iter()
     }
 
     /// The portable path (CPUs without AVX2) gives the kernel's values: unpacked weights through the `gemm`
