@@ -276,6 +276,10 @@ pub(crate) mod x86 {
     /// Input channels per pass: wider layers (B5's 768-1824) are summed in slices, partial sums kept in
     /// the output, so that a packed strip stays in L1.
     const KC: usize = 256;
+    /// Input rows ahead whose pieces the packing prefetches: in the network a projection's input (the
+    /// depthwise output, 4-7 MB in B5) comes from memory, in pieces of 512 bytes a map's row apart, and the
+    /// packing waited on each. B5 at 768 px 0.241 -> 0.237 s, medians of 10 interleaved rounds.
+    const PREFETCH_ROWS: usize = 16;
 
     thread_local! {
         /// Each worker's packing buffer, kept between calls.
@@ -374,7 +378,13 @@ pub(crate) mod x86 {
                 for k in 0..kc {
                     let row = &xs[(k0 + k) * ldx + col0..(k0 + k) * ldx + col0 + bw];
                     let g = _mm256_set1_ps(scale.map_or(1.0, |g| g[k0 + k]));
+                    // wrapping: an address to prefetch from, never read through.
+                    let ahead = (k + PREFETCH_ROWS < kc)
+                        .then(|| xs.as_ptr().wrapping_add((k0 + k + PREFETCH_ROWS) * ldx + col0));
                     for (j, piece) in row.chunks(NR).enumerate() {
+                        if let Some(a) = ahead {
+                            _mm_prefetch::<_MM_HINT_T0>(a.wrapping_add(j * NR).cast());
+                        }
                         let to = packed[(j * kc + k) * NR..(j * kc + k + 1) * NR].as_mut_ptr();
                         // Vector moves, not a `memcpy` call per 64 bytes; a last piece is zero-filled.
                         if piece.len() == NR {

@@ -3,7 +3,8 @@
 //! Run: `cargo bench -p csflow --bench workloads -- <workload> [reps]`; workloads: flow-forward-paper (batch 1),
 //! flow-step-paper (batch 2), flow-forward-cpu / flow-step-cpu (C 192, hidden 256, maps 8/4/2, batch 16),
 //! flow-forward-cpu-1[-bf16] (the same at batch 1, as `predict` runs it),
-//! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 (one level of it alone),
+//! lite0-256 and b5-768 (three-scale extraction, batch 1), lite0-256-level0/1/2 and b5-768-level0/1/2 (one
+//! level of it alone),
 //! predict[-bf16] (one 512 px PNG to score and full-size map with Lite0 at 256 px and the CPU-size flow),
 //! depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1 layers of Lite0 at 256 px and B5 at 768 px, own
 //! kernel against the `gemm` crate's product; a table on stderr, the kernel's total as the median),
@@ -141,20 +142,21 @@ fn flow_step(config: FlowConfig, batch: usize, map: usize, reps: usize) -> f64 {
     })
 }
 
-/// The real Lite0 weights (scripts/setup.sh): random ones give vanishing activations, and denormal numbers
-/// would time something no user runs.
-/// One pyramid level of the Lite0 extraction alone (256, 128 or 64 px), on one worker as `features` runs it.
-fn lite0_level(level: usize, reps: usize) -> f64 {
-    let config = EfficientNetConfig::lite0();
+/// One pyramid level of an extraction alone (Lite0: 256, 128 or 64 px; B5: 768, 384 or 192 px), on one worker
+/// as `features` runs it.
+fn level(config: EfficientNetConfig, size: usize, level: usize, reps: usize) -> f64 {
     let block = config.feature_block;
-    let weights = csflow::extract::weights_up_to(&lite0_weights(), block);
+    let weights = if config.name == "efficientnet-lite0" { lite0_weights() } else { random_weights(&config) };
+    let weights = csflow::extract::weights_up_to(&weights, block);
     let net = EfficientNet::load(config, &weights, Some(block)).unwrap();
-    let x = Tensor::randn(0f32, 1.0, (1, 3, 256 >> level, 256 >> level), &Device::Cpu).unwrap();
+    let x = Tensor::randn(0f32, 1.0, (1, 3, size >> level, size >> level), &Device::Cpu).unwrap();
     time(reps, || {
         csflow_kernels::on_worker(|| net.features(&x, block).unwrap());
     })
 }
 
+/// The real Lite0 weights (scripts/setup.sh): random ones give vanishing activations, and denormal numbers
+/// would time something no user runs.
 fn lite0_weights() -> BTreeMap<String, Tensor> {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/efficientnet-lite0-57934424.pth");
     csflow::extract::load_backbone_weights(std::path::Path::new(path)).expect("run scripts/setup.sh first")
@@ -191,9 +193,12 @@ fn main() {
         "flow-forward-cpu-1" => flow_forward(cpu(), 1, 8, reps, Precision::F32),
         "flow-forward-cpu-1-bf16" => flow_forward(cpu(), 1, 8, reps, Precision::Bf16),
         "lite0-256" => extraction(EfficientNetConfig::lite0(), 256, reps),
-        "lite0-256-level0" => lite0_level(0, reps),
-        "lite0-256-level1" => lite0_level(1, reps),
-        "lite0-256-level2" => lite0_level(2, reps),
+        "lite0-256-level0" => level(EfficientNetConfig::lite0(), 256, 0, reps),
+        "lite0-256-level1" => level(EfficientNetConfig::lite0(), 256, 1, reps),
+        "lite0-256-level2" => level(EfficientNetConfig::lite0(), 256, 2, reps),
+        "b5-768-level0" => level(EfficientNetConfig::b5(), 768, 0, reps),
+        "b5-768-level1" => level(EfficientNetConfig::b5(), 768, 1, reps),
+        "b5-768-level2" => level(EfficientNetConfig::b5(), 768, 2, reps),
         "b5-768" => extraction(EfficientNetConfig::b5(), 768, reps),
         "predict" | "predict-bf16" => {
             let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/brick.png");

@@ -2,8 +2,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 use csflow_kernels::{
-    conv2d_act, pointwise_conv, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding,
-    PointwiseWeights,
+    conv2d_act, pointwise_conv, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding, PointwiseWeights,
 };
 
 use super::config::{same_padding, EfficientNetConfig};
