@@ -171,6 +171,9 @@ work = {
     "lite0-256-level1": lambda: extraction_workload("lite0", 256, [1]),
     "lite0-256-level2": lambda: extraction_workload("lite0", 256, [2]),
     "b5-768": lambda: extraction_workload("b5", 768),
+    "b5-768-level0": lambda: extraction_workload("b5", 768, [0]),
+    "b5-768-level1": lambda: extraction_workload("b5", 768, [1]),
+    "b5-768-level2": lambda: extraction_workload("b5", 768, [2]),
     "predict": predict_workload,
 }
 if engine.startswith("openvino") and "step" in workload:
