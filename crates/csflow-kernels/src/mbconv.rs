@@ -248,7 +248,7 @@ mod x86 {
     use super::{Dims, InvertedResidual, Until};
     use crate::depthwise::{Phased, Plane, SLACK};
     use crate::gemm::SendPtr;
-    use crate::pointwise::x86::{task as pointwise, Task};
+    use crate::pointwise::x86::{task as pointwise, Operands, Task};
     use crate::Activation;
 
     thread_local! {
@@ -338,7 +338,9 @@ mod x86 {
                     let (slot, t) = (iy % ring, (image.end - iy).min(ring - iy % ring));
                     let task = Task { sample: 0, col: 0, width: t * wd, panels: 0..e.panels() };
                     let dst = rows.as_mut_ptr().add(slot * wd);
-                    pointwise(e, blk.act, &task, (&xs[iy * wd..], d.h * wd), None, None, (dst, ring * wd));
+                    let x = (&xs[iy * wd..], d.h * wd);
+                    let op = Operands { w: e, act: blk.act, x, scale: None, res: None, dst: (dst, ring * wd) };
+                    pointwise(&op, &task);
                     iy += t;
                 }
                 expanded = expanded.max(image.end);
@@ -375,15 +377,10 @@ mod x86 {
             let width = r * d.wo;
             let t = Task { sample: 0, col: 0, width, panels: 0..blk.project.panels() };
             let res = blk.skip.then(|| &xs[oy * d.wo..]);
-            pointwise(
-                blk.project,
-                Activation::Identity,
-                &t,
-                (&convolved, width),
-                None,
-                res,
-                (out.add(oy * d.wo), d.ho * d.wo),
-            );
+            let dst = (out.add(oy * d.wo), d.ho * d.wo);
+            let op =
+                Operands { w: blk.project, act: Activation::Identity, x: (&convolved, width), scale: None, res, dst };
+            pointwise(&op, &t);
         }
         BANDS.set([plane, rows, convolved]);
     }

@@ -211,6 +211,19 @@ pub(crate) mod x86 {
         pub(crate) panels: std::ops::Range<usize>,
     }
 
+    /// What one product reads and writes: the weights and the activation; the input, with the distance
+    /// between its channel rows; the per-channel scale; the residual and the output, with the distance
+    /// between their rows (a banded block reads a band of one map's rows and writes into another's).
+    #[derive(Clone, Copy)]
+    pub(crate) struct Operands<'a> {
+        pub(crate) w: &'a PointwiseWeights,
+        pub(crate) act: Activation,
+        pub(crate) x: (&'a [f32], usize),
+        pub(crate) scale: Option<&'a [f32]>,
+        pub(crate) res: Option<&'a [f32]>,
+        pub(crate) dst: (*mut f32, usize),
+    }
+
     /// Splits the work into about four tasks per thread: column ranges of whole units of `unit` strips first
     /// (the AVX-512 product takes strips in pairs), then panel ranges where the maps are too small for that.
     /// Ranges of single or odd strips left the AVX-512 product with half-width tiles (six accumulators, not
@@ -263,7 +276,8 @@ pub(crate) mod x86 {
             // SAFETY: the CPU supports AVX2 and FMA; this task alone writes rows of its panels in columns
             // t.col..t.col + t.width of its sample's [cout, hw] output (tasks split samples, columns and
             // panels disjointly).
-            unsafe { task(w, act, &t, (xs, hw), scale, res, (dst.0.add(t.sample * o * hw), hw)) }
+            let dst = (dst.0.add(t.sample * o * hw), hw);
+            unsafe { task(&Operands { w, act, x: (xs, hw), scale, res, dst }, &t) }
         });
     }
 
@@ -292,68 +306,34 @@ pub(crate) mod x86 {
     /// 64-byte pieces a map's width apart (pages apart at 64x64 and larger) and the first panel waited on
     /// each of them.
     ///
-    /// `x` is the input with the distance between its channel rows, `dst` the output with its own (shared
-    /// by the residual): a block can read a band of a map's rows and write into another map's rows.
-    ///
     /// On CPUs with AVX-512 the product takes two strips at a time in 512-bit registers (12 accumulators,
     /// each weight broadcast once for 32 columns: twice the AVX2 kernel's work per instruction).
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `x` holds `cin` rows of at least `t.col + t.width` values, `dst` (and
-    /// the residual) `cout` rows the same, and no other thread writes the rows of `t.panels` there.
-    pub(crate) unsafe fn task(
-        w: &PointwiseWeights,
-        act: Activation,
-        t: &Task,
-        x: (&[f32], usize),
-        scale: Option<&[f32]>,
-        res: Option<&[f32]>,
-        dst: (*mut f32, usize),
-    ) {
+    /// The CPU supports AVX2 and FMA; `op.x` holds `cin` rows of at least `t.col + t.width` values, `op.dst`
+    /// (and the residual) `cout` rows the same, and no other thread writes the rows of `t.panels` there.
+    pub(crate) unsafe fn task(op: &Operands, t: &Task) {
         if crate::has_avx512() {
-            task512(w, act, t, x, scale, res, dst)
+            task512(op, t)
         } else {
-            task256(w, act, t, x, scale, res, dst)
+            task256(op, t)
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn task256(
-        w: &PointwiseWeights,
-        act: Activation,
-        t: &Task,
-        x: (&[f32], usize),
-        scale: Option<&[f32]>,
-        res: Option<&[f32]>,
-        dst: (*mut f32, usize),
-    ) {
-        task_with::<false>(w, act, t, x, scale, res, dst)
+    pub(super) unsafe fn task256(op: &Operands, t: &Task) {
+        task_with::<false>(op, t)
     }
 
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn task512(
-        w: &PointwiseWeights,
-        act: Activation,
-        t: &Task,
-        x: (&[f32], usize),
-        scale: Option<&[f32]>,
-        res: Option<&[f32]>,
-        dst: (*mut f32, usize),
-    ) {
-        task_with::<true>(w, act, t, x, scale, res, dst)
+    pub(super) unsafe fn task512(op: &Operands, t: &Task) {
+        task_with::<true>(op, t)
     }
 
     /// [`task`]'s body, `WIDE` for the AVX-512 product (inlined into callers with those features).
     #[inline(always)]
-    unsafe fn task_with<const WIDE: bool>(
-        w: &PointwiseWeights,
-        act: Activation,
-        t: &Task,
-        (xs, ldx): (&[f32], usize),
-        scale: Option<&[f32]>,
-        res: Option<&[f32]>,
-        (dst, hw): (*mut f32, usize),
-    ) {
+    unsafe fn task_with<const WIDE: bool>(op: &Operands, t: &Task) {
+        let Operands { w, act, x: (xs, ldx), scale, res, dst: (dst, hw) } = *op;
         let c = w.cin;
         let strips = t.width.div_ceil(NR);
         let mut packed = PACKED.take();
@@ -549,11 +529,12 @@ mod tests {
                         let gate = scale.map(|_| &gv[s * c..(s + 1) * c]);
                         let res = residual.map(|_| &rv[s * o * hw..(s + 1) * o * hw]);
                         let dst = (out[s * o * hw..].as_mut_ptr(), hw);
+                        let op = x86::Operands { w: &pw, act, x: xs, scale: gate, res, dst };
                         // SAFETY: AVX2 + FMA (and AVX-512 for `wide`) checked above; the sizes are the task's.
                         unsafe {
                             match wide {
-                                true => x86::task512(&pw, act, &t, xs, gate, res, dst),
-                                false => x86::task256(&pw, act, &t, xs, gate, res, dst),
+                                true => x86::task512(&op, &t),
+                                false => x86::task256(&op, &t),
                             }
                         }
                     }
