@@ -11,8 +11,8 @@
 //! block's output, skip included. The ring and the band's output are rewritten while still in cache.
 //! Squeeze-excitation needs the whole depthwise output before the projection, so blocks with it stop the
 //! bands there ([`InvertedResidual::depthwise_output`]: the expanded map is still never written whole) and
-//! project once their gates are known. Bands do not pay on small maps: their layers stay in cache anyway and their few rows per band would
-//! re-read the (then larger) weights too often.
+//! project once their gates are known. Bands do not pay on small maps: their layers stay in cache anyway and
+//! their few rows per band would re-read the (then larger) weights too often.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
@@ -79,9 +79,8 @@ impl InvertedResidual<'_> {
     }
 
     /// The depthwise convolution's output (activated), the projection's input: for blocks with
-    /// squeeze-excitation, whose gates need all of it before the projection. From expanded maps of
-    /// [`SE_BAND_PIXELS`] pixels and more, in bands as [`InvertedResidual::forward`] runs (the expanded map
-    /// is never written whole); else layer by layer.
+    /// squeeze-excitation, whose gates need all of it before the projection. On maps from 96x96 on, in bands
+    /// as [`InvertedResidual::forward`] runs (the expanded map is never written whole); else layer by layer.
     pub fn depthwise_output(&self, x: &Tensor) -> Result<Tensor> {
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx2_fma() && self.expand.is_some() {
