@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use csflow::evaluate::Metrics;
 use csflow::metrics;
 use csflow::overlay::{draw_contour, encode_jpeg, heatmap_overlay};
 use csflow::report::{write_report, Curve, Example, MetricRow, ReportInput, ScoredImage, GOOD};
@@ -59,7 +60,8 @@ fn without_defects(mut input: ReportInput) -> ReportInput {
     input.scores.retain(|s| s.defect_type == GOOD);
     let mut good: Vec<f64> = input.scores.iter().map(|s| s.score).collect();
     good.sort_by(f64::total_cmp);
-    input.overall = MetricRow { name: "all".into(), n_good: good.len(), n_defect: 0, ..Default::default() };
+    let metrics = Metrics { n_good: good.len(), n_defect: 0, ..Default::default() };
+    input.overall = MetricRow { name: "all".into(), metrics };
     input.per_type.clear();
     (input.roc, input.pr, input.has_masks) = (None, None, false);
     input.threshold = Some(good[(good.len() as f64 * 0.97) as usize]);
@@ -104,8 +106,7 @@ fn main() {
     let row = |name: &str, v: &[(f64, bool)], pixel: (f64, f64)| -> MetricRow {
         let (s, l) = split(v);
         let f1 = metrics::f1_max(&s, &l).ok();
-        MetricRow {
-            name: name.into(),
+        let metrics = Metrics {
             n_good: v.iter().filter(|x| !x.1).count(),
             n_defect: v.iter().filter(|x| x.1).count(),
             image_auroc: metrics::auroc(&s, &l).ok(),
@@ -114,7 +115,8 @@ fn main() {
             threshold: f1.map(|f| f.threshold),
             pixel_auroc: Some(pixel.0),
             aupro: Some(pixel.1),
-        }
+        };
+        MetricRow { name: name.into(), metrics }
     };
     let all = labelled(&|_| true);
     let (s, l) = split(&all);
@@ -127,9 +129,9 @@ fn main() {
         .map(|((name, ..), px)| row(name, &labelled(&|s| s.defect_type == GOOD || s.defect_type == *name), px))
         .collect();
     // One type without masks, to show the missing-value display.
-    per_type[2].pixel_auroc = None;
-    per_type[2].aupro = None;
-    let threshold = overall.threshold;
+    per_type[2].metrics.pixel_auroc = None;
+    per_type[2].metrics.aupro = None;
+    let threshold = overall.metrics.threshold;
 
     // Pictures: the asset images as stand-ins for parts, with made-up heatmaps.
     let (vmin, vmax) = (0.45f32, 2.0f32);

@@ -45,12 +45,17 @@ pub fn test_image(det: &Detector, sample: &Sample) -> Result<TestImage> {
 pub struct Metrics {
     pub n_good: usize,
     pub n_defect: usize,
+    /// Image-level area under the ROC curve.
     pub image_auroc: Option<f64>,
+    /// Image-level average precision.
     pub image_ap: Option<f64>,
+    /// Image-level best F1 over all thresholds ...
     pub image_f1_max: Option<f64>,
-    /// The score threshold at which image F1 is highest.
+    /// ... and the score threshold that reaches it.
     pub threshold: Option<f64>,
+    /// Pixel-level area under the ROC curve.
     pub pixel_auroc: Option<f64>,
+    /// Area under the per-region-overlap curve up to 30 % pixel FPR, normalised to [0, 1].
     pub aupro: Option<f64>,
 }
 
@@ -149,17 +154,7 @@ pub fn evaluate(images: &[TestImage], width: usize, threshold: Option<(f64, Stri
 
 impl From<(&str, &Metrics)> for MetricRow {
     fn from((name, m): (&str, &Metrics)) -> Self {
-        MetricRow {
-            name: name.to_string(),
-            n_good: m.n_good,
-            n_defect: m.n_defect,
-            image_auroc: m.image_auroc,
-            image_ap: m.image_ap,
-            image_f1_max: m.image_f1_max,
-            threshold: m.threshold,
-            pixel_auroc: m.pixel_auroc,
-            aupro: m.aupro,
-        }
+        MetricRow { name: name.to_string(), metrics: m.clone() }
     }
 }
 

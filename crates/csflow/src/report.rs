@@ -15,32 +15,20 @@ use std::path::Path;
 
 use base64::Engine as _;
 
+use crate::evaluate::Metrics;
 use crate::Result;
 
 /// The defect-type name of good images in [`ScoredImage`] and [`Example`]; every other name is a defect.
 pub const GOOD: &str = "good";
 
 /// Detection quality on one group of test images: one defect type (with all good images, as the MVTec AD
-/// per-category tables) or all of them. `None` = not computable (see the counts and
+/// per-category tables) or all of them. A metric that is `None` was not computable (see the counts and
 /// [`ReportInput::has_masks`] for why).
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct MetricRow {
     /// Defect type, or "all" for the overall row.
     pub name: String,
-    pub n_good: usize,
-    pub n_defect: usize,
-    /// Image-level area under the ROC curve.
-    pub image_auroc: Option<f64>,
-    /// Image-level average precision.
-    pub image_ap: Option<f64>,
-    /// Image-level best F1 over all thresholds ...
-    pub image_f1_max: Option<f64>,
-    /// ... and the score threshold that reaches it.
-    pub threshold: Option<f64>,
-    /// Pixel-level area under the ROC curve.
-    pub pixel_auroc: Option<f64>,
-    /// Area under the per-region-overlap curve up to 30 % pixel FPR, normalised to [0, 1].
-    pub aupro: Option<f64>,
+    pub metrics: Metrics,
 }
 
 /// One test image's score; `defect_type` is [`GOOD`] for good images.
@@ -363,7 +351,7 @@ enum Kind {
 }
 
 /// Why a metric of `row` is missing (or not finite).
-fn reason(row: &MetricRow, kind: Kind, has_masks: bool, value: Option<f64>) -> &'static str {
+fn reason(row: &Metrics, kind: Kind, has_masks: bool, value: Option<f64>) -> &'static str {
     if value.is_some() {
         return "undefined (not a finite number)";
     }
@@ -376,7 +364,7 @@ fn reason(row: &MetricRow, kind: Kind, has_masks: bool, value: Option<f64>) -> &
     }
 }
 
-fn metric_cell(row: &MetricRow, v: Option<f64>, kind: Kind, has_masks: bool, fmt: fn(f64) -> String) -> String {
+fn metric_cell(row: &Metrics, v: Option<f64>, kind: Kind, has_masks: bool, fmt: fn(f64) -> String) -> String {
     match v {
         Some(x) if x.is_finite() => fmt(x),
         _ => missing(reason(row, kind, has_masks, v)),
@@ -392,7 +380,7 @@ fn data_uri(bytes: &[u8]) -> String {
 // Sections.
 
 fn header(h: &mut String, input: &ReportInput, title: &str) {
-    let o = &input.overall;
+    let o = &input.overall.metrics;
     let n_types = input.per_type.len();
     let _ = write!(
         h,
@@ -439,7 +427,7 @@ fn notes(h: &mut String, input: &ReportInput) {
 }
 
 fn headline(h: &mut String, input: &ReportInput) {
-    let o = &input.overall;
+    let o = &input.overall.metrics;
     h.push_str("<h2>Detection quality</h2>\n<p class=\"lead\">Measured on all test images; 1.000 is perfect.</p>\n<div class=\"cards\">\n");
     let thr = match o.threshold {
         Some(t) if t.is_finite() && o.image_f1_max.is_some_and(f64::is_finite) => {
@@ -624,14 +612,14 @@ fn per_type_table(h: &mut String, input: &ReportInput, ctx: &Context) {
              <td>{}</td></tr>",
             if is_all { " class=\"total\"" } else { "" },
             if is_all { "all".into() } else { esc(&r.name) },
-            r.n_good,
-            r.n_defect,
-            metric_cell(r, r.image_auroc, Kind::Image, m, fmt_metric),
-            metric_cell(r, r.image_ap, Kind::Image, m, fmt_metric),
-            metric_cell(r, r.image_f1_max, Kind::Image, m, fmt_metric),
-            metric_cell(r, r.threshold, Kind::Image, m, fmt_num),
-            metric_cell(r, r.pixel_auroc, Kind::Pixel, m, fmt_metric),
-            metric_cell(r, r.aupro, Kind::Pixel, m, fmt_metric),
+            r.metrics.n_good,
+            r.metrics.n_defect,
+            metric_cell(&r.metrics, r.metrics.image_auroc, Kind::Image, m, fmt_metric),
+            metric_cell(&r.metrics, r.metrics.image_ap, Kind::Image, m, fmt_metric),
+            metric_cell(&r.metrics, r.metrics.image_f1_max, Kind::Image, m, fmt_metric),
+            metric_cell(&r.metrics, r.metrics.threshold, Kind::Image, m, fmt_num),
+            metric_cell(&r.metrics, r.metrics.pixel_auroc, Kind::Pixel, m, fmt_metric),
+            metric_cell(&r.metrics, r.metrics.aupro, Kind::Pixel, m, fmt_metric),
             detected
         );
     };
@@ -818,7 +806,7 @@ fn curves(h: &mut String, input: &ReportInput, ctx: &Context) {
                 the dot is the operating threshold.</p>\n<div class=\"charts\">\n",
     );
     let no_data_reason = |c: &Option<Curve>| -> String {
-        let o = &input.overall;
+        let o = &input.overall.metrics;
         match valid_curve(c) {
             Err("not available") if o.n_defect == 0 => "needs defective images".into(),
             Err("not available") if o.n_good == 0 => "needs good images".into(),
@@ -861,7 +849,7 @@ fn curves(h: &mut String, input: &ReportInput, ctx: &Context) {
             );
             let d = polyline(c, &x, &y);
             let _ = write!(h, "<path d=\"{d}\" fill=\"none\" stroke=\"#1f5fa8\" stroke-width=\"2.5\"/>");
-            if let Some(a) = input.overall.image_auroc.filter(|a| a.is_finite()) {
+            if let Some(a) = input.overall.metrics.image_auroc.filter(|a| a.is_finite()) {
                 let _ = write!(
                     h,
                     "<text class=\"ann\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">AUROC {}</text>",
@@ -886,7 +874,7 @@ fn curves(h: &mut String, input: &ReportInput, ctx: &Context) {
             h.push_str("<div class=\"chart\"><h3>Precision-recall curve (images)</h3>");
             svg_open(h, w, ht, "Precision-recall curve");
             frame(h, &x, &y, "Recall (defects found)", "Precision (flags that are real defects)", &fmt_tick);
-            let o = &input.overall;
+            let o = &input.overall.metrics;
             if o.n_good + o.n_defect > 0 {
                 let base = o.n_defect as f64 / (o.n_good + o.n_defect) as f64;
                 let _ = write!(
@@ -1229,8 +1217,7 @@ mod tests {
     use super::*;
 
     fn row(name: &str, n_good: usize, n_defect: usize, v: f64) -> MetricRow {
-        MetricRow {
-            name: name.into(),
+        let metrics = Metrics {
             n_good,
             n_defect,
             image_auroc: Some(v),
@@ -1239,7 +1226,8 @@ mod tests {
             threshold: Some(1.234567),
             pixel_auroc: Some(0.9712),
             aupro: Some(0.8888),
-        }
+        };
+        MetricRow { name: name.into(), metrics }
     }
 
     fn scored(path: &str, t: &str, score: f64) -> ScoredImage {
@@ -1356,7 +1344,8 @@ mod tests {
 
     #[test]
     fn no_defects_gives_only_the_good_histogram_and_reasons() {
-        let good_row = MetricRow { name: "all".into(), n_good: 3, n_defect: 0, ..Default::default() };
+        let metrics = Metrics { n_good: 3, n_defect: 0, ..Default::default() };
+        let good_row = MetricRow { name: "all".into(), metrics };
         let input = ReportInput {
             title: "good only".into(),
             overall: good_row,
@@ -1385,10 +1374,7 @@ mod tests {
         let input = ReportInput {
             overall: MetricRow {
                 name: "all".into(),
-                n_good: 2,
-                n_defect: 2,
-                image_auroc: Some(f64::NAN),
-                ..Default::default()
+                metrics: Metrics { n_good: 2, n_defect: 2, image_auroc: Some(f64::NAN), ..Default::default() },
             },
             roc: Some(Curve { x: vec![0.0, 1.0], y: vec![0.0] }),
             pr: Some(Curve { x: vec![f64::NAN, 0.5], y: vec![1.0, 1.0] }),
