@@ -1,5 +1,5 @@
-"""One table: csflow against PyTorch and OpenVINO on the same workloads, same thread count, each run in a fresh
-process (medians; peak resident memory of that process from wait4). Run from the repository root after
+"""One table: csflow against PyTorch and OpenVINO (its default precision, and f32) on the same workloads, same
+thread count, each run in a fresh process (medians; peak resident memory of that process from wait4). Run from the repository root after
 scripts/setup.sh, with a Python that has torch, efficientnet_pytorch, efficientnet-lite-pytorch, openvino, onnx:
 
     python bench/compare.py [--quick] [--rounds N]
