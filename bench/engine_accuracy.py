@@ -15,15 +15,14 @@ import tempfile
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from safetensors import safe_open
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference"))
 import csflow_ref as ref  # noqa: E402
+from modules import FlowZ, Tap, pyramid, score  # noqa: E402
 
 torch.set_num_threads(int(os.environ.get("THREADS", "2")))
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 model_path, folder = sys.argv[1], sys.argv[2]
 given = {}
 for arg in sys.argv[3:]:
@@ -46,71 +45,36 @@ flow = ref.Flow(fc["channels"], fc["hidden"], tuple(fc["kernel_sizes"])).eval()
 flow.load_state_dict({k: v for k, v in tensors.items() if k.startswith("module_list.")}, strict=True)
 
 
-class Tap(torch.nn.Module):
-    """Lite0 up to the model's feature block (ReLU6 stem, as the lite variant)."""
-
-    def __init__(self):
-        super().__init__()
-        self.net = net.eval()
-
-    def forward(self, x):
-        y = F.relu6(self.net._bn0(self.net._conv_stem(x)))
-        for i, b in enumerate(self.net._blocks):
-            y = b(y)
-            if i == bb["block"]:
-                break
-        return y
-
-
-class FlowZ(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, a, b, c):
-        z, _ = self.flow([a, b, c])
-        return z[0], z[1], z[2]
-
-
 h, w = bb["input_size"]
-tap, fz = Tap(), FlowZ()
-
-
-def pyramid(path):
-    img = Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR)
-    x = (np.asarray(img, np.float32) / 255 - MEAN) / STD
-    x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
-    return [x] + [F.interpolate(x, scale_factor=0.5 ** s, mode="nearest") for s in (1, 2)]
+tap, fz = Tap(net, bb["block"], True), FlowZ(flow)
 
 
 def torch_score(pyr):
     with torch.no_grad():
-        z = fz(*[tap(p) for p in pyr])
-    return float(torch.cat([t.reshape(1, -1) for t in z], 1).pow(2).mean() / 2)
+        return score(fz(*[tap(p) for p in pyr]))
 
 
 def openvino_runner(hint):
     """Exports copies: tracing left the modules themselves computing other values afterwards."""
     import openvino as ov
-    tap, fz = copy.deepcopy(Tap()), copy.deepcopy(FlowZ())
+    tap_c, fz_c = copy.deepcopy(tap), copy.deepcopy(fz)
     core = ov.Core()
     cfg = {} if hint is None else {"INFERENCE_PRECISION_HINT": hint}
     nets = []
     with tempfile.TemporaryDirectory() as d:
         for s in range(3):
             path = os.path.join(d, f"tap{s}.onnx")
-            torch.onnx.export(tap, (torch.zeros(1, 3, h >> s, w >> s),), path, dynamo=False, opset_version=17)
+            torch.onnx.export(tap_c, (torch.zeros(1, 3, h >> s, w >> s),), path, dynamo=False, opset_version=17)
             nets.append(core.compile_model(path, "CPU", cfg))
-        shapes = [tuple(tap(torch.zeros(1, 3, h >> s, w >> s)).shape) for s in range(3)]
+        shapes = [tuple(tap_c(torch.zeros(1, 3, h >> s, w >> s)).shape) for s in range(3)]
         path = os.path.join(d, "flow.onnx")
-        torch.onnx.export(fz, tuple(torch.zeros(s) for s in shapes), path, dynamo=False, opset_version=17)
+        torch.onnx.export(fz_c, tuple(torch.zeros(s) for s in shapes), path, dynamo=False, opset_version=17)
         flow_c = core.compile_model(path, "CPU", cfg)
     precision = flow_c.get_property("INFERENCE_PRECISION_HINT")
 
     def run(pyr):
         feats = [list(n([p.numpy()]).values())[0] for n, p in zip(nets, pyr)]
-        z = list(flow_c(feats).values())
-        return float(np.concatenate([t.reshape(1, -1) for t in z], 1).astype(np.float64).__pow__(2).mean() / 2)
+        return score(flow_c(feats).values())
     return run, precision.get_type_name()
 
 
@@ -133,7 +97,7 @@ def auroc(scores):
 
 scores = {name: [] for name in ["pytorch f32"] + list(given) + list(engines)}
 for path in images:
-    pyr = pyramid(path)
+    pyr = pyramid(Image.open(path).convert("RGB"), h, w)
     scores["pytorch f32"].append(torch_score(pyr))
     for label, by_path in given.items():
         scores[label].append(by_path.get(os.path.abspath(path), float("nan")))

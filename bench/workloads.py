@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "reference"))
 import csflow_ref as ref  # noqa: E402
+from modules import FlowZ, Tap, pyramid, score  # noqa: E402
 
 engine, workload = sys.argv[1], sys.argv[2]
 reps = int(sys.argv[3]) if len(sys.argv) > 3 else 3
@@ -29,7 +30,6 @@ LITE0 = os.path.join(os.path.dirname(__file__), "..", "assets", "efficientnet-li
 threads = int(os.environ.get("THREADS", "2"))
 torch.set_num_threads(threads)
 torch.manual_seed(0)
-MEAN, STD = np.array([0.485, 0.456, 0.406], np.float32), np.array([0.229, 0.224, 0.225], np.float32)
 
 
 def timed(f):
@@ -52,36 +52,6 @@ def make_flow(c, hidden):
             if "gamma" in n:
                 p.fill_(0.1)
     return flow
-
-
-class FlowZ(torch.nn.Module):
-    """The flow with three tensor inputs and the latents out (what ONNX exports)."""
-
-    def __init__(self, flow):
-        super().__init__()
-        self.flow = flow
-
-    def forward(self, a, b, c):
-        z, _ = self.flow([a, b, c])
-        return z[0], z[1], z[2]
-
-
-class Tap(torch.nn.Module):
-    """EfficientNet up to its feature block (eval: BatchNorm uses running statistics)."""
-
-    def __init__(self, net, block, lite):
-        super().__init__()
-        self.net, self.block, self.lite = net.eval(), block, lite
-
-    def forward(self, x):
-        n = self.net
-        y = n._bn0(n._conv_stem(x))
-        y = F.relu6(y) if self.lite else n._swish(y)
-        for i, b in enumerate(n._blocks):
-            y = b(y)
-            if i == self.block:
-                break
-        return y
 
 
 def backbone(name):
@@ -150,14 +120,10 @@ def predict_workload():
     def run():
         img = Image.open(image).convert("RGB")
         w, h = img.size
-        x = (np.asarray(img.resize((256, 256), Image.BILINEAR), np.float32) / 255 - MEAN) / STD
-        x = torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)[None]))
-        pyr = [x] + [F.interpolate(x, scale_factor=0.5 ** s, mode="nearest") for s in (1, 2)]
-        feats = [r(p.numpy())[0] for r, p in zip(nets, pyr)]
+        feats = [r(p.numpy())[0] for r, p in zip(nets, pyramid(img, 256, 256))]
         z = [torch.from_numpy(t) for t in fz(*feats)]
-        score = float(torch.cat([t.reshape(1, -1) for t in z], 1).pow(2).mean() / 2)
         m = F.interpolate(z[0].pow(2).mean(1, keepdim=True), size=(h, w), mode="bilinear", align_corners=False)
-        return score, m
+        return score(z), m
     return timed(run)
 
 
