@@ -599,7 +599,7 @@ fn per_type_table(h: &mut String, input: &ReportInput, ctx: &Context) {
          <th>F1-max</th><th>F1<br>threshold</th><th>Pixel<br>AUROC</th><th>AUPRO</th><th>Detected at<br>threshold</th></tr>\n",
     );
     let row = |h: &mut String, r: &MetricRow, is_all: bool| {
-        let m = input.has_masks;
+        let (m, v) = (input.has_masks, &r.metrics);
         let detected = match ctx.detected(&r.name, is_all) {
             Some((k, n)) => fmt_count(k, n),
             None if ctx.threshold.is_none() => missing("no threshold"),
@@ -612,14 +612,14 @@ fn per_type_table(h: &mut String, input: &ReportInput, ctx: &Context) {
              <td>{}</td></tr>",
             if is_all { " class=\"total\"" } else { "" },
             if is_all { "all".into() } else { esc(&r.name) },
-            r.metrics.n_good,
-            r.metrics.n_defect,
-            metric_cell(&r.metrics, r.metrics.image_auroc, Kind::Image, m, fmt_metric),
-            metric_cell(&r.metrics, r.metrics.image_ap, Kind::Image, m, fmt_metric),
-            metric_cell(&r.metrics, r.metrics.image_f1_max, Kind::Image, m, fmt_metric),
-            metric_cell(&r.metrics, r.metrics.threshold, Kind::Image, m, fmt_num),
-            metric_cell(&r.metrics, r.metrics.pixel_auroc, Kind::Pixel, m, fmt_metric),
-            metric_cell(&r.metrics, r.metrics.aupro, Kind::Pixel, m, fmt_metric),
+            v.n_good,
+            v.n_defect,
+            metric_cell(v, v.image_auroc, Kind::Image, m, fmt_metric),
+            metric_cell(v, v.image_ap, Kind::Image, m, fmt_metric),
+            metric_cell(v, v.image_f1_max, Kind::Image, m, fmt_metric),
+            metric_cell(v, v.threshold, Kind::Image, m, fmt_num),
+            metric_cell(v, v.pixel_auroc, Kind::Pixel, m, fmt_metric),
+            metric_cell(v, v.aupro, Kind::Pixel, m, fmt_metric),
             detected
         );
     };
