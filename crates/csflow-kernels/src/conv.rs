@@ -41,6 +41,27 @@ impl Geom {
         Ok(Self { cin, h, w: wd, cout, kh, kw, stride, pad, ho, wo })
     }
 
+    /// An inference convolution of a square weight `[O, C, k, k]` (padding k / 2) over x `dims`: its geometry,
+    /// samples, output pixels per sample and output shape.
+    pub(crate) fn square(
+        dims: &[usize],
+        [cout, cin, k]: [usize; 3],
+        stride: usize,
+    ) -> Result<(Self, usize, usize, Shape)> {
+        let g = Self::new(dims, &[cout, cin, k, k], stride, k / 2)?;
+        let (n, hw) = (dims[0], g.hw_out());
+        Ok((g, n, hw, Shape::from((n, cout, g.ho, g.wo))))
+    }
+
+    /// im2col of n samples into a new buffer ([`Geom::im2col`], ld = n·Ho·Wo), with `extra` zeros after it.
+    pub(crate) fn columns(&self, x: &[f32], n: usize, extra: usize) -> Vec<f32> {
+        let (rows, ld) = (self.k(), n * self.hw_out());
+        let mut cols = crate::uninit(rows * ld + extra);
+        cols[rows * ld..].fill(0.0);
+        self.im2col(x, &mut cols[..rows * ld], ld);
+        cols
+    }
+
     /// Rows of the column matrix: Cin * kh * kw.
     pub(crate) fn k(&self) -> usize {
         self.cin * self.kh * self.kw
@@ -367,6 +388,21 @@ impl CustomOp2 for ConvWeightGrad {
         }
         Ok((CpuStorage::F32(out), Shape::from((cout, cin, self.kh, self.kw))))
     }
+}
+
+/// A square inference weight `[O, C, k, k]` and its bias `[O]`: the sizes (O, C, k) and the weight's values,
+/// or an error naming `op` and what does not fit.
+pub(crate) fn square_weight(op: &str, weight: &Tensor, bias: &Tensor) -> Result<([usize; 3], Vec<f32>)> {
+    let &[cout, cin, k, kw] = weight.dims() else {
+        candle_core::bail!("{op}: weight must be [O, C, k, k], got {:?}", weight.dims());
+    };
+    if k != kw || cin == 0 || k == 0 {
+        candle_core::bail!("{op}: weight {:?} is not a square kernel over some channels", weight.dims());
+    }
+    if bias.dims() != [cout] {
+        candle_core::bail!("{op}: bias {:?} for {cout} output channels", bias.dims());
+    }
+    Ok(([cout, cin, k], weight.flatten_all()?.to_vec1()?))
 }
 
 /// `F.conv2d(x, w, b, stride, padding=pad)` for f32 tensors: x `[N, C, H, W]`, w `[O, C, kh, kw]`, b `[O]`.

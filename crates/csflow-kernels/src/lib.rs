@@ -23,6 +23,7 @@
 mod activation;
 mod affine;
 mod atan;
+mod bf16conv;
 mod bilinear;
 mod conv;
 mod depthwise;
@@ -41,6 +42,7 @@ mod winograd;
 pub use activation::Activation;
 pub use affine::{soft_affine, SOFT_CLAMP_SLOPE};
 pub use atan::atan;
+pub use bf16conv::{conv_bf16, Bf16Weights};
 pub use bilinear::{bilinear_resize, bilinear_up2};
 pub use conv::{conv2d, conv2d_act};
 pub use depthwise::{depthwise_conv2d, DepthwiseWeights, Padding};

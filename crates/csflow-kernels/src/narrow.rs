@@ -41,16 +41,7 @@ impl NarrowWeights {
     /// error at most 2^-11 from 6.1e-5 to 65504; smaller weights lose precision gradually and those below
     /// 3e-8 become 0, an absolute error no sum notices).
     pub fn new(weight: &Tensor, bias: &Tensor, half: bool) -> Result<Self> {
-        let &[cout, cin, k, kw] = weight.dims() else {
-            candle_core::bail!("narrow conv: weight must be [O, C, k, k], got {:?}", weight.dims());
-        };
-        if k != kw || cin == 0 || k == 0 {
-            candle_core::bail!("narrow conv: weight {:?} is not a square kernel over some channels", weight.dims());
-        }
-        if bias.dims() != [cout] {
-            candle_core::bail!("narrow conv: bias {:?} for {cout} output channels", bias.dims());
-        }
-        let w: Vec<f32> = weight.flatten_all()?.to_vec1()?;
+        let ([cout, cin, k], w) = crate::conv::square_weight("narrow conv", weight, bias)?;
         let kdim = cin * k * k;
         let panels = cout.div_ceil(CH);
         let mut packed = vec![0f32; panels * kdim * CH];
@@ -103,16 +94,13 @@ impl CustomOp1 for Narrow<'_> {
     fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
         let x = f32_slice(xs, xl, self.name())?;
         let w = self.w;
-        let g = Geom::new(xl.dims(), &[w.cout, w.cin, w.k, w.k], self.stride, w.k / 2)?;
-        let (n, hw) = (xl.dims()[0], g.hw_out());
-        let shape = Shape::from((n, w.cout, g.ho, g.wo));
-        let (cols_n, kdim) = (n * hw, g.k());
+        let (g, n, hw, shape) = Geom::square(xl.dims(), [w.cout, w.cin, w.k], self.stride)?;
+        let cols_n = n * hw;
         let mut out = crate::uninit(n * w.cout * hw);
         if cols_n == 0 || w.cout == 0 {
             return Ok((CpuStorage::F32(out), shape));
         }
-        let mut cols = vec![0f32; kdim * cols_n + OVERREAD];
-        g.im2col(x, &mut cols[..kdim * cols_n], cols_n);
+        let cols = g.columns(x, n, OVERREAD);
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx2_fma() && std::is_x86_feature_detected!("f16c") {
             let at = |j: usize, o: usize| ((j / hw) * w.cout + o) * hw + j % hw;

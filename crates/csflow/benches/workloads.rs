@@ -26,8 +26,8 @@ use csflow::io::ModelMeta;
 use csflow::score::MapMode;
 use csflow::train::{TrainConfig, Trainer};
 use csflow_kernels::{
-    conv2d_act, conv_narrow, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, NarrowWeights, Padding,
-    PointwiseWeights, Precision, WinogradWeights,
+    conv2d_act, conv_bf16, conv_narrow, conv_winograd, depthwise_conv2d, pointwise_conv, Activation, Bf16Weights,
+    NarrowWeights, Padding, PointwiseWeights, Precision, WinogradWeights,
 };
 
 /// The median; with `BENCH_DIST` set, the deciles on stderr too (this VM's times are often bimodal).
@@ -347,6 +347,13 @@ fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
                 });
                 line += &format!(" | narrow{} {:>7.3} ms", if half { " f16" } else { "" }, narrow * 1e3);
             }
+            if Precision::Bf16.supported() {
+                let bws: Vec<_> = ws.iter().map(|w| Bf16Weights::new(w, &b).unwrap()).collect();
+                let t = min(&mut |i| {
+                    conv_bf16(&x, &bws[i % copies], stride, Activation::Identity).unwrap();
+                });
+                line += &format!(" | bf16 {:>7.3} ms", t * 1e3);
+            }
             if stride == 1 {
                 let us: Vec<_> = ws.iter().map(|w| WinogradWeights::new(w).unwrap().unwrap()).collect();
                 let wino = min(&mut |i| {
@@ -360,6 +367,14 @@ fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
                     conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
                 });
                 line += &format!(" | kept plain {:>7.3} ms", kept * 1e3);
+                if WinogradWeights::plain_in_bf16(k, Precision::Bf16) {
+                    let us: Vec<_> =
+                        ws.iter().map(|w| WinogradWeights::plain(w, Precision::Bf16).unwrap().unwrap()).collect();
+                    let t = min(&mut |i| {
+                        conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
+                    });
+                    line += &format!(" | winograd bf16 {:>7.3} ms", t * 1e3);
+                }
             }
             eprintln!("{line}");
             total += best * (count * subnets) as f64;
