@@ -285,6 +285,11 @@ pub(crate) mod x86 {
     /// a packed block together (whole panels, at least one): both stay in a 512 KB L2. Without the panel
     /// groups, B5's 176x1056 projections streamed 743 KB of weights through L2 for every strip.
     const PACK_BYTES: usize = 128 * 1024;
+    /// Strips per packed block at most. The packing writes each input row's pieces one strip (kc·64 bytes)
+    /// apart, and with few input channels 128 KB held up to 128 strips: those scattered stores missed L1 and
+    /// the packing waited on them (Lite0's first block, 32 -> 16 channels on 128x128, one thread: the product
+    /// alone 0.29 -> 0.17 ms, the block in the network 390 -> 315 us; wider layers' blocks hold fewer strips).
+    const MAX_STRIPS: usize = 16;
     const PANEL_BYTES: usize = 192 * 1024;
     const GROUP_PANELS: usize = 8;
     /// Input channels per pass: wider layers (B5's 768-1824) are summed in slices, partial sums kept in
@@ -339,7 +344,7 @@ pub(crate) mod x86 {
         let mut packed = PACKED.take();
         for k0 in (0..c).step_by(KC) {
             let kc = KC.min(c - k0);
-            let mut per_block = (PACK_BYTES / (kc * NR * 4)).clamp(1, strips);
+            let mut per_block = (PACK_BYTES / (kc * NR * 4)).clamp(1, strips.min(MAX_STRIPS));
             if WIDE && per_block > 1 {
                 per_block &= !1;
             }
@@ -485,8 +490,9 @@ mod tests {
 
     /// Against direct f64 sums, through the op and each product the CPU has: channel counts with a partial
     /// last panel, maps with whole strips, a partial strip wider and narrower than 8, one pixel, 65 columns
-    /// (two pairs of strips and one column); batch 2 (per-sample offsets); 520 input channels (three slices
-    /// of the channel sum); with and without a residual and input-channel scale; every activation.
+    /// (two pairs of strips and one column), 620 columns (packed blocks of `MAX_STRIPS` and a partial one);
+    /// batch 2 (per-sample offsets); 520 input channels (three slices of the channel sum); with and without a
+    /// residual and input-channel scale; every activation.
     #[test]
     fn matches_direct_sums() {
         let dev = Device::Cpu;
@@ -497,6 +503,7 @@ mod tests {
             (1, 40, 20, 3, 5),
             (1, 520, 13, 3, 6),
             (1, 7, 9, 5, 13),
+            (1, 6, 9, 20, 31),
         ] {
             let hw = h * wd;
             let (xv, wv, bv, rv) = (data(n * c * hw, 1), data(o * c, 2), data(o, 3), data(n * o * hw, 4));

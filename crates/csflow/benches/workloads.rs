@@ -232,6 +232,7 @@ fn main() {
 fn pointwise(reps: usize) -> f64 {
     let dev = Device::Cpu;
     let shapes = [
+        (16, 32, 16384),
         (96, 16, 16384),
         (24, 96, 4096),
         (144, 24, 4096),
