@@ -21,8 +21,18 @@ pub(crate) trait Simd: Copy {
     unsafe fn load_half(p: *const u16) -> Self;
     unsafe fn splat(v: f32) -> Self;
     unsafe fn add(self, o: Self) -> Self;
+    unsafe fn sub(self, o: Self) -> Self;
+    unsafe fn mul(self, o: Self) -> Self;
+    unsafe fn div(self, o: Self) -> Self;
     /// `a * b + self`.
     unsafe fn fmadd(self, a: Self, b: Self) -> Self;
+    /// `self - a * b`.
+    unsafe fn fnmadd(self, a: Self, b: Self) -> Self;
+    /// Clamped to [lo, hi], NaN kept (as `f32::clamp`).
+    unsafe fn clamp(self, lo: f32, hi: f32) -> Self;
+    /// 2^n for lanes holding `round + n` (an integer n added to `round`, whose bits are `round_bits`): n from
+    /// the low mantissa bits, put in the exponent.
+    unsafe fn pow2(self, round_bits: i32) -> Self;
     /// Clamped to [0, 6].
     unsafe fn relu6(self) -> Self;
     /// `slope *` the lanes not above zero.
@@ -68,8 +78,40 @@ impl Simd for __m256 {
     }
 
     #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        _mm256_sub_ps(self, o)
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        _mm256_mul_ps(self, o)
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        _mm256_div_ps(self, o)
+    }
+
+    #[inline(always)]
     unsafe fn fmadd(self, a: Self, b: Self) -> Self {
         _mm256_fmadd_ps(a, b, self)
+    }
+
+    #[inline(always)]
+    unsafe fn fnmadd(self, a: Self, b: Self) -> Self {
+        _mm256_fnmadd_ps(a, b, self)
+    }
+
+    #[inline(always)]
+    unsafe fn clamp(self, lo: f32, hi: f32) -> Self {
+        // max/min return their second operand where either is NaN.
+        _mm256_min_ps(_mm256_set1_ps(hi), _mm256_max_ps(_mm256_set1_ps(lo), self))
+    }
+
+    #[inline(always)]
+    unsafe fn pow2(self, round_bits: i32) -> Self {
+        let n = _mm256_sub_epi32(_mm256_castps_si256(self), _mm256_set1_epi32(round_bits - 127));
+        _mm256_castsi256_ps(_mm256_slli_epi32::<23>(n))
     }
 
     #[inline(always)]
@@ -127,8 +169,40 @@ impl Simd for __m512 {
     }
 
     #[inline(always)]
+    unsafe fn sub(self, o: Self) -> Self {
+        _mm512_sub_ps(self, o)
+    }
+
+    #[inline(always)]
+    unsafe fn mul(self, o: Self) -> Self {
+        _mm512_mul_ps(self, o)
+    }
+
+    #[inline(always)]
+    unsafe fn div(self, o: Self) -> Self {
+        _mm512_div_ps(self, o)
+    }
+
+    #[inline(always)]
     unsafe fn fmadd(self, a: Self, b: Self) -> Self {
         _mm512_fmadd_ps(a, b, self)
+    }
+
+    #[inline(always)]
+    unsafe fn fnmadd(self, a: Self, b: Self) -> Self {
+        _mm512_fnmadd_ps(a, b, self)
+    }
+
+    #[inline(always)]
+    unsafe fn clamp(self, lo: f32, hi: f32) -> Self {
+        // max/min return their second operand where either is NaN.
+        _mm512_min_ps(_mm512_set1_ps(hi), _mm512_max_ps(_mm512_set1_ps(lo), self))
+    }
+
+    #[inline(always)]
+    unsafe fn pow2(self, round_bits: i32) -> Self {
+        let n = _mm512_sub_epi32(_mm512_castps_si512(self), _mm512_set1_epi32(round_bits - 127));
+        _mm512_castsi512_ps(_mm512_slli_epi32::<23>(n))
     }
 
     #[inline(always)]
