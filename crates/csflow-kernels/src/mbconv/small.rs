@@ -64,22 +64,25 @@ pub(super) mod x86 {
     trait Width {
         /// Pixels per product tile.
         const PX: usize;
+        /// Panels of output channels the projection takes at once (each pixel's broadcast input serves them
+        /// all).
+        const PANELS: usize;
         unsafe fn expand_convolve(
             blk: &InvertedResidual,
             expand: Option<&ChannelPanels>,
             d: Dims,
             xs: &[f32],
-            p: usize,
+            ps: std::ops::Range<usize>,
             expanded: &mut Vec<f32>,
             dst: (*mut f32, usize),
         );
         #[allow(clippy::too_many_arguments)]
-        unsafe fn project_panel(
+        unsafe fn project_panels(
             blk: &InvertedResidual,
             w: &ChannelPanels,
             d: Dims,
             src: (&[f32], usize),
-            q: usize,
+            qs: std::ops::Range<usize>,
             pixels: std::ops::Range<usize>,
             xs: &[f32],
             out: *mut f32,
@@ -90,14 +93,17 @@ pub(super) mod x86 {
     /// broadcast fill the 16 registers. Three vectors by four pixels needed one more: the spilled
     /// accumulator's chain through memory held the kernel to 42 GFLOPS.
     struct Avx2;
-    /// One AVX-512 vector a panel, tiles of twelve pixels.
+    /// One AVX-512 vector a panel, tiles of twelve pixels; the projection takes two panels at once (24
+    /// accumulators: one broadcast feeds two multiply-adds, where it fed one).
     struct Avx512;
 
-    /// [`Width`] for a vector type `$s`, `$v` of them a panel, tiles of `$px` pixels, compiled with `$features`.
+    /// [`Width`] for a vector type `$s`, `$v` of them a panel, tiles of `$px` pixels, `$q` panels at once in
+    /// the projection, compiled with `$features`.
     macro_rules! width {
-        ($name:ident, $s:ty, $v:literal, $px:literal, $features:literal) => {
+        ($name:ident, $s:ty, $v:literal, $px:literal, $q:literal, $features:literal) => {
             impl Width for $name {
                 const PX: usize = $px;
+                const PANELS: usize = $q;
 
                 #[target_feature(enable = $features)]
                 unsafe fn expand_convolve(
@@ -105,32 +111,45 @@ pub(super) mod x86 {
                     expand: Option<&ChannelPanels>,
                     d: Dims,
                     xs: &[f32],
-                    p: usize,
+                    ps: std::ops::Range<usize>,
                     expanded: &mut Vec<f32>,
                     dst: (*mut f32, usize),
                 ) {
-                    expand_convolve::<$s, $v, $px>(blk, expand, d, xs, p, expanded, dst)
+                    if ps.len() == $q {
+                        expand_convolve::<$s, $v, $px, $q>(blk, expand, d, xs, ps.start, expanded, dst)
+                    } else {
+                        for p in ps.clone() {
+                            let dst = (dst.0.add((p - ps.start) * CH), dst.1);
+                            expand_convolve::<$s, $v, $px, 1>(blk, expand, d, xs, p, expanded, dst)
+                        }
+                    }
                 }
 
                 #[target_feature(enable = $features)]
-                unsafe fn project_panel(
+                unsafe fn project_panels(
                     blk: &InvertedResidual,
                     w: &ChannelPanels,
                     d: Dims,
                     src: (&[f32], usize),
-                    q: usize,
+                    qs: std::ops::Range<usize>,
                     pixels: std::ops::Range<usize>,
                     xs: &[f32],
                     out: *mut f32,
                 ) {
-                    project_panel::<$s, $v, $px>(blk, w, d, src, q, pixels, xs, out)
+                    if qs.len() == $q {
+                        project_panels::<$s, $v, $px, $q>(blk, w, d, src, qs.start, pixels, xs, out)
+                    } else {
+                        for q in qs {
+                            project_panels::<$s, $v, $px, 1>(blk, w, d, src, q, pixels.clone(), xs, out)
+                        }
+                    }
                 }
             }
         };
     }
 
-    width!(Avx2, __m256, 2, 6, "avx2,fma");
-    width!(Avx512, __m512, 1, 12, "avx2,fma,avx512f,avx512bw,avx512vl");
+    width!(Avx2, __m256, 2, 6, 1, "avx2,fma");
+    width!(Avx512, __m512, 1, 12, 2, "avx2,fma,avx512f,avx512bw,avx512vl");
 
     unsafe fn run_with<W: Width>(blk: &InvertedResidual, d: Dims, x: &[f32], out: &mut [f32]) {
         let (hw, hwo) = (d.h * d.wd, d.ho * d.wo);
@@ -140,13 +159,14 @@ pub(super) mod x86 {
         // Every element is written by the first pass: each panel's task writes all CH lanes of its pixels.
         let mut convolved = crate::uninit(d.n * hwo * cpad);
         let conv = SendPtr(convolved.as_mut_ptr());
-        (0..d.n * panels).into_par_iter().for_each_init(Vec::new, |expanded, t| {
+        let tasks = panels.div_ceil(W::PANELS);
+        (0..d.n * tasks).into_par_iter().for_each_init(Vec::new, |expanded, t| {
             let conv = &conv;
-            let (s, p) = (t / panels, t % panels);
+            let (s, p) = (t / tasks, t % tasks * W::PANELS);
             let xs = &x[s * d.cin * hw..(s + 1) * d.cin * hw];
             let dst = (conv.0.add(s * hwo * cpad + p * CH), cpad);
-            // SAFETY: the CPU supports W's features; this task alone writes panel p's lanes of sample s.
-            unsafe { W::expand_convolve(blk, expand, d, xs, p, expanded, dst) };
+            // SAFETY: the CPU supports W's features; this task alone writes its panels' lanes of sample s.
+            unsafe { W::expand_convolve(blk, expand, d, xs, p..panels.min(p + W::PANELS), expanded, dst) };
         });
         let project = blk.project.channel_panels();
         let dst = SendPtr(out.as_mut_ptr());
@@ -164,20 +184,23 @@ pub(super) mod x86 {
             let xs = &x[s * d.cin * hw..(s + 1) * d.cin * hw];
             let src = &convolved[s * hwo * cpad..(s + 1) * hwo * cpad];
             let pixels = g * per_group..((g + 1) * per_group).min(hwo);
-            for q in c * per_chunk..((c + 1) * per_chunk).min(out_panels) {
+            let end = ((c + 1) * per_chunk).min(out_panels);
+            for q in (c * per_chunk..end).step_by(W::PANELS) {
                 // SAFETY: the CPU supports W's features; this task alone writes output channels q * CH.. of
                 // sample s at `pixels`.
                 unsafe {
-                    W::project_panel(blk, project, d, (src, cpad), q, pixels.clone(), xs, dst.0.add(s * d.cout * hwo))
+                    let out = dst.0.add(s * d.cout * hwo);
+                    W::project_panels(blk, project, d, (src, cpad), q..end.min(q + W::PANELS), pixels.clone(), xs, out)
                 };
             }
         });
     }
 
-    /// Panel `p` of one sample: the expansion of its channels into `expanded` ([pixel][CH]), then the depthwise
-    /// convolution of those into `dst` (pixel-major, `ld` apart). `V` vectors of `S` make a panel.
+    /// Panels `p..p + Q` of one sample: the expansion of their channels into `expanded` ([panel][pixel][CH]),
+    /// then the depthwise convolution of each into `dst` (pixel-major, `ld` apart). `V` vectors of `S` make a
+    /// panel.
     #[inline(always)]
-    unsafe fn expand_convolve<S: Simd, const V: usize, const PX: usize>(
+    unsafe fn expand_convolve<S: Simd, const V: usize, const PX: usize, const Q: usize>(
         blk: &InvertedResidual,
         expand: Option<&ChannelPanels>,
         d: Dims,
@@ -187,31 +210,50 @@ pub(super) mod x86 {
         (dst, ld): (*mut f32, usize),
     ) {
         let hw = d.h * d.wd;
-        let c0 = p * CH;
-        expanded.resize(hw * CH, 0.0);
+        expanded.resize(Q * hw * CH, 0.0);
         let e = expanded.as_mut_ptr();
         match expand {
             Some(w) => {
-                let (wp, bias) = (w.packed[p * w.cols * CH..].as_ptr(), load::<S, V>(w.bias[c0..].as_ptr()));
+                let wp = w.packed[p * w.cols * CH..].as_ptr();
                 for p0 in (0..hw).step_by(PX) {
                     let np = PX.min(hw - p0);
                     // Pixel q of channel k is xs[k * hw + q].
-                    let acc = product::<S, V, PX>(np, wp, w.cols, xs[p0..].as_ptr(), (1, hw));
+                    let acc = product::<S, V, PX, Q>(np, (wp, w.cols * CH), w.cols, xs[p0..].as_ptr(), (1, hw));
                     for (i, row) in acc.iter().enumerate().take(np) {
-                        let mut r = add(*row, bias);
-                        blk.act.apply_registers(&mut r);
-                        store(e.add((p0 + i) * CH), r);
+                        for (j, panel) in row.iter().enumerate() {
+                            let mut r = add(*panel, load::<S, V>(w.bias[(p + j) * CH..].as_ptr()));
+                            blk.act.apply_registers(&mut r);
+                            store(e.add((j * hw + p0 + i) * CH), r);
+                        }
                     }
                 }
             }
             None => {
-                for (i, lane) in expanded.chunks_exact_mut(CH).enumerate() {
-                    for (j, v) in lane.iter_mut().enumerate() {
-                        *v = if c0 + j < d.c { xs[(c0 + j) * hw + i] } else { 0.0 };
+                for (idx, lane) in expanded.chunks_exact_mut(CH).enumerate() {
+                    let (j, i) = (idx / hw, idx % hw);
+                    for (l, v) in lane.iter_mut().enumerate() {
+                        let c = (p + j) * CH + l;
+                        *v = if c < d.c { xs[c * hw + i] } else { 0.0 };
                     }
                 }
             }
         }
+        for j in 0..Q {
+            convolve_panel::<S, V>(blk, d, e.add(j * hw * CH), p + j, (dst.add(j * CH), ld));
+        }
+    }
+
+    /// The depthwise convolution of panel `p` (its expanded channels at `e`, [pixel][CH]) into `dst`
+    /// (pixel-major, `ld` apart).
+    #[inline(always)]
+    unsafe fn convolve_panel<S: Simd, const V: usize>(
+        blk: &InvertedResidual,
+        d: Dims,
+        e: *const f32,
+        p: usize,
+        (dst, ld): (*mut f32, usize),
+    ) {
+        let c0 = p * CH;
         let dw = blk.depthwise.channel_panels();
         let (taps, bias) = (dw.packed[p * dw.cols * CH..].as_ptr(), load::<S, V>(dw.bias[c0..].as_ptr()));
         let (k, s, pad) = (d.k as isize, blk.stride as isize, blk.pad);
@@ -272,11 +314,11 @@ pub(super) mod x86 {
     /// Output pixels of a row the depthwise convolution takes at once where their windows lie inside the map.
     const GROUP: usize = 4;
 
-    /// Output channels `q * CH..` at output pixels `pixels` of one sample from the depthwise output `src`
-    /// (pixel-major, `ld` apart), bias and skip added, written to `out` [cout, ho * wo].
+    /// Output channels `q * CH..` (`Q` panels) at output pixels `pixels` of one sample from the depthwise
+    /// output `src` (pixel-major, `ld` apart), bias and skip added, written to `out` [cout, ho * wo].
     #[allow(clippy::too_many_arguments)]
     #[inline(always)]
-    unsafe fn project_panel<S: Simd, const V: usize, const PX: usize>(
+    unsafe fn project_panels<S: Simd, const V: usize, const PX: usize, const Q: usize>(
         blk: &InvertedResidual,
         w: &ChannelPanels,
         d: Dims,
@@ -287,42 +329,45 @@ pub(super) mod x86 {
         out: *mut f32,
     ) {
         let hwo = d.ho * d.wo;
-        let (wp, bias) = (w.packed[q * w.cols * CH..].as_ptr(), load::<S, V>(w.bias[q * CH..].as_ptr()));
-        let rows = CH.min(d.cout - q * CH);
-        let mut tile = [[0f32; CH]; PX];
+        let wp = w.packed[q * w.cols * CH..].as_ptr();
+        let mut tile = [[[0f32; CH]; Q]; PX];
         for p0 in pixels.clone().step_by(PX) {
             let np = PX.min(pixels.end - p0);
             // Pixel i of channel k is src[i * ld + k].
-            let acc = product::<S, V, PX>(np, wp, w.cols, src[p0 * ld..].as_ptr(), (ld, 1));
+            let acc = product::<S, V, PX, Q>(np, (wp, w.cols * CH), w.cols, src[p0 * ld..].as_ptr(), (ld, 1));
             for (row, t) in acc.iter().zip(tile.iter_mut()).take(np) {
-                store(t.as_mut_ptr(), add(*row, bias));
+                for (j, (panel, t)) in row.iter().zip(t.iter_mut()).enumerate() {
+                    store(t.as_mut_ptr(), add(*panel, load::<S, V>(w.bias[(q + j) * CH..].as_ptr())));
+                }
             }
-            // Back to NCHW: a tile's CH x np values, scattered by channel.
-            for i in 0..rows {
-                let o = q * CH + i;
-                for (j, t) in tile.iter().enumerate().take(np) {
-                    let skip = if blk.skip { xs[o * hwo + p0 + j] } else { 0.0 };
-                    *out.add(o * hwo + p0 + j) = t[i] + skip;
+            // Back to NCHW: a tile's CH x np values per panel, scattered by channel.
+            for j in 0..Q {
+                for i in 0..CH.min(d.cout - (q + j) * CH) {
+                    let o = (q + j) * CH + i;
+                    for (p, t) in tile.iter().enumerate().take(np) {
+                        let skip = if blk.skip { xs[o * hwo + p0 + p] } else { 0.0 };
+                        *out.add(o * hwo + p0 + p) = t[j][i] + skip;
+                    }
                 }
             }
         }
     }
 
-    /// The products of `np` (1..=PX) pixels' inputs with a panel of weights `w` ([kdim][CH]): pixel i's k-th
-    /// input is x[i * strides.0 + k * strides.1]. Rows from np on are zero.
+    /// The products of `np` (1..=PX) pixels' inputs with `Q` panels of weights ([kdim][CH] each, `w.1`
+    /// apart from `w.0`): pixel i's k-th input is x[i * strides.0 + k * strides.1]. Rows from np on are zero.
     #[inline(always)]
-    unsafe fn product<S: Simd, const V: usize, const PX: usize>(
+    unsafe fn product<S: Simd, const V: usize, const PX: usize, const Q: usize>(
         np: usize,
-        w: *const f32,
+        w: (*const f32, usize),
         kdim: usize,
         x: *const f32,
         strides: (usize, usize),
-    ) -> [[S; V]; PX] {
+    ) -> [[[S; V]; Q]; PX] {
         macro_rules! by_pixels {
             ($($p:literal)*) => {
                 match np {
-                    $($p => product_of::<S, V, PX, $p>(w, kdim, x, strides),)*
-                    _ => product_of::<S, V, PX, PX>(w, kdim, x, strides),
+                    $($p => product_of::<S, V, PX, $p, Q>(w, kdim, x, strides),)*
+                    _ => product_of::<S, V, PX, PX, Q>(w, kdim, x, strides),
                 }
             };
         }
@@ -330,29 +375,39 @@ pub(super) mod x86 {
     }
 
     #[inline(always)]
-    unsafe fn product_of<S: Simd, const V: usize, const PX: usize, const P: usize>(
-        w: *const f32,
+    unsafe fn product_of<S: Simd, const V: usize, const PX: usize, const P: usize, const Q: usize>(
+        (w, panel_step): (*const f32, usize),
         kdim: usize,
         x: *const f32,
         (sp, sk): (usize, usize),
-    ) -> [[S; V]; PX] {
-        let mut acc = [[S::splat(0.0); V]; PX];
+    ) -> [[[S; V]; Q]; PX] {
+        let mut acc = [[[S::splat(0.0); V]; Q]; PX];
+        let mut wv = [[S::splat(0.0); V]; Q];
         for k in 0..kdim {
-            let wv = load::<S, V>(w.add(k * CH));
+            for (j, wv) in wv.iter_mut().enumerate() {
+                *wv = load::<S, V>(w.add(j * panel_step + k * CH));
+            }
             for (i, row) in acc.iter_mut().enumerate().take(P) {
                 let xb = S::splat(*x.add(i * sp + k * sk));
-                for (a, wv) in row.iter_mut().zip(&wv) {
-                    *a = a.fmadd(xb, *wv);
+                for (panel, wv) in row.iter_mut().zip(&wv) {
+                    for (a, wv) in panel.iter_mut().zip(wv) {
+                        *a = a.fmadd(xb, *wv);
+                    }
                 }
             }
         }
         acc
     }
 
-    /// A panel's CH values at p.
+    /// A panel's CH values at p (a loop, not `array::from_fn`: intrinsics in a closure left out of line
+    /// stay calls).
     #[inline(always)]
     unsafe fn load<S: Simd, const V: usize>(p: *const f32) -> [S; V] {
-        std::array::from_fn(|j| S::load::<false>(p.add(S::LANES * j), S::first(S::LANES)))
+        let mut v = [S::splat(0.0); V];
+        for (j, v) in v.iter_mut().enumerate() {
+            *v = S::load::<false>(p.add(S::LANES * j), S::first(S::LANES));
+        }
+        v
     }
 
     #[inline(always)]
