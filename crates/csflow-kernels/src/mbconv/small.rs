@@ -64,8 +64,8 @@ pub(super) mod x86 {
     trait Width {
         /// Pixels per product tile.
         const PX: usize;
-        /// Panels of output channels the projection takes at once (each pixel's broadcast input serves them
-        /// all).
+        /// Panels of output channels the expansion and the projection take at once (each pixel's broadcast
+        /// input serves them all).
         const PANELS: usize;
         unsafe fn expand_convolve(
             blk: &InvertedResidual,
@@ -93,8 +93,8 @@ pub(super) mod x86 {
     /// broadcast fill the 16 registers. Three vectors by four pixels needed one more: the spilled
     /// accumulator's chain through memory held the kernel to 42 GFLOPS.
     struct Avx2;
-    /// One AVX-512 vector a panel, tiles of twelve pixels; the projection takes two panels at once (24
-    /// accumulators: one broadcast feeds two multiply-adds, where it fed one).
+    /// One AVX-512 vector a panel, tiles of twelve pixels; the expansion and the projection take two panels
+    /// at once (24 accumulators: one broadcast feeds two multiply-adds, where it fed one).
     struct Avx512;
 
     /// [`Width`] for a vector type `$s`, `$v` of them a panel, tiles of `$px` pixels, `$q` panels at once in
