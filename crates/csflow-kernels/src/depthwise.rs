@@ -125,6 +125,7 @@ impl CustomOp3 for Depthwise {
         let (ho, wo) = p.output_size("depthwise conv", h, wd, kh, kw, s)?;
         let phased = Phased::new(s, p, wd, h + p.top + p.bottom);
         let taps = phased.taps(kh, kw);
+        let grid = grid_of(&taps, phased.row_step());
         let act = self.act;
         let mut out = crate::uninit(n * c * ho * wo);
         out.par_chunks_mut(ho * wo).enumerate().for_each_init(
@@ -135,7 +136,7 @@ impl CustomOp3 for Depthwise {
                 let src = &x[plane_idx * h * wd..(plane_idx + 1) * h * wd];
                 phased.fill(buf, src, wd, p.top);
                 let filt = &w[ch * kh * kw..(ch + 1) * kh * kw];
-                let plane = Plane { buf, taps: &taps, filt, row_step: phased.row_step() };
+                let plane = Plane { buf, taps: &taps, filt, row_step: phased.row_step(), grid };
                 plane.convolve(b[ch], act, wo, o);
             },
         );
@@ -255,20 +256,22 @@ pub(crate) struct Plane<'a> {
     pub(crate) filt: &'a [f32],
     /// Offset between consecutive output rows' windows.
     pub(crate) row_step: usize,
+    /// [`grid_of`] the taps and row step.
+    pub(crate) grid: Option<(usize, usize, usize)>,
+}
+
+/// (k, stride, plane row length) where `taps` are a k x k kernel's at `stride` on a plane of `stride` column
+/// phases ([`Phased::taps`]) whose output rows are `row_step` apart; None for any other list of taps. Found
+/// once per layer (per channel and band it took 2-5 % of a block).
+pub(crate) fn grid_of(taps: &[usize], row_step: usize) -> Option<(usize, usize, usize)> {
+    let k = (1..=7).find(|k| k * k == taps.len())?;
+    let pws = if k > 1 { taps[k].checked_sub(taps[0])? } else { return None };
+    let s = row_step.checked_div(pws)?;
+    let fits = s * pws == row_step && taps.iter().enumerate().all(|(t, &off)| taps[t % k] + (t / k) * pws == off);
+    fits.then_some((k, s, pws))
 }
 
 impl Plane<'_> {
-    /// (k, stride, plane row length) where the taps are a k x k kernel's at `stride` on a plane of `stride`
-    /// column phases ([`Phased::taps`]); None for any other list of taps.
-    fn grid(&self) -> Option<(usize, usize, usize)> {
-        let k = (1..=7).find(|k| k * k == self.taps.len())?;
-        let pws = if k > 1 { self.taps[k].checked_sub(self.taps[0])? } else { return None };
-        let s = self.row_step.checked_div(pws)?;
-        let fits = s * pws == self.row_step
-            && self.taps.iter().enumerate().all(|(t, &off)| self.taps[t % k] + (t / k) * pws == off);
-        fits.then_some((k, s, pws))
-    }
-
     /// The outputs' rows (`wo` each, as many as `out` holds), biased and activated.
     pub(crate) fn convolve(&self, bias: f32, act: Activation, wo: usize, out: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
@@ -392,7 +395,7 @@ mod x86 {
         let max_tap = plane.taps.iter().copied().max().unwrap_or(0);
         assert!(rows == 0 || (rows - 1) * plane.row_step + last_x0 + max_tap + last_read <= plane.buf.len());
         assert_eq!(plane.taps.len(), plane.filt.len());
-        match plane.grid() {
+        match plane.grid {
             Some((3, 1, pws)) => rows_with::<S, Grid<3, 1>>(plane, bias, act, wo, out, pws),
             Some((3, 2, pws)) => rows_with::<S, Grid<3, 2>>(plane, bias, act, wo, out, pws),
             Some((5, 1, pws)) => rows_with::<S, Grid<5, 1>>(plane, bias, act, wo, out, pws),
@@ -586,8 +589,9 @@ mod tests {
         }
     }
 
-    /// Each kernel this CPU has (AVX2, AVX-512) gives the portable path's values on one plane: rows in groups
-    /// of four and alone, blocks of one and two vectors, partial ones, a last block exactly one vector wide.
+    /// Each kernel this CPU has (AVX2, AVX-512) gives the portable path's values on one plane, summing column
+    /// by column of the kernel and tap by tap: rows in groups of four and alone, blocks of one and two
+    /// vectors, partial ones, a last block exactly one vector wide.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn kernels_match_the_portable_path() {
@@ -595,30 +599,47 @@ mod tests {
         let filt = data(taps.len(), 2);
         for (rows, wo) in [(6usize, 70usize), (5, 20), (1, 9), (4, 33), (3, 48), (4, 16)] {
             let buf = data(rows * row_step + 152 + SLACK, 1);
-            let plane = Plane { buf: &buf, taps: &taps, filt: &filt, row_step };
-            for act in [Activation::Identity, Activation::Swish, Activation::Relu6, Activation::LeakyRelu(0.1)] {
-                let mut want = vec![f32::NAN; rows * wo];
-                plane.convolve_lanes(0.25, act, wo, &mut want);
-                let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
-                if crate::has_avx2_fma() {
-                    let mut out = vec![f32::NAN; rows * wo];
-                    // SAFETY: AVX2 and FMA checked.
-                    unsafe { x86::convolve256(&plane, 0.25, act, wo, &mut out) };
-                    paths.push(("avx2", out));
-                }
-                if crate::has_avx512() {
-                    let mut out = vec![f32::NAN; rows * wo];
-                    // SAFETY: AVX-512 checked.
-                    unsafe { x86::convolve512(&plane, 0.25, act, wo, &mut out) };
-                    paths.push(("avx512", out));
-                }
-                for (what, got) in paths {
-                    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert!((g - w).abs() < 1e-5, "{what} {rows}x{wo} {act:?} [{i}]: {g} vs {w}");
+            assert_eq!(grid_of(&taps, row_step), Some((3, 1, 75)));
+            // Column by column of the kernel, and tap by tap.
+            for grid in [grid_of(&taps, row_step), None] {
+                let plane = Plane { buf: &buf, taps: &taps, filt: &filt, row_step, grid };
+                for act in [Activation::Identity, Activation::Swish, Activation::Relu6, Activation::LeakyRelu(0.1)] {
+                    let mut want = vec![f32::NAN; rows * wo];
+                    plane.convolve_lanes(0.25, act, wo, &mut want);
+                    let mut paths: Vec<(&str, Vec<f32>)> = Vec::new();
+                    if crate::has_avx2_fma() {
+                        let mut out = vec![f32::NAN; rows * wo];
+                        // SAFETY: AVX2 and FMA checked.
+                        unsafe { x86::convolve256(&plane, 0.25, act, wo, &mut out) };
+                        paths.push(("avx2", out));
+                    }
+                    if crate::has_avx512() {
+                        let mut out = vec![f32::NAN; rows * wo];
+                        // SAFETY: AVX-512 checked.
+                        unsafe { x86::convolve512(&plane, 0.25, act, wo, &mut out) };
+                        paths.push(("avx512", out));
+                    }
+                    for (what, got) in paths {
+                        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                            assert!((g - w).abs() < 1e-5, "{what} {grid:?} {rows}x{wo} {act:?} [{i}]: {g} vs {w}");
+                        }
                     }
                 }
             }
         }
+    }
+
+    /// The layers' phased taps are recognised as their grids (the column-by-column kernels take them), other
+    /// lists are not.
+    #[test]
+    fn phased_taps_form_grids() {
+        for (k, s) in [(3, 1), (3, 2), (5, 1), (5, 2), (3, 3), (7, 1)] {
+            let phased = Phased::new(s, Padding::symmetric(k / 2), 23, 30);
+            let grid = grid_of(&phased.taps(k, k), phased.row_step());
+            assert_eq!(grid, Some((k, s, phased.pws)), "k {k} s {s}");
+        }
+        assert_eq!(grid_of(&[0, 1, 2, 75, 76, 78, 150, 151, 152], 75), None);
+        assert_eq!(grid_of(&[0, 1, 2], 75), None);
     }
 
     /// A map with no columns, or a kernel with no taps, is refused with an error, not a panic.

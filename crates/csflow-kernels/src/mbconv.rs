@@ -245,7 +245,7 @@ mod x86 {
     use rayon::prelude::*;
 
     use super::{Dims, InvertedResidual, Until};
-    use crate::depthwise::{Phased, Plane, SLACK};
+    use crate::depthwise::{grid_of, Phased, Plane, SLACK};
     use crate::gemm::SendPtr;
     use crate::pointwise::x86::{task as pointwise, Operands, Task};
     use crate::Activation;
@@ -317,6 +317,7 @@ mod x86 {
         let ring = (band - 1) * s + k;
         let phased = Phased::new(s, pad, wd, ring);
         let taps = phased.taps(k, k);
+        let grid = grid_of(&taps, phased.row_step());
         let [mut plane, mut rows, mut convolved] = BANDS.take();
         // Zeroed: the border stays zero, the interior is overwritten channel by channel.
         plane.clear();
@@ -360,8 +361,8 @@ mod x86 {
                         }
                     }
                 }
-                let p =
-                    Plane { buf: &plane, taps: &taps, filt: &dw_w[ch * k * k..][..k * k], row_step: phased.row_step() };
+                let filt = &dw_w[ch * k * k..][..k * k];
+                let p = Plane { buf: &plane, taps: &taps, filt, row_step: phased.row_step(), grid };
                 let dst = if to_out {
                     // SAFETY: rows oy..oy + r of channel ch, this range's alone.
                     unsafe { std::slice::from_raw_parts_mut(out.add((ch * d.ho + oy) * d.wo), r * d.wo) }
