@@ -92,6 +92,66 @@ impl InvertedResidual<'_> {
         self.expanded_depthwise(x)
     }
 
+    /// The block's sizes for an input of `xdims` and a depthwise weight of `wdims` with `bias` biases, or an
+    /// error naming `name` and what does not chain.
+    #[cfg(target_arch = "x86_64")]
+    fn dims(&self, name: &str, xdims: &[usize], wdims: &[usize], bias: usize) -> Result<Dims> {
+        let (&[n, cin, h, wd], &[c, one, k, kw]) = (xdims, wdims) else {
+            candle_core::bail!(
+                "{name}: expected x [N, C, H, W] and a depthwise weight [C, 1, k, k], got {xdims:?} and {wdims:?}"
+            );
+        };
+        let expanded = self.expand.map_or(cin, |e| e.cout);
+        if self.expand.is_some_and(|e| e.cin != cin) || c != expanded || self.project.cin != c {
+            candle_core::bail!(
+                "{name}: input channels {cin}, expansion {:?}, depthwise weight {:?} and projection from {} \
+                 do not chain",
+                self.expand.map(|e| (e.cin, e.cout)),
+                wdims,
+                self.project.cin
+            );
+        }
+        if one != 1 || k != kw || k == 0 || bias != c {
+            candle_core::bail!("{name}: depthwise weight {wdims:?} and bias {bias} for {c} channels");
+        }
+        if h == 0 || wd == 0 {
+            candle_core::bail!("{name}: empty input {h}x{wd}");
+        }
+        let (ho, wo) = self.pad.output_size(name, h, wd, k, k, self.stride)?;
+        let cout = self.project.cout;
+        if cout == 0 {
+            candle_core::bail!("{name}: the projection has no output channels");
+        }
+        if self.skip && (cout != cin || (ho, wo) != (h, wd)) {
+            candle_core::bail!("{name}: a skip needs the output's shape, {cout}x{ho}x{wo}, to be the input's");
+        }
+        if !crate::has_avx2_fma() {
+            candle_core::bail!("{name}: needs AVX2 and FMA");
+        }
+        Ok(Dims { n, cin, h, wd, c, k, cout, ho, wo })
+    }
+
+    /// The block with squeeze-excitation: `gates` maps the depthwise output's per-channel means `[N, C]` to
+    /// the gates `[N, C]` that scale the projection's input. On maps of at most `SMALL_PIXELS` through the
+    /// small-map path (the gates applied between its two passes: B5's 12x12 and 6x6 blocks, which layer by
+    /// layer ran 1.5-2.5x slower), else [`InvertedResidual::depthwise_output`] and the gated projection.
+    pub fn forward_gated(&self, x: &Tensor, gates: impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        #[cfg(target_arch = "x86_64")]
+        if crate::has_avx2_fma() {
+            let (_, _, h, w) = x.dims4()?;
+            if h * w <= SMALL_PIXELS {
+                let x = x.contiguous()?;
+                let path = Path::Small { avx512: crate::has_avx512() };
+                let panels = self.fused_to(&x, path, Until::Panels)?;
+                let g = gates(&panels.narrow(2, 0, self.depthwise.weight().dim(0)?)?.mean(1)?)?.contiguous()?;
+                return panels.apply_op3_no_bwd(&g, &x, &GatedProjection { block: *self, path });
+            }
+        }
+        let y = self.depthwise_output(x)?;
+        let g = gates(&y.mean((2, 3))?)?;
+        pointwise_conv(&y, self.project, Activation::Identity, self.skip.then_some(x), Some(&g))
+    }
+
     /// Expansion and depthwise convolution, one op after the other.
     fn expanded_depthwise(&self, x: &Tensor) -> Result<Tensor> {
         let expanded = match self.expand {
@@ -128,6 +188,9 @@ impl InvertedResidual<'_> {
 enum Until {
     Projection,
     Depthwise,
+    /// The small-map path's first pass: the depthwise output pixel-major in panels, `[N, Ho·Wo, C']` (C
+    /// rounded up to whole panels, zero past C).
+    Panels,
 }
 
 /// How the fused op walks a block.
@@ -181,43 +244,17 @@ impl CustomOp3 for Fused<'_> {
         let name = self.name();
         let (x, w, b) = (f32_slice(xs, xl, name)?, f32_slice(ws, wl, name)?, f32_slice(bs, bl, name)?);
         let blk = &self.block;
-        let (&[n, cin, h, wd], &[c, one, k, kw]) = (xl.dims(), wl.dims()) else {
-            candle_core::bail!(
-                "{name}: expected x [N, C, H, W] and a depthwise weight [C, 1, k, k], got {:?} and {:?}",
-                xl.dims(),
-                wl.dims()
-            );
-        };
-        let expanded = blk.expand.map_or(cin, |e| e.cout);
-        if blk.expand.is_some_and(|e| e.cin != cin) || c != expanded || blk.project.cin != c {
-            candle_core::bail!(
-                "{name}: input channels {cin}, expansion {:?}, depthwise weight {:?} and projection from {} \
-                 do not chain",
-                blk.expand.map(|e| (e.cin, e.cout)),
-                wl.dims(),
-                blk.project.cin
-            );
+        let dims = blk.dims(name, xl.dims(), wl.dims(), b.len())?;
+        let Dims { n, c, cout, ho, wo, .. } = dims;
+        if let (Path::Small { avx512 }, Until::Panels) = (self.path, self.until) {
+            // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says); the sizes are checked
+            // above.
+            let panels = unsafe { small::x86::panels(blk, dims, x, avx512) };
+            let shape = Shape::from((n, ho * wo, c.div_ceil(small::CH) * small::CH));
+            return Ok((CpuStorage::F32(panels), shape));
         }
-        if one != 1 || k != kw || k == 0 || b.len() != c {
-            candle_core::bail!("{name}: depthwise weight {:?} and bias {} for {c} channels", wl.dims(), b.len());
-        }
-        if h == 0 || wd == 0 {
-            candle_core::bail!("{name}: empty input {h}x{wd}");
-        }
-        let (ho, wo) = blk.pad.output_size(name, h, wd, k, k, blk.stride)?;
-        let cout = blk.project.cout;
-        if cout == 0 {
-            candle_core::bail!("{name}: the projection has no output channels");
-        }
-        if blk.skip && (cout != cin || (ho, wo) != (h, wd)) {
-            candle_core::bail!("{name}: a skip needs the output's shape, {cout}x{ho}x{wo}, to be the input's");
-        }
-        if !crate::has_avx2_fma() {
-            candle_core::bail!("{name}: needs AVX2 and FMA");
-        }
-        let dims = Dims { n, cin, h, wd, c, k, cout, ho, wo };
         let channels = match self.until {
-            Until::Projection => cout,
+            Until::Projection | Until::Panels => cout,
             Until::Depthwise => c,
         };
         let mut out = crate::uninit(n * channels * ho * wo);
@@ -225,6 +262,9 @@ impl CustomOp3 for Fused<'_> {
             // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says); the sizes are checked
             // above.
             match (self.path, self.until) {
+                (Path::Banded(_), Until::Panels) => {
+                    candle_core::bail!("{name}: only the small-map path stops at its panels")
+                }
                 (Path::Banded(band_bytes), until) => unsafe {
                     x86::run(blk, band_bytes, dims, x, (w, b), &mut out, until)
                 },
@@ -232,11 +272,64 @@ impl CustomOp3 for Fused<'_> {
                     small::x86::run(blk, dims, x, &mut out, avx512)
                 },
                 (Path::Small { .. }, Until::Depthwise) => {
-                    candle_core::bail!("{name}: the small-map path always runs the whole block")
+                    candle_core::bail!("{name}: the small-map path stops at its panels, not the NCHW depthwise output")
                 }
+                (Path::Small { .. }, Until::Panels) => unreachable!("returned above"),
             }
         }
         Ok((CpuStorage::F32(out), Shape::from((n, channels, ho, wo))))
+    }
+}
+
+/// The small-map path's second pass with squeeze-excitation gates: panels `[N, Ho·Wo, C']` from its first,
+/// gates `[N, C]`, the block's input x `[N, Cin, H, W]` (for its sizes and the skip).
+#[cfg(target_arch = "x86_64")]
+struct GatedProjection<'a> {
+    block: InvertedResidual<'a>,
+    path: Path,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl CustomOp3 for GatedProjection<'_> {
+    fn name(&self) -> &'static str {
+        "csflow-gated-projection"
+    }
+
+    fn cpu_fwd(
+        &self,
+        ps: &CpuStorage,
+        pl: &Layout,
+        gs: &CpuStorage,
+        gl: &Layout,
+        xs: &CpuStorage,
+        xl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = self.name();
+        let (panels, g, x) = (f32_slice(ps, pl, name)?, f32_slice(gs, gl, name)?, f32_slice(xs, xl, name)?);
+        let blk = &self.block;
+        let bias = blk.depthwise.bias().dim(0)?;
+        let d = blk.dims(name, xl.dims(), blk.depthwise.weight().dims(), bias)?;
+        let (hwo, cpad) = (d.ho * d.wo, d.c.div_ceil(small::CH) * small::CH);
+        if pl.dims() != [d.n, hwo, cpad] || gl.dims() != [d.n, d.c] {
+            candle_core::bail!("{name}: panels {:?} and gates {:?} for {d:?}", pl.dims(), gl.dims());
+        }
+        let Path::Small { avx512 } = self.path else {
+            candle_core::bail!("{name}: only the small-map path projects panels");
+        };
+        // The gates scale a copy of the panels (a pass over C'·Ho·Wo values), not each broadcast input in the
+        // product's inner loop.
+        let mut scaled = panels.to_vec();
+        for (s, sample) in scaled.chunks_exact_mut(hwo * cpad).enumerate() {
+            let gates = &g[s * d.c..(s + 1) * d.c];
+            for pixel in sample.chunks_exact_mut(cpad) {
+                pixel.iter_mut().zip(gates).for_each(|(v, g)| *v *= g);
+            }
+        }
+        let mut out = crate::uninit(d.n * d.cout * hwo);
+        // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says, both checked by
+        // `forward_gated`); the sizes are checked above.
+        unsafe { small::x86::project(blk, d, &scaled, x, &mut out, avx512) };
+        Ok((CpuStorage::F32(out), Shape::from((d.n, d.cout, d.ho, d.wo))))
     }
 }
 
@@ -505,6 +598,63 @@ mod tests {
                 let got = block.depthwise_output(&x).unwrap();
                 let diff: f32 = (&got - &want_dw).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
                 assert!(diff <= 1e-6 * dw_scale, "case {case} {act:?} depthwise_output: {diff}");
+            }
+        }
+    }
+
+    /// Blocks with squeeze-excitation gates (a function of the depthwise output's channel means) against
+    /// candle's layers with the gates applied to the projection's input: the small-map path (gates between
+    /// its passes; panels with a partial last one, odd and even panel counts, stride 2, skip, batches) and
+    /// a map above it (depthwise output, then the gated projection); one thread and three.
+    #[test]
+    fn gated_blocks_match_candle_layers() {
+        let dev = Device::Cpu;
+        let t = |len: usize, seed: usize, shape: &[usize]| Tensor::from_vec(data(len, seed), shape, &dev).unwrap();
+        // (n, cin, map, expanded, cout, k, stride, skip)
+        let cases = [
+            (2usize, 6usize, 6usize, 40usize, 6usize, 3usize, 1usize, true),
+            (1, 8, 12, 52, 11, 5, 1, false),
+            (1, 7, 9, 33, 5, 5, 2, false),
+            (3, 4, 2, 70, 4, 3, 1, true),
+            (1, 5, 20, 24, 5, 3, 1, true),
+        ];
+        for (case, &(n, cin, map, c, cout, k, s, skip)) in cases.iter().enumerate() {
+            let x = t(n * cin * map * map, 1, &[n, cin, map, map]);
+            let (ew, eb) = (t(c * cin, 2, &[c, cin, 1, 1]), t(c, 3, &[c]));
+            let (dw, db) = (t(c * k * k, 4, &[c, 1, k, k]), t(c, 5, &[c]));
+            let (pw, pb) = (t(cout * c, 6, &[cout, c, 1, 1]), t(cout, 7, &[cout]));
+            let expand = PointwiseWeights::new(&ew, &eb).unwrap();
+            let depthwise = DepthwiseWeights::new(&dw, &db).unwrap();
+            let project = PointwiseWeights::new(&pw, &pb).unwrap();
+            let pad = Padding::symmetric(k / 2);
+            let act = Activation::Swish;
+            let block = InvertedResidual {
+                expand: Some(&expand),
+                depthwise: &depthwise,
+                stride: s,
+                pad,
+                project: &project,
+                act,
+                skip,
+            };
+            // Gates from the means: any function does; this one mixes channels as squeeze-excitation's does.
+            let mix = t(c * c, 8, &[c, c]);
+            let gates = |m: &Tensor| (m.matmul(&mix)?.neg()?.exp()? + 1.0)?.recip();
+            let zero = Padding::symmetric(0);
+            let y = layer(&layer(&x, &ew, &eb, 1, zero, 1, act), &dw, &db, s, pad, c, act);
+            let g = gates(&y.mean((2, 3)).unwrap()).unwrap();
+            let gated = y.broadcast_mul(&g.reshape((n, c, 1, 1)).unwrap()).unwrap();
+            let mut want = layer(&gated, &pw, &pb, 1, zero, 1, Activation::Identity);
+            if skip {
+                want = (want + &x).unwrap();
+            }
+            let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                let got = pool.install(|| block.forward_gated(&x, gates)).unwrap();
+                assert_eq!(got.dims(), want.dims());
+                let diff: f32 = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
+                assert!(diff <= 1e-6 * scale, "case {case}, {threads} threads: {diff} of {scale}");
             }
         }
     }

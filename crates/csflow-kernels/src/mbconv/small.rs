@@ -151,9 +151,46 @@ pub(super) mod x86 {
     width!(Avx2, __m256, 2, 6, 1, "avx2,fma");
     width!(Avx512, __m512, 1, 12, 2, "avx2,fma,avx512f,avx512bw,avx512vl");
 
+    /// The first pass alone: the depthwise output of every panel, `[n][ho * wo][panels * CH]` (channels
+    /// past the last zero), for blocks whose squeeze-excitation gates need all of it before the projection.
+    ///
+    /// # Safety
+    /// As [`run`].
+    pub(in crate::mbconv) unsafe fn panels(blk: &InvertedResidual, d: Dims, x: &[f32], avx512: bool) -> Vec<f32> {
+        if avx512 {
+            panels_with::<Avx512>(blk, d, x)
+        } else {
+            panels_with::<Avx2>(blk, d, x)
+        }
+    }
+
+    /// The second pass alone: the projection of [`panels`]' output (bias and skip added) into `out`.
+    ///
+    /// # Safety
+    /// As [`run`]; `convolved` is [`panels`]' output for `d`.
+    pub(in crate::mbconv) unsafe fn project(
+        blk: &InvertedResidual,
+        d: Dims,
+        convolved: &[f32],
+        x: &[f32],
+        out: &mut [f32],
+        avx512: bool,
+    ) {
+        if avx512 {
+            project_with::<Avx512>(blk, d, convolved, x, out)
+        } else {
+            project_with::<Avx2>(blk, d, convolved, x, out)
+        }
+    }
+
     unsafe fn run_with<W: Width>(blk: &InvertedResidual, d: Dims, x: &[f32], out: &mut [f32]) {
+        let convolved = panels_with::<W>(blk, d, x);
+        project_with::<W>(blk, d, &convolved, x, out)
+    }
+
+    unsafe fn panels_with<W: Width>(blk: &InvertedResidual, d: Dims, x: &[f32]) -> Vec<f32> {
         let (hw, hwo) = (d.h * d.wd, d.ho * d.wo);
-        let (panels, out_panels) = (d.c.div_ceil(CH), d.cout.div_ceil(CH));
+        let panels = d.c.div_ceil(CH);
         let cpad = panels * CH;
         let expand = blk.expand.map(|e| e.channel_panels());
         // Every element is written by the first pass: each panel's task writes all CH lanes of its pixels.
@@ -168,6 +205,12 @@ pub(super) mod x86 {
             // SAFETY: the CPU supports W's features; this task alone writes its panels' lanes of sample s.
             unsafe { W::expand_convolve(blk, expand, d, xs, p..panels.min(p + W::PANELS), expanded, dst) };
         });
+        convolved
+    }
+
+    unsafe fn project_with<W: Width>(blk: &InvertedResidual, d: Dims, convolved: &[f32], x: &[f32], out: &mut [f32]) {
+        let (hw, hwo) = (d.h * d.wd, d.ho * d.wo);
+        let (out_panels, cpad) = (d.cout.div_ceil(CH), d.c.div_ceil(CH) * CH);
         let project = blk.project.channel_panels();
         let dst = SendPtr(out.as_mut_ptr());
         // Tasks of pixel groups (whose depthwise output then stays in cache while every panel of weights passes

@@ -2,7 +2,7 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Tensor};
 use csflow_kernels::{
-    conv2d_act, pointwise_conv, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding, PointwiseWeights,
+    conv2d_act, stem_conv, Activation, DepthwiseWeights, InvertedResidual, Padding, PointwiseWeights,
 };
 
 use super::config::{same_padding, EfficientNetConfig};
@@ -82,12 +82,11 @@ struct SqueezeExcite {
 }
 
 impl SqueezeExcite {
-    /// The gates [N, C] for x [N, C, H, W].
-    fn gates(&self, x: &Tensor) -> Result<Tensor> {
-        let s = x.mean((2, 3))?; // [N, C]
-        let s = s.matmul(&self.reduce_w.t()?)?.broadcast_add(&self.reduce_b)?.silu()?;
+    /// The gates [N, C] for the per-channel means [N, C] of the depthwise output.
+    fn gates(&self, means: &Tensor) -> candle_core::Result<Tensor> {
+        let s = means.matmul(&self.reduce_w.t()?)?.broadcast_add(&self.reduce_b)?.silu()?;
         let s = s.matmul(&self.expand_w.t()?)?.broadcast_add(&self.expand_b)?;
-        Ok((s.neg()?.exp()? + 1.0)?.recip()?) // sigmoid
+        (s.neg()?.exp()? + 1.0)?.recip() // sigmoid
     }
 }
 
@@ -188,13 +187,11 @@ impl EfficientNet {
             act: self.act,
             skip: b.skip,
         };
-        if b.se.is_none() {
-            return Ok(layers.forward(&x)?);
-        }
-        let y = layers.depthwise_output(&x)?;
-        let gates = b.se.as_ref().map(|se| se.gates(&y)).transpose()?;
         // The gates scale the projection's input and the skip connection is added in its epilogue.
-        Ok(pointwise_conv(&y, &b.project, Activation::Identity, b.skip.then_some(&x), gates.as_ref())?)
+        Ok(match &b.se {
+            Some(se) => layers.forward_gated(&x, |means| se.gates(means))?,
+            None => layers.forward(&x)?,
+        })
     }
 
     /// The output of block `idx` for a normalized image batch [N, 3, H, W].
