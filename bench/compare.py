@@ -2,7 +2,7 @@
 thread count, each run in a fresh process (medians; peak resident memory of that process from wait4). Run from the repository root after
 scripts/setup.sh, with a Python that has torch, efficientnet_pytorch, efficientnet-lite-pytorch, openvino, onnx:
 
-    python bench/compare.py [--quick] [--rounds N]
+    python bench/compare.py [--quick] [--rounds N] [--only WORKLOAD[,WORKLOAD...]]
 
 With --rounds N (default 1) every engine runs each workload N times, the engines interleaved, and the table
 keeps each engine's lowest median: on a shared VM whose speed drifts by 25 % or more between minutes, the
@@ -18,6 +18,8 @@ import sys
 
 QUICK = "--quick" in sys.argv
 ROUNDS = int(sys.argv[sys.argv.index("--rounds") + 1]) if "--rounds" in sys.argv else 1
+# Some rows again (a row of a noisy run, more rounds): workload names as in WORKLOADS.
+ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
 # (workload, what, reps)
 WORKLOADS = [
     ("flow-forward-paper", "flow forward, paper size (C 304, hidden 1024, 24/12/6), batch 1", 3),
@@ -82,6 +84,8 @@ def main():
           "interleaved round(s)")
     rows = []
     for i, (w, what, reps) in enumerate(WORKLOADS):
+        if ONLY is not None and w not in ONLY:
+            continue
         reps = 1 if QUICK else reps
         results = {}
         for round_ in range(ROUNDS):

@@ -11,8 +11,9 @@
 //! block's output, skip included. The ring and the band's output are rewritten while still in cache.
 //! Squeeze-excitation needs the whole depthwise output before the projection, so blocks with it stop the
 //! bands there ([`InvertedResidual::depthwise_output`]: the expanded map is still never written whole) and
-//! project once their gates are known. Bands do not pay on small maps: their layers stay in cache anyway and
-//! their few rows per band would re-read the (then larger) weights too often.
+//! project once their gates are known; on small maps the gates come between the small path's two passes
+//! ([`InvertedResidual::forward_gated`]). Bands do not pay on small maps: their layers stay in cache anyway
+//! and their few rows per band would re-read the (then larger) weights too often.
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 

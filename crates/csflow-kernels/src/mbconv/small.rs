@@ -98,7 +98,7 @@ pub(super) mod x86 {
     struct Avx512;
 
     /// [`Width`] for a vector type `$s`, `$v` of them a panel, tiles of `$px` pixels, `$q` panels at once in
-    /// the projection, compiled with `$features`.
+    /// the expansion and the projection, compiled with `$features`.
     macro_rules! width {
         ($name:ident, $s:ty, $v:literal, $px:literal, $q:literal, $features:literal) => {
             impl Width for $name {
