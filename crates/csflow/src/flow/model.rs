@@ -103,8 +103,9 @@ impl CsFlow {
     }
 
     /// [`CsFlow::for_inference`] in `precision`: with [`Precision::Bf16`] on CPUs with AVX512_BF16 the
-    /// fused products of the 3x3 layers round their operands to bfloat16 and the packed weights of the
-    /// narrow products are held in f16 (11 significant bits, 3x3 and 5x5), scores within 4.3e-4 relative of
+    /// fused products of the 3x3 layers and the stride-2 layers onto maps past the narrow size round their
+    /// operands to bfloat16 and the packed weights of the narrow products are held in f16 (11 significant
+    /// bits, 3x3 and 5x5), scores within 4.3e-4 relative of
     /// f32's in the tests; the 5x5 Winograd products stay f32 (in bfloat16 they moved scores by 1.4e-3, see
     /// `tests/flow_parity.rs`).
     pub fn for_inference_in(mut self, maps: Option<[[usize; 2]; 3]>, precision: Precision) -> Result<Self> {
