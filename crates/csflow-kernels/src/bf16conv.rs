@@ -204,11 +204,12 @@ mod tests {
 
     /// Shapes with an odd tap count (3·3·3: a last half pair), slices of KC pairs with a partial last one
     /// (80·9 taps: 360 pairs; 64·25: 800), partial panels of 8 and groups of 16 output channels, columns past
-    /// one task's COLS with partial strips of 32 (40x40), batches of two and three, strides 1 and 2, 1x1 and
-    /// 5x5 kernels.
-    const CASES: [(usize, usize, usize, usize, usize, usize); 6] = [
+    /// one task's COLS (40x40, and 20x20 in a batch of two), partial strips of 32 (7x7, 6x6), batches of two
+    /// and three, strides 1 and 2, 1x1 and 5x5 kernels.
+    const CASES: [(usize, usize, usize, usize, usize, usize); 7] = [
         // (n, cin, cout, size, k, stride)
         (1, 3, 5, 7, 3, 1),
+        (2, 5, 18, 20, 3, 1),
         (2, 80, 21, 11, 3, 2),
         (1, 6, 40, 40, 3, 1),
         (2, 33, 17, 9, 5, 2),

@@ -325,7 +325,7 @@ impl Plane<'_> {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::Plane;
+    use super::{grid_of, Plane};
     use crate::simd::Simd;
     use crate::Activation;
 
@@ -395,6 +395,9 @@ mod x86 {
         let max_tap = plane.taps.iter().copied().max().unwrap_or(0);
         assert!(rows == 0 || (rows - 1) * plane.row_step + last_x0 + max_tap + last_read <= plane.buf.len());
         assert_eq!(plane.taps.len(), plane.filt.len());
+        // The column-by-column kernels read with the grid's row length: it must be the taps' own (a plane
+        // without a grid takes the tap-by-tap block).
+        debug_assert!(plane.grid.is_none() || plane.grid == grid_of(plane.taps, plane.row_step));
         match plane.grid {
             Some((3, 1, pws)) => rows_with::<S, Grid<3, 1>>(plane, bias, act, wo, out, pws),
             Some((3, 2, pws)) => rows_with::<S, Grid<3, 2>>(plane, bias, act, wo, out, pws),

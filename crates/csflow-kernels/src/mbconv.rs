@@ -327,9 +327,11 @@ impl CustomOp3 for GatedProjection<'_> {
             }
         }
         let mut out = crate::uninit(d.n * d.cout * hwo);
-        // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says, both checked by
-        // `forward_gated`); the sizes are checked above.
-        unsafe { small::x86::project(blk, d, &scaled, x, &mut out, avx512) };
+        if d.n > 0 {
+            // SAFETY: the CPU supports AVX2 and FMA (and AVX-512 where the path says, both checked by
+            // `forward_gated`); the sizes are checked above.
+            unsafe { small::x86::project(blk, d, &scaled, x, &mut out, avx512) };
+        }
         Ok((CpuStorage::F32(out), Shape::from((d.n, d.cout, d.ho, d.wo))))
     }
 }
@@ -605,8 +607,9 @@ mod tests {
 
     /// Blocks with squeeze-excitation gates (a function of the depthwise output's channel means) against
     /// candle's layers with the gates applied to the projection's input: the small-map path (gates between
-    /// its passes; panels with a partial last one, odd and even panel counts, stride 2, skip, batches) and
-    /// a map above it (depthwise output, then the gated projection); one thread and three.
+    /// its passes; panels with a partial last one, odd and even panel counts, stride 2, skip, batches; each
+    /// width this CPU has) and a map above it (depthwise output, then the gated projection); one thread and
+    /// three; an empty batch.
     #[test]
     fn gated_blocks_match_candle_layers() {
         let dev = Device::Cpu;
@@ -650,13 +653,29 @@ mod tests {
                 want = (want + &x).unwrap();
             }
             let scale: f32 = want.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-            for threads in [1, 3] {
-                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
-                let got = pool.install(|| block.forward_gated(&x, gates)).unwrap();
+            let check = |got: Tensor, what: &str| {
                 assert_eq!(got.dims(), want.dims());
                 let diff: f32 = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar().unwrap();
-                assert!(diff <= 1e-6 * scale, "case {case}, {threads} threads: {diff} of {scale}");
+                assert!(diff <= 1e-6 * scale, "case {case}, {what}: {diff} of {scale}");
+            };
+            for threads in [1, 3] {
+                let pool = rayon::ThreadPoolBuilder::new().num_threads(threads).build().unwrap();
+                check(pool.install(|| block.forward_gated(&x, gates)).unwrap(), &format!("{threads} threads"));
             }
+            // Each small-map width this CPU has, its two passes called directly.
+            if map * map <= SMALL_PIXELS {
+                for path in small_paths() {
+                    let panels = block.fused_to(&x, path, Until::Panels).unwrap();
+                    let g = gates(&panels.narrow(2, 0, c).unwrap().mean(1).unwrap()).unwrap();
+                    check(
+                        panels.apply_op3_no_bwd(&g, &x, &GatedProjection { block, path }).unwrap(),
+                        &format!("{path:?}"),
+                    );
+                }
+            }
+            // An empty batch gives an empty output.
+            let empty = x.narrow(0, 0, 0).unwrap();
+            assert_eq!(block.forward_gated(&empty, gates).unwrap().dims()[0], 0, "case {case}: empty batch");
         }
     }
 

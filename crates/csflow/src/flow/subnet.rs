@@ -84,8 +84,9 @@ impl Conv2d {
     /// the weight's transform at that size, 9/16 or 25/36 of the memory, unless the transform is small or the
     /// input large ([`KEEP_TRANSFORM_BYTES`], [`LARGE_INPUT_BYTES`]); else transformed once), a stride-2
     /// weight onto at most [`NARROW_MAX_PIXELS`] pixels packed for [`conv_narrow`]. The packed weights are
-    /// f16 under [`Precision::Bf16`] where the CPU takes it, and there the other stride-2 weights bfloat16
-    /// ([`conv_bf16`]; paper size, 24x24 -> 12x12: 3x3 2.43 -> 1.41 ms, 5x5 8.1 -> 4.2 ms, Zen 5, 2 threads).
+    /// f16 under [`Precision::Bf16`] where the CPU takes it, and there the other stride-2 weights (all of them
+    /// where the map sizes are unknown) bfloat16 ([`conv_bf16`]; paper size, 24x24 -> 12x12: 3x3 2.43 -> 1.41
+    /// ms, 5x5 8.1 -> 4.2 ms, Zen 5, 2 threads).
     fn prepare_for_inference(&mut self, tiles: Option<usize>, precision: Precision) -> Result<()> {
         let ConvWeight::Plain(w) = &self.weight else { return Ok(()) };
         let bf16 = precision == Precision::Bf16 && precision.supported();
