@@ -290,6 +290,10 @@ pub(crate) mod x86 {
     /// the packing waited on them (Lite0's first block, 32 -> 16 channels on 128x128, one thread: the product
     /// alone 0.29 -> 0.17 ms, the block in the network 390 -> 315 us; wider layers' blocks hold fewer strips).
     const MAX_STRIPS: usize = 16;
+    /// Input channels per slice up to which the AVX-512 product takes two panels a tile (24 accumulators,
+    /// each loaded input vector feeding 12 multiply-adds instead of 6): the expansions (16-40 channels in)
+    /// gain, the projections (hundreds in) lost 8-15 %.
+    const PAIR_KC: usize = 64;
     const PANEL_BYTES: usize = 192 * 1024;
     const GROUP_PANELS: usize = 8;
     /// Input channels per pass: wider layers (B5's 768-1824) are summed in slices, partial sums kept in
@@ -390,17 +394,25 @@ pub(crate) mod x86 {
                     for j in (0..nb).step_by(step) {
                         let (col, width) = (col0 + j * NR, (step * NR).min(bw - j * NR));
                         let strip = &packed[j * kc * NR..(j + step).min(nb) * kc * NR];
-                        for p in g0..(g0 + per_group).min(t.panels.end) {
-                            let rows = MR.min(w.cout - p * MR);
-                            let tile = Tile { w, act, strip, k0, kc, res, hw, col, width, panel: p, rows };
-                            match (WIDE, width == step * NR, width > step * NR / 2) {
-                                (true, true, _) => tile.compute::<__m512, 2, false>(dst),
-                                (true, false, true) => tile.compute::<__m512, 2, true>(dst),
-                                (true, false, false) => tile.compute::<__m512, 1, true>(dst),
-                                (false, true, _) => tile.compute::<__m256, 2, false>(dst),
-                                (false, false, true) => tile.compute::<__m256, 2, true>(dst),
-                                (false, false, false) => tile.compute::<__m256, 1, true>(dst),
+                        let end = (g0 + per_group).min(t.panels.end);
+                        let mut p = g0;
+                        while p < end {
+                            // Two panels at once in AVX-512 registers where two are left and the input channels
+                            // are few (PAIR_KC).
+                            let pair = WIDE && p + 1 < end && kc <= PAIR_KC;
+                            let tile = Tile { w, act, strip, k0, kc, res, hw, col, width, panel: p };
+                            match (WIDE, pair, width == step * NR, width > step * NR / 2) {
+                                (true, true, true, _) => tile.compute::<__m512, 2, false, 2>(dst),
+                                (true, true, false, true) => tile.compute::<__m512, 2, true, 2>(dst),
+                                (true, true, false, false) => tile.compute::<__m512, 1, true, 2>(dst),
+                                (true, false, true, _) => tile.compute::<__m512, 2, false, 1>(dst),
+                                (true, false, false, true) => tile.compute::<__m512, 2, true, 1>(dst),
+                                (true, false, false, false) => tile.compute::<__m512, 1, true, 1>(dst),
+                                (false, _, true, _) => tile.compute::<__m256, 2, false, 1>(dst),
+                                (false, _, false, true) => tile.compute::<__m256, 2, true, 1>(dst),
+                                (false, _, false, false) => tile.compute::<__m256, 1, true, 1>(dst),
                             }
+                            p += if pair { 2 } else { 1 };
                         }
                     }
                 }
@@ -409,8 +421,8 @@ pub(crate) mod x86 {
         PACKED.set(packed);
     }
 
-    /// One micro-kernel call: panel `panel` (`rows` real output channels) by columns `col..col + width`, over
-    /// input channels `k0..` whose values are packed in `strip` ([k][NR]).
+    /// One micro-kernel call: panels from `panel` by columns `col..col + width`, over input channels `k0..`
+    /// whose values are packed in `strip` ([k][NR]).
     struct Tile<'a> {
         w: &'a PointwiseWeights,
         act: Activation,
@@ -424,59 +436,111 @@ pub(crate) mod x86 {
         col: usize,
         width: usize,
         panel: usize,
-        rows: usize,
     }
 
     impl Tile<'_> {
-        /// `V` vectors of `S::LANES` columns (AVX2: one strip in two; AVX-512: two strips in two); `MASKED`
-        /// reads and stores only the first `width` (a map's last strip). The first slice of input channels
-        /// starts from zero, later ones from the partial sums stored; the last adds bias and residual and
-        /// activates.
+        /// `P` (1 or 2) panels of `V` vectors of `S::LANES` columns (AVX2: one strip in two; AVX-512: two
+        /// strips in two); `MASKED` reads and stores only the first `width` (a map's last strip). The first
+        /// slice of input channels starts from zero, later ones from the partial sums stored; the last adds
+        /// bias and residual and activates.
         ///
         /// # Safety
-        /// The CPU supports `S`'s features; `strip` holds the packed strips of the tile's columns.
+        /// The CPU supports `S`'s features; `strip` holds the packed strips of the tile's columns; panels
+        /// `panel..panel + P` exist.
         #[inline(always)]
-        unsafe fn compute<S: Simd, const V: usize, const MASKED: bool>(&self, dst: *mut f32) {
+        unsafe fn compute<S: Simd, const V: usize, const MASKED: bool, const P: usize>(&self, dst: *mut f32) {
             let (c, kc) = (self.w.cin, self.kc);
             let (first, last) = (self.k0 == 0, self.k0 + kc == c);
-            let masks: [S::Mask; V] = std::array::from_fn(|v| S::first(self.width.saturating_sub(S::LANES * v)));
-            let wp = self.w.packed[(self.panel * c + self.k0) * MR..(self.panel * c + self.k0 + kc) * MR].as_ptr();
+            let mut masks = [S::first(0); V];
+            for (v, m) in masks.iter_mut().enumerate() {
+                *m = S::first(self.width.saturating_sub(S::LANES * v));
+            }
+            let wp = |j: usize| self.w.packed[((self.panel + j) * c + self.k0) * MR..].as_ptr();
             let x = self.strip.as_ptr();
             // Vector v's columns in the packed strips ([strip][k][NR]).
             let packed = |v: usize, k: usize| (v * S::LANES / NR * kc + k) * NR + v * S::LANES % NR;
+            // Output channel i of the tile (panel i / MR) is at at(i) in dst; panel j has live(j) real rows.
             let at = |i: usize| (self.panel * MR + i) * self.hw + self.col;
-            let mut acc = [[S::splat(0.0); V]; MR];
+            let live = |j: usize| if j < P { MR.min(self.w.cout.saturating_sub((self.panel + j) * MR)) } else { 0 };
+            // Two arrays of 12 handled apart, not one of 24 or references to both: LLVM then kept the
+            // accumulators in memory too, storing each after every multiply-add (2.5x slower).
+            let (mut acc0, mut acc1) = ([[S::splat(0.0); V]; MR], [[S::splat(0.0); V]; MR]);
             if !first {
-                for (i, row) in acc.iter_mut().enumerate().take(self.rows) {
-                    for (v, a) in row.iter_mut().enumerate() {
-                        *a = S::load::<MASKED>(dst.add(at(i) + S::LANES * v), masks[v]);
-                    }
+                for (i, row) in acc0.iter_mut().enumerate().take(live(0)) {
+                    self.resume::<S, V, MASKED>(row, dst, at(i), &masks);
+                }
+                for (i, row) in acc1.iter_mut().enumerate().take(live(1)) {
+                    self.resume::<S, V, MASKED>(row, dst, at(MR + i), &masks);
                 }
             }
+            let (wp0, wp1) = (wp(0), if P == 2 { wp(1) } else { wp(0) });
+            let mut xv = [S::splat(0.0); V];
             for k in 0..kc {
-                let xv: [S; V] = std::array::from_fn(|v| S::load::<false>(x.add(packed(v, k)), masks[v]));
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let wv = S::splat(*wp.add(k * MR + i));
+                for (v, xv) in xv.iter_mut().enumerate() {
+                    *xv = S::load::<false>(x.add(packed(v, k)), masks[v]);
+                }
+                for (i, row) in acc0.iter_mut().enumerate() {
+                    let wv = S::splat(*wp0.add(k * MR + i));
                     for (a, xv) in row.iter_mut().zip(&xv) {
                         *a = a.fmadd(wv, *xv);
                     }
                 }
-            }
-            for (i, row) in acc.iter_mut().enumerate().take(self.rows) {
-                let at = at(i);
-                if last {
-                    let b = S::splat(self.w.bias[self.panel * MR + i]);
-                    for (v, a) in row.iter_mut().enumerate() {
-                        *a = a.add(b);
-                        if let Some(r) = self.res {
-                            *a = a.add(S::load::<MASKED>(r.as_ptr().add(at + S::LANES * v), masks[v]));
+                if P == 2 {
+                    for (i, row) in acc1.iter_mut().enumerate() {
+                        let wv = S::splat(*wp1.add(k * MR + i));
+                        for (a, xv) in row.iter_mut().zip(&xv) {
+                            *a = a.fmadd(wv, *xv);
                         }
                     }
-                    self.act.apply_registers(row);
                 }
-                for (v, a) in row.iter().enumerate() {
-                    a.store::<MASKED>(dst.add(at + S::LANES * v), masks[v]);
+            }
+            for (i, row) in acc0.iter_mut().enumerate().take(live(0)) {
+                self.finish::<S, V, MASKED>(row, dst, at(i), i, last, &masks);
+            }
+            for (i, row) in acc1.iter_mut().enumerate().take(live(1)) {
+                self.finish::<S, V, MASKED>(row, dst, at(MR + i), MR + i, last, &masks);
+            }
+        }
+
+        /// A row's partial sums from an earlier slice of input channels.
+        #[inline(always)]
+        unsafe fn resume<S: Simd, const V: usize, const MASKED: bool>(
+            &self,
+            row: &mut [S; V],
+            dst: *mut f32,
+            at: usize,
+            masks: &[S::Mask; V],
+        ) {
+            for (v, a) in row.iter_mut().enumerate() {
+                *a = S::load::<MASKED>(dst.add(at + S::LANES * v), masks[v]);
+            }
+        }
+
+        /// Output channel `i` of the tile (at `at` in dst): with the last slice its bias, residual and
+        /// activation, then stored.
+        #[inline(always)]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn finish<S: Simd, const V: usize, const MASKED: bool>(
+            &self,
+            row: &mut [S; V],
+            dst: *mut f32,
+            at: usize,
+            i: usize,
+            last: bool,
+            masks: &[S::Mask; V],
+        ) {
+            if last {
+                let b = S::splat(self.w.bias[self.panel * MR + i]);
+                for (v, a) in row.iter_mut().enumerate() {
+                    *a = a.add(b);
+                    if let Some(r) = self.res {
+                        *a = a.add(S::load::<MASKED>(r.as_ptr().add(at + S::LANES * v), masks[v]));
+                    }
                 }
+                self.act.apply_registers(row);
+            }
+            for (v, a) in row.iter().enumerate() {
+                a.store::<MASKED>(dst.add(at + S::LANES * v), masks[v]);
             }
         }
     }
@@ -491,6 +555,7 @@ mod tests {
     /// Against direct f64 sums, through the op and each product the CPU has: channel counts with a partial
     /// last panel, maps with whole strips, a partial strip wider and narrower than 8, one pixel, 65 columns
     /// (two pairs of strips and one column), 620 columns (packed blocks of `MAX_STRIPS` and a partial one);
+    /// 34 and 40 output channels (panels in pairs, a partial panel in a pair and alone);
     /// batch 2 (per-sample offsets); 520 input channels (three slices of the channel sum); with and without a
     /// residual and input-channel scale; every activation.
     #[test]
@@ -504,6 +569,8 @@ mod tests {
             (1, 520, 13, 3, 6),
             (1, 7, 9, 5, 13),
             (1, 6, 9, 20, 31),
+            (1, 7, 40, 5, 13),
+            (2, 9, 34, 4, 9),
         ] {
             let hw = h * wd;
             let (xv, wv, bv, rv) = (data(n * c * hw, 1), data(o * c, 2), data(o, 3), data(n * o * hw, 4));
