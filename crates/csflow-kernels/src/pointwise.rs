@@ -459,18 +459,17 @@ pub(crate) mod x86 {
             let x = self.strip.as_ptr();
             // Vector v's columns in the packed strips ([strip][k][NR]).
             let packed = |v: usize, k: usize| (v * S::LANES / NR * kc + k) * NR + v * S::LANES % NR;
-            // Output channel i of the tile (panel i / MR) is at at(i) in dst; panel j has live(j) real rows.
-            let at = |i: usize| (self.panel * MR + i) * self.hw + self.col;
+            // Panel j of the tile has live(j) real rows.
             let live = |j: usize| if j < P { MR.min(self.w.cout.saturating_sub((self.panel + j) * MR)) } else { 0 };
             // Two arrays of 12 handled apart, not one of 24 or references to both: LLVM then kept the
             // accumulators in memory too, storing each after every multiply-add (2.5x slower).
             let (mut acc0, mut acc1) = ([[S::splat(0.0); V]; MR], [[S::splat(0.0); V]; MR]);
             if !first {
                 for (i, row) in acc0.iter_mut().enumerate().take(live(0)) {
-                    self.resume::<S, V, MASKED>(row, dst, at(i), &masks);
+                    self.resume::<S, V, MASKED>(row, dst, i, &masks);
                 }
                 for (i, row) in acc1.iter_mut().enumerate().take(live(1)) {
-                    self.resume::<S, V, MASKED>(row, dst, at(MR + i), &masks);
+                    self.resume::<S, V, MASKED>(row, dst, MR + i, &masks);
                 }
             }
             let (wp0, wp1) = (wp(0), if P == 2 { wp(1) } else { wp(0) });
@@ -495,40 +494,45 @@ pub(crate) mod x86 {
                 }
             }
             for (i, row) in acc0.iter_mut().enumerate().take(live(0)) {
-                self.finish::<S, V, MASKED>(row, dst, at(i), i, last, &masks);
+                self.finish::<S, V, MASKED>(row, dst, i, last, &masks);
             }
             for (i, row) in acc1.iter_mut().enumerate().take(live(1)) {
-                self.finish::<S, V, MASKED>(row, dst, at(MR + i), MR + i, last, &masks);
+                self.finish::<S, V, MASKED>(row, dst, MR + i, last, &masks);
             }
         }
 
-        /// A row's partial sums from an earlier slice of input channels.
+        /// Where output channel `i` of the tile (panel i / MR) starts in dst and the residual.
+        #[inline(always)]
+        fn at(&self, i: usize) -> usize {
+            (self.panel * MR + i) * self.hw + self.col
+        }
+
+        /// Output channel `i`'s partial sums from an earlier slice of input channels.
         #[inline(always)]
         unsafe fn resume<S: Simd, const V: usize, const MASKED: bool>(
             &self,
             row: &mut [S; V],
             dst: *mut f32,
-            at: usize,
+            i: usize,
             masks: &[S::Mask; V],
         ) {
+            let at = self.at(i);
             for (v, a) in row.iter_mut().enumerate() {
                 *a = S::load::<MASKED>(dst.add(at + S::LANES * v), masks[v]);
             }
         }
 
-        /// Output channel `i` of the tile (at `at` in dst): with the last slice its bias, residual and
-        /// activation, then stored.
+        /// Output channel `i` of the tile: with the last slice its bias, residual and activation, then stored.
         #[inline(always)]
-        #[allow(clippy::too_many_arguments)]
         unsafe fn finish<S: Simd, const V: usize, const MASKED: bool>(
             &self,
             row: &mut [S; V],
             dst: *mut f32,
-            at: usize,
             i: usize,
             last: bool,
             masks: &[S::Mask; V],
         ) {
+            let at = self.at(i);
             if last {
                 let b = S::splat(self.w.bias[self.panel * MR + i]);
                 for (v, a) in row.iter_mut().enumerate() {
