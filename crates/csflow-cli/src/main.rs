@@ -30,6 +30,8 @@ enum Command {
     Predict(predict::PredictArgs),
     /// Make a labelled test set in the MVTec AD layout from good images, with synthetic defects and masks.
     Synth(synth::SynthArgs),
+    /// Serve a trained model over HTTP: POST an image to /predict, get its verdict (and heatmap, mask) as JSON.
+    Serve(csflow_serve::ServeArgs),
     /// Show a model file's configuration and statistics.
     Info(predict::InfoArgs),
     /// Write a small synthetic features data set (train: good; test: good and defective) for trying csflow.
@@ -51,6 +53,7 @@ fn main() {
         Command::Test(a) => test::run(a),
         Command::Predict(a) => predict::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Serve(a) => csflow_serve::run(a),
         Command::Info(a) => predict::info(a),
         Command::DemoFeatures(a) => demo::run(a),
     };

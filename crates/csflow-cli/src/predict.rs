@@ -7,9 +7,9 @@ use csflow::data::dataset::images_in;
 use csflow::detector::Detector;
 use csflow::extract::is_image;
 use csflow::io::{atomic_write, load_features, load_model};
-use csflow::overlay::{binary_mask, encode_png, heatmap_overlay};
+use csflow::overlay::encode_png;
 use csflow::score::{score_features, MapMode};
-use csflow::threshold::normalized_score;
+use csflow::threshold::Verdict;
 use csflow::Precision;
 
 use crate::extract::progress_bar;
@@ -85,12 +85,8 @@ impl From<MapArg> for MapMode {
 #[derive(serde::Serialize)]
 struct Line {
     path: String,
-    score: f64,
-    /// On [0, 1], 0.5 at the threshold.
-    normalized_score: Option<f64>,
-    /// `good` or `defect` at the threshold; null without a threshold.
-    label: Option<&'static str>,
-    threshold: Option<f64>,
+    #[serde(flatten)]
+    verdict: Verdict,
     /// The features file's ground truth, when it has one.
     #[serde(skip_serializing_if = "Option::is_none")]
     true_label: Option<&'static str>,
@@ -101,9 +97,8 @@ struct Line {
 }
 
 impl Line {
-    fn new(path: String, score: f64, threshold: Option<f64>, normalized_score: Option<f64>) -> Self {
-        let label = threshold.map(|t| if score >= t { "defect" } else { "good" });
-        Line { path, score, normalized_score, label, threshold, true_label: None, heatmap: None, mask: None }
+    fn new(path: String, verdict: Verdict) -> Self {
+        Line { path, verdict, true_label: None, heatmap: None, mask: None }
     }
 }
 
@@ -180,7 +175,6 @@ pub fn run(a: PredictArgs) -> Result<()> {
         return predict_features(&a, f);
     }
     let det = Detector::load_in(&a.model, a.precision.into())?;
-    let threshold = a.threshold.or(det.threshold());
     let (files, bad_inputs) = expand_inputs(&a.inputs);
     for b in &bad_inputs {
         eprintln!("skipped: {b}");
@@ -189,8 +183,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
         check_output_dir(dir, &files)?;
     }
     let mode = MapMode::from(a.map_mode);
-    let (vmin, vmax) = det.heatmap_range(mode);
-    let mask_threshold = a.mask_threshold.or(det.good_range(mode).map(|r| r[1] as f32));
+    let mask_threshold = a.masks.as_ref().and(det.mask_threshold(mode, a.mask_threshold));
     if a.masks.is_some() && mask_threshold.is_none() {
         bail!("{}: the model records no good-image map range; pass --mask-threshold", a.model.display());
     }
@@ -201,24 +194,17 @@ pub fn run(a: PredictArgs) -> Result<()> {
         bar.set_message(path.display().to_string());
         let result = (|| -> Result<Line> {
             let d = det.detect_file(path)?;
-            let score = d.score as f64;
-            let normalized = threshold.and_then(|t| det.normalized(score, t));
-            let mut line = Line::new(path.display().to_string(), score, threshold, normalized);
-            if a.heatmaps.is_some() || a.masks.is_some() {
-                let map = d.map_at_image_size(mode)?;
-                let (w, h) = d.image.dimensions();
-                if let Some(dir) = &a.heatmaps {
-                    let img = heatmap_overlay(&d.image, &map, vmin, vmax, 0.5)?;
-                    let dest = dir.join(format!("{}.png", rel.display()));
-                    write_png(&dest, &encode_png(&img)?)?;
-                    line.heatmap = Some(dest.display().to_string());
-                }
-                if let (Some(dir), Some(t)) = (&a.masks, mask_threshold) {
-                    let m = binary_mask(&map, h as usize, w as usize, t)?;
-                    let dest = dir.join(format!("{}_mask.png", rel.display()));
-                    write_png(&dest, &encode_png(&m)?)?;
-                    line.mask = Some(dest.display().to_string());
-                }
+            let mut line = Line::new(path.display().to_string(), det.verdict(d.score as f64, a.threshold));
+            let pictures = det.pictures(&d, mode, a.heatmaps.is_some(), mask_threshold)?;
+            if let (Some(dir), Some(img)) = (&a.heatmaps, pictures.heatmap) {
+                let dest = dir.join(format!("{}.png", rel.display()));
+                write_png(&dest, &encode_png(&img)?)?;
+                line.heatmap = Some(dest.display().to_string());
+            }
+            if let (Some(dir), Some(m)) = (&a.masks, pictures.mask) {
+                let dest = dir.join(format!("{}_mask.png", rel.display()));
+                write_png(&dest, &encode_png(&m)?)?;
+                line.mask = Some(dest.display().to_string());
             }
             Ok(line)
         })();
@@ -258,9 +244,7 @@ fn predict_features(a: &PredictArgs, features: &Path) -> Result<()> {
     let good_min = meta.good_min();
     let mut out = std::io::stdout().lock();
     for (i, (path, &score)) in data.paths.iter().zip(&scores).enumerate() {
-        let score = score as f64;
-        let normalized = threshold.zip(good_min).map(|(t, m)| normalized_score(score, t, m));
-        let mut line = Line::new(path.clone(), score, threshold, normalized);
+        let mut line = Line::new(path.clone(), Verdict::new(score as f64, threshold, good_min));
         line.true_label = data.labels.as_ref().map(|l| if l[i] == 0 { "good" } else { "defect" });
         writeln!(out, "{}", serde_json::to_string(&line)?)?;
     }

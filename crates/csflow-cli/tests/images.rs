@@ -3,8 +3,12 @@
 //! (`extract` + `predict --features`) and an uninterrupted run.
 
 use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+
+use base64::Engine;
 
 fn csflow(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_csflow")).args(args).output().expect("runs csflow")
@@ -176,6 +180,164 @@ fn fit_resume_test_and_predict_on_images() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("nope.png"), "{}", stderr(&o));
     assert_eq!(json_lines(&o).len(), 1);
+}
+
+/// A `csflow serve` child process, stopped when dropped.
+struct Server(Child);
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `csflow serve` on a free port; returns it with the address it logged.
+fn serve(args: &[&str]) -> (Server, String) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_csflow"))
+        .args([&["serve", "--port", "0"], args].concat())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("runs csflow serve");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let server = Server(child);
+    let addr = loop {
+        let line = lines.next().expect("serve logged its address").unwrap();
+        if let Some(at) = line.find("listening on http://") {
+            break line[at + "listening on http://".len()..].trim().to_string();
+        }
+    };
+    // Keep reading the log so that the server never blocks on a full pipe.
+    std::thread::spawn(move || lines.for_each(drop));
+    (server, addr)
+}
+
+/// One HTTP/1.1 request (the connection closed after it): the status and the body.
+fn http(addr: &str, method: &str, target: &str, headers: &str, body: &[u8]) -> (u16, Vec<u8>) {
+    let mut stream = TcpStream::connect(addr).unwrap();
+    let head = format!(
+        "{method} {target} HTTP/1.1\r\nHost: {addr}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(&[head.as_bytes(), body].concat()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let end = answer.windows(4).position(|w| w == b"\r\n\r\n").expect("a complete answer");
+    let status = String::from_utf8_lossy(&answer[..end]).split(' ').nth(1).unwrap().parse().unwrap();
+    (status, answer[end + 4..].to_vec())
+}
+
+fn json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(body)))
+}
+
+#[test]
+fn serve_answers_as_predict_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("brick");
+    make_category(&root);
+    let weights = asset("efficientnet-lite0-57934424.pth");
+    let model = dir.path().join("model.safetensors");
+    let o = csflow(&[
+        "fit",
+        "--data",
+        s(&root),
+        "--weights",
+        s(&weights),
+        "--size",
+        "128",
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--batch-size",
+        "4",
+        "--checkpoint-every",
+        "0",
+        "-o",
+        s(&model),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let image = root.join("test/spot/001.png");
+    let (heat, masks) = (dir.path().join("heat"), dir.path().join("masks"));
+    let o = csflow(&["predict", "--model", s(&model), s(&image), "--heatmaps", s(&heat), "--masks", s(&masks)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let want = &json_lines(&o)[0];
+
+    let bytes = std::fs::read(&image).unwrap();
+    let (_server, addr) = serve(&["--model", s(&model), "--max-body-bytes", "100000"]);
+    let (status, body) = http(&addr, "GET", "/health", "", b"");
+    assert_eq!((status, json(&body)), (200, serde_json::json!({"status": "ok"})));
+    let (status, body) = http(&addr, "GET", "/info", "", b"");
+    let info = json(&body);
+    assert_eq!(status, 200);
+    assert_eq!(
+        (info["backbone"].as_str(), &info["input_size"]),
+        (Some("efficientnet-lite0"), &serde_json::json!([128, 128]))
+    );
+    assert_eq!(info["threshold"], want["threshold"]);
+
+    // The same verdict, heatmap and mask as `csflow predict`.
+    let (status, body) = http(&addr, "POST", "/predict?heatmap=true&mask=true", "", &bytes);
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let got = json(&body);
+    for key in ["score", "normalized_score", "label", "threshold"] {
+        assert_eq!(got[key], want[key], "{key}");
+    }
+    assert_eq!((got["width"].as_u64(), got["height"].as_u64()), (Some(128), Some(128)));
+    let png = |key: &str| {
+        let b = base64::engine::general_purpose::STANDARD.decode(got[key].as_str().unwrap()).unwrap();
+        image::load_from_memory(&b).unwrap()
+    };
+    assert_eq!(png("heatmap_png"), image::open(heat.join("001.png")).unwrap());
+    assert_eq!(png("mask_png"), image::open(masks.join("001_mask.png")).unwrap());
+
+    // A request's threshold overrides the model's; no pictures unless asked for.
+    let (status, body) = http(&addr, "POST", "/predict?threshold=1e9", "Content-Type: image/png\r\n", &bytes);
+    let got = json(&body);
+    assert_eq!((status, got["label"].as_str(), got["threshold"].as_f64()), (200, Some("good"), Some(1e9)));
+    assert_eq!(got["score"], want["score"]);
+    assert!(got.get("heatmap_png").is_none() && got.get("mask_png").is_none());
+
+    // Bad requests get a status and a JSON message saying what is wrong.
+    let error = |(status, body): (u16, Vec<u8>)| (status, json(&body)["error"].as_str().unwrap().to_string());
+    let (status, msg) = error(http(&addr, "POST", "/predict", "", b"not an image"));
+    assert_eq!(status, 400);
+    assert!(msg.contains("uploaded image") && msg.contains("PNG"), "{msg}");
+    assert_eq!(error(http(&addr, "POST", "/predict", "", b"")).0, 400);
+    let (status, msg) = error(http(&addr, "POST", "/predict?threshold=high", "", &bytes));
+    assert!(status == 400 && msg.contains("threshold"), "{status} {msg}");
+    let (status, msg) = error(http(&addr, "POST", "/predict", "Content-Type: multipart/form-data\r\n", &bytes));
+    assert!(status == 415 && msg.contains("--data-binary"), "{status} {msg}");
+    let (status, msg) = error(http(&addr, "POST", "/predict", "", &vec![0u8; 100_001]));
+    assert!(status == 413 && msg.contains("100000"), "{status} {msg}");
+    assert_eq!(error(http(&addr, "GET", "/predict", "", b"")).0, 405);
+    assert_eq!(error(http(&addr, "GET", "/", "", b"")).0, 404);
+    // The server still answers after all that.
+    assert_eq!(http(&addr, "POST", "/predict", "", &bytes).0, 200);
+
+    // With no queue, a request that comes while another is scored is turned away (whichever comes second; a
+    // 6000 x 6000 image with its heatmap takes about 1 s, the second request comes 0.15 s after the first).
+    let (_server, addr) = serve(&["--model", s(&model), "--max-queue", "0"]);
+    let mut big = Vec::new();
+    image::RgbImage::from_pixel(6000, 6000, image::Rgb([120, 110, 100]))
+        .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
+        .unwrap();
+    let first = {
+        let addr = addr.clone();
+        std::thread::spawn(move || http(&addr, "POST", "/predict?heatmap=true", "", &big).0)
+    };
+    std::thread::sleep(std::time::Duration::from_millis(150));
+    let mut statuses = [http(&addr, "POST", "/predict", "", &bytes).0, first.join().unwrap()];
+    statuses.sort();
+    assert_eq!(statuses, [200, 503]);
+
+    // A model file that cannot be read stops the server before it listens, naming the file.
+    let junk = dir.path().join("junk.safetensors");
+    std::fs::write(&junk, b"junk").unwrap();
+    let o = csflow(&["serve", "--model", s(&junk), "--port", "0"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("junk.safetensors"), "{}", stderr(&o));
 }
 
 #[test]

@@ -3,13 +3,14 @@
 use std::path::Path;
 
 use csflow_kernels::Precision;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 
 use crate::extract::FeatureExtractor;
 use crate::flow::{CsFlow, FlowOutput};
 use crate::io::{load_model, load_rgb, pyramid, resize_rgb, to_normalized_tensor, ModelFile, ModelMeta};
+use crate::overlay::{binary_mask, heatmap_overlay};
 use crate::score::{anomaly_map, image_scores, MapMode};
-use crate::threshold::normalized_score;
+use crate::threshold::Verdict;
 use crate::{Error, Result};
 
 /// Everything `predict`, `test` and `serve` need, loaded from one model file.
@@ -24,6 +25,13 @@ pub struct Detection {
     pub score: f32,
     pub output: FlowOutput,
     pub image: RgbImage,
+}
+
+/// A detection drawn for people, at the image's size: the heatmap overlay and the binary defect mask (255 =
+/// defect), each when asked for.
+pub struct Pictures {
+    pub heatmap: Option<RgbImage>,
+    pub mask: Option<GrayImage>,
 }
 
 impl Detection {
@@ -118,8 +126,34 @@ impl Detector {
         self.meta.threshold
     }
 
-    /// The score on [0, 1] (0.5 at the threshold), when the model has a threshold and good-score statistics.
-    pub fn normalized(&self, score: f64, threshold: f64) -> Option<f64> {
-        Some(normalized_score(score, threshold, self.meta.good_min()?))
+    /// The verdict on `score` at `threshold`, or at the model's threshold when that is None.
+    pub fn verdict(&self, score: f64, threshold: Option<f64>) -> Verdict {
+        Verdict::new(score, threshold.or(self.threshold()), self.meta.good_min())
+    }
+
+    /// The anomaly-map value from which a pixel is marked defective: `given`, else the highest value seen on
+    /// good images at training (None when the model records none).
+    pub fn mask_threshold(&self, mode: MapMode, given: Option<f32>) -> Option<f32> {
+        given.or(self.good_range(mode).map(|r| r[1] as f32))
+    }
+
+    /// From one map of `d` at the image's size: the heatmap overlay (colours over [`Detector::heatmap_range`],
+    /// half transparent) when `heatmap`, the mask of values at or above `mask_threshold` when given.
+    pub fn pictures(
+        &self,
+        d: &Detection,
+        mode: MapMode,
+        heatmap: bool,
+        mask_threshold: Option<f32>,
+    ) -> Result<Pictures> {
+        if !heatmap && mask_threshold.is_none() {
+            return Ok(Pictures { heatmap: None, mask: None });
+        }
+        let map = d.map_at_image_size(mode)?;
+        let (vmin, vmax) = self.heatmap_range(mode);
+        let heatmap = if heatmap { Some(heatmap_overlay(&d.image, &map, vmin, vmax, 0.5)?) } else { None };
+        let (w, h) = d.image.dimensions();
+        let mask = mask_threshold.map(|t| binary_mask(&map, h as usize, w as usize, t)).transpose()?;
+        Ok(Pictures { heatmap, mask })
     }
 }

@@ -38,6 +38,30 @@ pub fn normalized_score(score: f64, threshold: f64, good_min: f64) -> f64 {
     (0.5 + 0.5 * (score - threshold) / span).clamp(0.0, 1.0)
 }
 
+/// One image's verdict as `predict` and `serve` report it, fields in this order.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct Verdict {
+    pub score: f64,
+    /// [`normalized_score`]: on [0, 1], 0.5 at the threshold; None without a threshold or good-score
+    /// statistics.
+    pub normalized_score: Option<f64>,
+    /// `good` or `defect` (score at or above the threshold); None without a threshold.
+    pub label: Option<&'static str>,
+    pub threshold: Option<f64>,
+}
+
+impl Verdict {
+    /// The verdict on `score` at `threshold`, normalised with the best good image's score `good_min`.
+    pub fn new(score: f64, threshold: Option<f64>, good_min: Option<f64>) -> Self {
+        Verdict {
+            score,
+            normalized_score: threshold.zip(good_min).map(|(t, m)| normalized_score(score, t, m)),
+            label: threshold.map(|t| if score >= t { "defect" } else { "good" }),
+            threshold,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +99,18 @@ mod tests {
         // A degenerate span (threshold at the minimum) still orders scores around the threshold.
         assert_eq!(normalized_score(3.0, 3.0, 3.0), 0.5);
         assert_eq!(normalized_score(3.1, 3.0, 3.0), 1.0);
+    }
+
+    #[test]
+    fn verdicts_label_at_or_above_the_threshold() {
+        let v = Verdict::new(4.0, Some(3.0), Some(1.0));
+        assert_eq!((v.normalized_score, v.label, v.threshold), (Some(0.75), Some("defect"), Some(3.0)));
+        assert_eq!(Verdict::new(3.0, Some(3.0), None).label, Some("defect"));
+        assert_eq!(Verdict::new(3.0, Some(3.0), None).normalized_score, None);
+        assert_eq!(Verdict::new(2.0, Some(3.0), Some(1.0)).label, Some("good"));
+        let none = Verdict::new(2.0, None, Some(1.0));
+        assert_eq!((none.normalized_score, none.label, none.threshold), (None, None, None));
+        let json = serde_json::to_string(&Verdict::new(2.0, Some(3.0), Some(1.0))).unwrap();
+        assert_eq!(json, r#"{"score":2.0,"normalized_score":0.25,"label":"good","threshold":3.0}"#);
     }
 }
