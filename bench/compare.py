@@ -32,6 +32,7 @@ WORKLOADS = [
     ("lite0-256", "EfficientNet-Lite0 to block 14, 256 px, 3 scales, batch 1", 10),
     ("predict", "predict end to end: 512 px PNG -> score + full-size map (Lite0 256 px, CPU-size flow)", 10),
     ("predict-bf16", "the same, csflow --precision bf16 (flow only; the backbone stays f32)", 10),
+    ("predict-batch", "predict on a folder, per image: the flow on 8 images at once (csflow --batch-size 8)", 5),
 ]
 # OpenVINO twice: its default (bfloat16 on CPUs with AVX512_BF16), and with float32 asked for, the precision
 # at which its scores match PyTorch's (bench/engine_accuracy.py: the default moved a trained model's by 1e-2 to
@@ -128,10 +129,11 @@ def main():
         c, p, o, f = r.get("csflow"), r.get("pytorch"), r.get("openvino"), r.get("openvino-f32")
         print(f"| {what} | {cell(c)} | {cell(p)} | {cell(o)} | {cell(f)} | {ratio(c, p)} | {ratio(c, o)} | "
               f"{ratio(c, f)} | {mem(c)} / {mem(p)} / {mem(o)} / {mem(f)} |")
-    pr = dict((w, r) for w, _, r in rows)["predict"]
-    print()
-    print("predict throughput, one stream: " + ", ".join(
-        f"{e} {1 / pr[e][0]:.1f} images/s" for e in ENGINES if pr.get(e) and pr[e][0]))
+    by_name = dict((w, r) for w, _, r in rows)
+    for w, what in [("predict", "one image at a time"), ("predict-batch", "a folder in batches of 8")]:
+        pr = by_name.get(w, {})
+        print(f"\npredict throughput, {what}: " + ", ".join(
+            f"{e} {1 / pr[e][0]:.1f} images/s" for e in ENGINES if pr.get(e) and pr[e][0]))
 
 
 if __name__ == "__main__":

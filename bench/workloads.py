@@ -108,23 +108,32 @@ def extraction_workload(name, size, levels=range(3)):
     return timed(lambda: [r(x) for r, x in zip(runs, xs)])
 
 
-def predict_workload():
-    """One image file to its score and full-size anomaly map: decode, PIL resize, normalise, three scales,
-    Lite0, flow, mean z^2 map upsampled (bilinear, align_corners=False) to the image's size."""
+def predict_workload(batch=1):
+    """Image files to their scores and full-size anomaly maps, `batch` at a time as `csflow predict --batch-size`
+    scores a folder: each decoded, PIL-resized, normalised, its three scales through Lite0; the flow on the
+    batch at once; per image the mean z^2 map upsampled (bilinear, align_corners=False) to its size. Returns
+    the time per image."""
     from PIL import Image
     net, flow = backbone("lite0"), FlowZ(make_flow(192, 256))
     xs = [np.zeros((1, 3, 256 >> s, 256 >> s), np.float32) for s in range(3)]
     nets = [runner(net, [x]) for x in xs]
-    fz = runner(flow, [np.zeros((1, 192, 8 >> i, 8 >> i), np.float32) for i in range(3)])
+    fz = runner(flow, [np.zeros((batch, 192, 8 >> i, 8 >> i), np.float32) for i in range(3)])
 
     def run():
-        img = Image.open(image).convert("RGB")
-        w, h = img.size
-        feats = [r(p.numpy())[0] for r, p in zip(nets, pyramid(img, 256, 256))]
-        z = [torch.from_numpy(t) for t in fz(*feats)]
-        m = F.interpolate(z[0].pow(2).mean(1, keepdim=True), size=(h, w), mode="bilinear", align_corners=False)
-        return score(z), m
-    return timed(run)
+        levels, sizes = [[], [], []], []
+        for _ in range(batch):
+            img = Image.open(image).convert("RGB")
+            sizes.append(img.size)
+            for level, r, p in zip(levels, nets, pyramid(img, 256, 256)):
+                level.append(r(p.numpy())[0])
+        z = [torch.from_numpy(t) for t in fz(*[np.concatenate(level) for level in levels])]
+        out = []
+        for i, (w, h) in enumerate(sizes):
+            zi = [t[i:i + 1] for t in z]
+            m = F.interpolate(zi[0].pow(2).mean(1, keepdim=True), size=(h, w), mode="bilinear", align_corners=False)
+            out.append((score(zi), m))
+        return out
+    return timed(run) / batch
 
 
 work = {
@@ -141,6 +150,8 @@ work = {
     "b5-768-level1": lambda: extraction_workload("b5", 768, [1]),
     "b5-768-level2": lambda: extraction_workload("b5", 768, [2]),
     "predict": predict_workload,
+    # csflow's PREDICT_BATCH (crates/csflow/benches/workloads.rs).
+    "predict-batch": lambda: predict_workload(8),
 }
 if engine.startswith("openvino") and "step" in workload:
     sys.exit(3)  # no training in OpenVINO

@@ -41,8 +41,10 @@ pub struct PredictArgs {
     /// How the per-scale maps become one map: scale0 (the authors') or product (anomalib's).
     #[arg(long, value_enum, default_value = "scale0")]
     map_mode: MapArg,
-    /// Samples per forward pass (features files).
-    #[arg(long, default_value_t = 16)]
+    /// Images (or features samples) per forward pass of the flow: a batch reads the flow's weights once for
+    /// all its images (CPU size: the flow 8.7 ms for one image, 4.6 ms per image in fours); results are printed
+    /// a batch at a time.
+    #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch_size: usize,
     /// Arithmetic of the flow's largest products: f32, or bf16 (3x3 and larger maps' stride-2 layers
     /// rounded to bfloat16, the small maps' weights to f16, summed in f32; on CPUs with AVX512_BF16, others
@@ -190,32 +192,35 @@ pub fn run(a: PredictArgs) -> Result<()> {
     let bar = progress_bar(files.len(), "images");
     let mut out = std::io::stdout().lock();
     let mut failed = 0usize;
-    for (path, rel) in &files {
-        bar.set_message(path.display().to_string());
-        let result = (|| -> Result<Line> {
-            let d = det.detect_file(path)?;
-            let mut line = Line::new(path.display().to_string(), det.verdict(d.score as f64, a.threshold));
-            let pictures = det.pictures(&d, mode, a.heatmaps.is_some(), mask_threshold)?;
-            if let (Some(dir), Some(img)) = (&a.heatmaps, pictures.heatmap) {
-                let dest = dir.join(format!("{}.png", rel.display()));
-                write_png(&dest, &encode_png(&img)?)?;
-                line.heatmap = Some(dest.display().to_string());
+    for chunk in files.chunks(a.batch_size) {
+        bar.set_message(chunk[0].0.display().to_string());
+        let paths: Vec<&Path> = chunk.iter().map(|(p, _)| p.as_path()).collect();
+        for ((path, rel), detection) in chunk.iter().zip(det.detect_files(&paths)) {
+            let result = (|| -> Result<Line> {
+                let d = detection?;
+                let mut line = Line::new(path.display().to_string(), det.verdict(d.score as f64, a.threshold));
+                let pictures = det.pictures(&d, mode, a.heatmaps.is_some(), mask_threshold)?;
+                if let (Some(dir), Some(img)) = (&a.heatmaps, pictures.heatmap) {
+                    let dest = dir.join(format!("{}.png", rel.display()));
+                    write_png(&dest, &encode_png(&img)?)?;
+                    line.heatmap = Some(dest.display().to_string());
+                }
+                if let (Some(dir), Some(m)) = (&a.masks, pictures.mask) {
+                    let dest = dir.join(format!("{}_mask.png", rel.display()));
+                    write_png(&dest, &encode_png(&m)?)?;
+                    line.mask = Some(dest.display().to_string());
+                }
+                Ok(line)
+            })();
+            match result {
+                Ok(line) => bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?,
+                Err(e) => {
+                    failed += 1;
+                    bar.suspend(|| eprintln!("skipped: {e:#}"));
+                }
             }
-            if let (Some(dir), Some(m)) = (&a.masks, pictures.mask) {
-                let dest = dir.join(format!("{}_mask.png", rel.display()));
-                write_png(&dest, &encode_png(&m)?)?;
-                line.mask = Some(dest.display().to_string());
-            }
-            Ok(line)
-        })();
-        match result {
-            Ok(line) => bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?,
-            Err(e) => {
-                failed += 1;
-                bar.suspend(|| eprintln!("skipped: {e:#}"));
-            }
+            bar.inc(1);
         }
-        bar.inc(1);
     }
     bar.finish_and_clear();
     let failed = failed + bad_inputs.len();

@@ -175,6 +175,26 @@ fn fit_resume_test_and_predict_on_images() {
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("output folder holds the input"), "{}", stderr(&o));
 
+    // Images scored in batches through the flow (here 3 + 3 + 1, an unreadable file in the first batch)
+    // score as one at a time; the unreadable file fails alone, the others keep their order.
+    std::fs::write(root.join("test/good/0011.png"), b"not a png either").unwrap();
+    let scores = |batch: &str| {
+        let o = csflow(&["predict", "--model", s(&full), s(&test_dir), "--batch-size", batch]);
+        assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+        assert!(stderr(&o).contains("0011.png"), "{}", stderr(&o));
+        json_lines(&o)
+            .iter()
+            .map(|l| (l["path"].as_str().unwrap().to_string(), l["score"].as_f64().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let (one, three) = (scores("1"), scores("3"));
+    assert_eq!(one.len(), 6);
+    for ((p1, a), (p3, b)) in one.iter().zip(&three) {
+        assert_eq!(p1, p3);
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{p1}: {a} alone, {b} in a batch");
+    }
+    std::fs::remove_file(root.join("test/good/0011.png")).unwrap();
+
     // A missing input is reported, the rest still scored, the exit status says so.
     let o = csflow(&["predict", "--model", s(&full), s(&root.join("nope.png")), s(&root.join("test/spot/000.png"))]);
     assert_eq!(o.status.code(), Some(1));

@@ -162,19 +162,25 @@ fn lite0_weights() -> BTreeMap<String, Tensor> {
     csflow::extract::load_backbone_weights(std::path::Path::new(path)).expect("run scripts/setup.sh first")
 }
 
-fn predict(image: &str, reps: usize, precision: Precision) -> f64 {
+/// `predict` on a folder: `batch` image files per [`Detector::detect_files`] call, each to its score and
+/// full-size map; the time per image.
+fn predict(image: &str, batch: usize, reps: usize, precision: Precision) -> f64 {
     let extractor = FeatureExtractor::new("efficientnet-lite0", &lite0_weights(), None, [256, 256]).unwrap();
     let flow_config = FlowConfig::new(extractor.channels(), 256);
     let flow = CsFlow::new(flow_config.clone(), &flow_params(&flow_config)).unwrap();
     // Lite0 at 256 px: latent maps 8, 4 and 2.
     let flow = flow.for_inference_in(Some([[8, 8], [4, 4], [2, 2]]), precision).unwrap();
     let det = Detector { extractor, flow, meta: ModelMeta::new(flow_config) };
-    let path = std::path::Path::new(image);
+    let paths = vec![std::path::Path::new(image); batch];
     time(reps, || {
-        let d = det.detect_file(path).unwrap();
-        d.map_at_image_size(MapMode::Scale0).unwrap();
-    })
+        for d in det.detect_files(&paths) {
+            d.unwrap().map_at_image_size(MapMode::Scale0).unwrap();
+        }
+    }) / batch as f64
 }
+
+/// Images per call in `predict-batch`, as `csflow predict --batch-size 8` (the default) scores a folder.
+const PREDICT_BATCH: usize = 8;
 
 fn main() {
     csflow::memory::retain_freed_memory();
@@ -200,10 +206,11 @@ fn main() {
         "b5-768-level1" => level(EfficientNetConfig::b5(), 768, 1, reps),
         "b5-768-level2" => level(EfficientNetConfig::b5(), 768, 2, reps),
         "b5-768" => extraction(EfficientNetConfig::b5(), 768, reps),
-        "predict" | "predict-bf16" => {
+        "predict" | "predict-bf16" | "predict-batch" => {
             let default = concat!(env!("CARGO_MANIFEST_DIR"), "/../../assets/brick.png");
-            let precision = if workload == "predict" { Precision::F32 } else { Precision::Bf16 };
-            predict(args.get(2).map(String::as_str).unwrap_or(default), reps, precision)
+            let precision = if workload == "predict-bf16" { Precision::Bf16 } else { Precision::F32 };
+            let batch = if workload == "predict-batch" { PREDICT_BATCH } else { 1 };
+            predict(args.get(2).map(String::as_str).unwrap_or(default), batch, reps, precision)
         }
         "depthwise" => {
             let dev = Device::Cpu;

@@ -2,8 +2,10 @@
 
 use std::path::Path;
 
+use candle_core::Tensor;
 use csflow_kernels::Precision;
 use image::{GrayImage, RgbImage};
+use rayon::prelude::*;
 
 use crate::extract::FeatureExtractor;
 use crate::flow::{CsFlow, FlowOutput};
@@ -94,14 +96,59 @@ impl Detector {
 
     /// Scores a decoded image.
     pub fn detect(&self, image: RgbImage) -> Result<Detection> {
+        Ok(self.detect_batch(vec![image])?.remove(0))
+    }
+
+    /// Scores images together: each through the backbone alone, then all through the flow in one batch, which
+    /// reads the flow's weights once for all of them (at the CPU size the flow takes 8.7 ms for one image,
+    /// 4.6 ms per image in fours, 4.5 in eights: at batch 1 it waits on those reads).
+    pub fn detect_batch(&self, images: Vec<RgbImage>) -> Result<Vec<Detection>> {
+        if images.is_empty() {
+            return Ok(Vec::new());
+        }
         let [h, w] = self.extractor.size;
-        let (score, output) = csflow_kernels::on_worker(|| {
-            let x = to_normalized_tensor(&resize_rgb(&image, h, w)?)?;
-            let features = self.extractor.features(&pyramid(&x, 3)?)?;
-            let output = self.flow.forward(&features)?;
-            Ok::<_, Error>((image_scores(&output)?.to_vec1::<f32>()?[0], output))
+        let (scores, outputs) = csflow_kernels::on_worker(|| {
+            let mut levels: [Vec<Tensor>; 3] = Default::default();
+            for image in &images {
+                let x = to_normalized_tensor(&resize_rgb(image, h, w)?)?;
+                for (level, f) in levels.iter_mut().zip(self.extractor.features(&pyramid(&x, 3)?)?) {
+                    level.push(f);
+                }
+            }
+            let [a, b, c] = levels.map(|l| Tensor::cat(&l, 0));
+            let output = self.flow.forward(&[a?, b?, c?])?;
+            let scores = image_scores(&output)?.to_vec1::<f32>()?;
+            let outputs = (0..images.len()).map(|i| output.sample(i)).collect::<Result<Vec<_>>>()?;
+            Ok::<_, Error>((scores, outputs))
         })?;
-        Ok(Detection { score, output, image })
+        Ok(images
+            .into_iter()
+            .zip(scores.into_iter().zip(outputs))
+            .map(|(image, (score, output))| Detection { score, output, image })
+            .collect())
+    }
+
+    /// Reads `paths` (in parallel) and scores the images together ([`Detector::detect_batch`]): one result
+    /// per path, in order; a file that cannot be read fails alone, naming itself.
+    pub fn detect_files(&self, paths: &[&Path]) -> Vec<Result<Detection>> {
+        let mut decoded: Vec<Result<RgbImage>> =
+            csflow_kernels::on_worker(|| paths.par_iter().map(|p| load_rgb(p)).collect());
+        let images: Vec<RgbImage> = decoded.iter_mut().filter_map(|d| d.as_mut().ok().map(std::mem::take)).collect();
+        let (mut detections, failure) = match self.detect_batch(images) {
+            Ok(d) => (d.into_iter(), None),
+            Err(e) => (Vec::new().into_iter(), Some(e.to_string())),
+        };
+        decoded
+            .into_iter()
+            .zip(paths)
+            .map(|(d, path)| {
+                d?;
+                match &failure {
+                    Some(msg) => Err(Error::format(*path, msg.clone())),
+                    None => Ok(detections.next().expect("one detection per decoded image")),
+                }
+            })
+            .collect()
     }
 
     /// The good images' (median, maximum) map values for `mode`, when the model records them.

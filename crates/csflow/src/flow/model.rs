@@ -228,6 +228,13 @@ pub fn flatten_z(z: &[Tensor; 3]) -> Result<Tensor> {
 }
 
 impl FlowOutput {
+    /// Sample `i` of the batch, as a batch of one.
+    pub fn sample(&self, i: usize) -> Result<FlowOutput> {
+        let z = [0, 1, 2].map(|s| self.z[s].narrow(0, i, 1));
+        let [a, b, c] = z;
+        Ok(FlowOutput { z: [a?, b?, c?], logdet: self.logdet.narrow(0, i, 1)? })
+    }
+
     /// The training loss: mean over the batch of 0.5 * sum(z^2) - sum of log-dets, divided by D.
     pub fn loss(&self) -> Result<Tensor> {
         let flat = flatten_z(&self.z)?;
