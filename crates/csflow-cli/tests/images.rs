@@ -336,18 +336,44 @@ fn serve_answers_as_predict_does() {
     // The server still answers after all that.
     assert_eq!(http(&addr, "POST", "/predict", "", &bytes).0, 200);
 
-    // With no queue, a request that comes while another is scored is turned away (whichever comes second; a
-    // 6000 x 6000 image with its heatmap takes about 1 s, the second request comes 0.15 s after the first).
-    let (_server, addr) = serve(&["--model", s(&model), "--max-queue", "0"]);
+    // Requests that wait while another is scored are scored together, answering as they would alone; with no
+    // queue, one that comes while another is scored is turned away (whichever comes second). A 6000 x 6000
+    // image with its heatmap takes about 1 s; the other requests come 0.3 s after it.
     let mut big = Vec::new();
     image::RgbImage::from_pixel(6000, 6000, image::Rgb([120, 110, 100]))
         .write_to(&mut std::io::Cursor::new(&mut big), image::ImageFormat::Png)
         .unwrap();
-    let first = {
-        let addr = addr.clone();
-        std::thread::spawn(move || http(&addr, "POST", "/predict?heatmap=true", "", &big).0)
+    let big = std::sync::Arc::new(big);
+    let occupy = |addr: &str| {
+        let (addr, big) = (addr.to_string(), big.clone());
+        let first = std::thread::spawn(move || http(&addr, "POST", "/predict?heatmap=true", "", &big).0);
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        first
     };
-    std::thread::sleep(std::time::Duration::from_millis(150));
+    let (_server, addr) = serve(&["--model", s(&model)]);
+    let first = occupy(&addr);
+    let files: Vec<PathBuf> = ["test/good/000.png", "test/spot/000.png", "test/spot/001.png", "train/good/005.png"]
+        .iter()
+        .map(|f| root.join(f))
+        .collect();
+    let waiting: Vec<_> = files
+        .iter()
+        .map(|f| {
+            let (addr, bytes) = (addr.clone(), std::fs::read(f).unwrap());
+            std::thread::spawn(move || json(&http(&addr, "POST", "/predict", "", &bytes).1))
+        })
+        .collect();
+    let together: Vec<serde_json::Value> = waiting.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(first.join().unwrap(), 200);
+    for (f, got) in files.iter().zip(&together) {
+        let alone = json(&http(&addr, "POST", "/predict", "", &std::fs::read(f).unwrap()).1);
+        assert_eq!((alone["batch_size"].as_u64(), got["batch_size"].as_u64()), (Some(1), Some(4)), "{got}");
+        let (a, b) = (alone["score"].as_f64().unwrap(), got["score"].as_f64().unwrap());
+        assert!((a - b).abs() <= 1e-5 * a.abs(), "{}: {a} alone, {b} in a batch", f.display());
+        assert_eq!(alone["label"], got["label"]);
+    }
+    let (_server, addr) = serve(&["--model", s(&model), "--max-queue", "0"]);
+    let first = occupy(&addr);
     let mut statuses = [http(&addr, "POST", "/predict", "", &bytes).0, first.join().unwrap()];
     statuses.sort();
     assert_eq!(statuses, [200, 503]);

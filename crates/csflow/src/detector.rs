@@ -131,20 +131,31 @@ impl Detector {
     /// Reads `paths` (in parallel) and scores the images together ([`Detector::detect_batch`]): one result
     /// per path, in order; a file that cannot be read fails alone, naming itself.
     pub fn detect_files(&self, paths: &[&Path]) -> Vec<Result<Detection>> {
-        let mut decoded: Vec<Result<RgbImage>> =
-            csflow_kernels::on_worker(|| paths.par_iter().map(|p| load_rgb(p)).collect());
+        self.detect_decoded(paths, |p| load_rgb(p), |p, e| Error::format(*p, e.to_string()))
+    }
+
+    /// Decodes `inputs` in parallel with `decode`, then scores the images in one batch
+    /// ([`Detector::detect_batch`]): one result per input, in order. An input that cannot be decoded fails
+    /// alone with `decode`'s error; when the batch fails, each decoded input gets `failed(input, error)`.
+    pub fn detect_decoded<T: Sync, E: Send>(
+        &self,
+        inputs: &[T],
+        decode: impl Fn(&T) -> std::result::Result<RgbImage, E> + Sync,
+        failed: impl Fn(&T, &Error) -> E,
+    ) -> Vec<std::result::Result<Detection, E>> {
+        let mut decoded: Vec<_> = csflow_kernels::on_worker(|| inputs.par_iter().map(&decode).collect());
         let images: Vec<RgbImage> = decoded.iter_mut().filter_map(|d| d.as_mut().ok().map(std::mem::take)).collect();
-        let (mut detections, failure) = match self.detect_batch(images) {
+        let (mut detections, error) = match self.detect_batch(images) {
             Ok(d) => (d.into_iter(), None),
-            Err(e) => (Vec::new().into_iter(), Some(e.to_string())),
+            Err(e) => (Vec::new().into_iter(), Some(e)),
         };
         decoded
             .into_iter()
-            .zip(paths)
-            .map(|(d, path)| {
+            .zip(inputs)
+            .map(|(d, input)| {
                 d?;
-                match &failure {
-                    Some(msg) => Err(Error::format(*path, msg.clone())),
+                match &error {
+                    Some(e) => Err(failed(input, e)),
                     None => Ok(detections.next().expect("one detection per decoded image")),
                 }
             })
