@@ -1,6 +1,7 @@
 //! The `csflow` command: parses arguments, calls the library, prints.
 
 mod demo;
+mod export;
 mod extract;
 mod fit;
 mod predict;
@@ -32,6 +33,8 @@ enum Command {
     Synth(synth::SynthArgs),
     /// Serve a trained model over HTTP: POST an image to /predict, get its verdict (and heatmap, mask) as JSON.
     Serve(csflow_serve::ServeArgs),
+    /// Write a model (backbone, flow and scores) as one ONNX graph, for ONNX Runtime, OpenVINO or TensorRT.
+    Export(export::ExportArgs),
     /// Show a model file's configuration and statistics.
     Info(predict::InfoArgs),
     /// Write a small synthetic features data set (train: good; test: good and defective) for trying csflow.
@@ -54,6 +57,7 @@ fn main() {
         Command::Predict(a) => predict::run(a),
         Command::Synth(a) => synth::run(a),
         Command::Serve(a) => csflow_serve::run(a),
+        Command::Export(a) => export::run(a),
         Command::Info(a) => predict::info(a),
         Command::DemoFeatures(a) => demo::run(a),
     };

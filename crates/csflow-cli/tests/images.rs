@@ -378,6 +378,47 @@ fn serve_answers_as_predict_does() {
     statuses.sort();
     assert_eq!(statuses, [200, 503]);
 
+    // export writes the whole model as ONNX (its numbers are checked in csflow's tests/export.rs); a model
+    // without backbone is refused, naming the file.
+    let onnx = dir.path().join("model.onnx");
+    let o = csflow(&["export", "--model", s(&model), "-o", s(&onnx)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let backbone_bytes: usize =
+        csflow::io::load_model(&model).unwrap().other.values().map(|t| 4 * t.elem_count()).sum();
+    assert!(std::fs::metadata(&onnx).unwrap().len() as usize > backbone_bytes, "{}", stderr(&o));
+    let feats = dir.path().join("feats.safetensors");
+    let e = csflow(&[
+        "extract",
+        "--images",
+        s(&root.join("train/good")),
+        "--weights",
+        s(&weights),
+        "--size",
+        "128",
+        "-o",
+        s(&feats),
+    ]);
+    assert!(e.status.success(), "{}", stderr(&e));
+    let flow_only = dir.path().join("flow_only.safetensors");
+    let f = csflow(&[
+        "fit",
+        "--features",
+        s(&feats),
+        "--epochs",
+        "1",
+        "--hidden",
+        "32",
+        "--checkpoint-every",
+        "0",
+        "-o",
+        s(&flow_only),
+    ]);
+    assert!(f.status.success(), "{}", stderr(&f));
+    let o = csflow(&["export", "--model", s(&flow_only), "-o", s(&dir.path().join("no.onnx"))]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("flow_only.safetensors") && stderr(&o).contains("no backbone"), "{}", stderr(&o));
+    assert!(!dir.path().join("no.onnx").exists());
+
     // A model file that cannot be read stops the server before it listens, naming the file.
     let junk = dir.path().join("junk.safetensors");
     std::fs::write(&junk, b"junk").unwrap();

@@ -8,6 +8,7 @@ pub mod data;
 pub mod detector;
 pub mod error;
 pub mod evaluate;
+pub mod export;
 pub mod extract;
 pub mod flow;
 pub mod io;

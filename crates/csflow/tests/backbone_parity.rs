@@ -2,37 +2,9 @@
 //! (reference/make_backbone_fixtures.py): random weights and BatchNorm statistics from the seeded formula.
 mod common;
 
-use std::collections::{BTreeMap, HashMap};
-
 use candle_core::{Device, Tensor};
 use common::*;
 use csflow::backbone::{EfficientNet, EfficientNetConfig};
-
-/// The fixture script's `spread`: (centre, half width) per tensor role.
-fn spread(name: &str, shape: &[usize]) -> (f32, f32) {
-    if shape.len() >= 2 {
-        let fan_in: usize = shape[1..].iter().product();
-        return (0.0, (3.0 / fan_in as f64).sqrt() as f32);
-    }
-    if name.ends_with("running_var") || (name.ends_with(".weight") && name.contains("_bn")) {
-        return (1.0, 0.5);
-    }
-    (0.0, 0.1)
-}
-
-fn weights(fx: &Fixture) -> BTreeMap<String, Tensor> {
-    let shapes: HashMap<String, Vec<usize>> = fx.meta_json("shapes");
-    let seed = fx.meta_usize("seed") as u64;
-    shapes
-        .iter()
-        .map(|(name, shape)| {
-            let (c, h) = spread(name, shape);
-            let v: Vec<f32> =
-                formula_uniform(name, shape.iter().product(), seed).into_iter().map(|u| c + h * u).collect();
-            (name.clone(), Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap())
-        })
-        .collect()
-}
 
 /// ||a - b|| / ||b||.
 fn norm_err(a: &Tensor, b: &Tensor) -> f64 {
@@ -55,7 +27,7 @@ fn check(tag: &str, config: EfficientNetConfig, with_logits: bool) {
     let fx = Fixture::load(&format!("backbone_{tag}.safetensors"));
     let block = fx.meta_usize("block");
     assert_eq!(config.feature_block, block);
-    let w = weights(&fx);
+    let w = backbone_weights(&fx);
     let net = EfficientNet::load(config.clone(), &w, if with_logits { None } else { Some(block) }).unwrap();
     let sizes: Vec<[usize; 2]> = fx.meta_json("sizes");
     for [h, wd] in sizes {
@@ -102,11 +74,11 @@ fn lite0_features_and_logits() {
 #[test]
 fn missing_and_mismatched_tensors_are_named() {
     let fx = Fixture::load("backbone_b0.safetensors");
-    let mut w = weights(&fx);
+    let mut w = backbone_weights(&fx);
     w.remove("_blocks.3._bn1.running_var");
     let e = EfficientNet::load(EfficientNetConfig::b0(), &w, None).unwrap_err().to_string();
     assert!(e.contains("_blocks.3._bn1.running_var"), "{e}");
     // B0 weights are not B5 weights: the first mismatch is named with both shapes.
-    let e = EfficientNet::load(EfficientNetConfig::b5(), &weights(&fx), Some(35)).unwrap_err().to_string();
+    let e = EfficientNet::load(EfficientNetConfig::b5(), &backbone_weights(&fx), Some(35)).unwrap_err().to_string();
     assert!(e.contains("_conv_stem.weight") && e.contains("[32, 3, 3, 3]") && e.contains("[48, 3, 3, 3]"), "{e}");
 }

@@ -13,15 +13,25 @@ const BN_EPS: f64 = 1e-3;
 
 /// A bias-free convolution with its BatchNorm folded in: w' = w * g / sqrt(v + eps), b' = beta - m * g / sqrt(v + eps).
 #[derive(Clone, Debug)]
-struct ConvBn {
-    weight: Tensor,
-    bias: Tensor,
-    stride: usize,
-    pad: Padding,
+pub(crate) struct ConvBn {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub stride: usize,
+    pub pad: Padding,
 }
 
 /// Looks tensors up by their PyTorch names, with errors that name the missing or mismatched one.
-struct Weights<'a>(&'a BTreeMap<String, Tensor>);
+pub(crate) struct Weights<'a>(pub &'a BTreeMap<String, Tensor>);
+
+/// One MBConv block with its BatchNorms folded, as plain tensors: what [`EfficientNet::load`] packs for the
+/// kernels and what the ONNX export writes.
+pub(crate) struct FoldedBlock {
+    pub expand: Option<ConvBn>,
+    pub depthwise: ConvBn,
+    pub se: Option<SqueezeExcite>,
+    pub project: ConvBn,
+    pub skip: bool,
+}
 
 impl Weights<'_> {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
@@ -46,10 +56,38 @@ impl Weights<'_> {
         Ok(ConvBn { weight, bias, stride, pad })
     }
 
-    /// A 1x1 convolution + BatchNorm, folded and packed for [`pointwise_conv`].
-    fn pointwise(&self, conv: &str, bn: &str, out: usize, cin: usize) -> Result<PointwiseWeights> {
-        let folded = self.conv_bn(conv, bn, [out, cin, 1, 1], 1, Padding::symmetric(0))?;
-        Ok(PointwiseWeights::new(&folded.weight, &folded.bias)?)
+    /// The stem convolution, folded.
+    pub(crate) fn stem(&self, config: &EfficientNetConfig) -> Result<ConvBn> {
+        let n = config.native_size;
+        self.conv_bn("_conv_stem", "_bn0", [config.stem_channels, 3, 3, 3], 2, pad2([n, n], 3, 2))
+    }
+
+    /// Block `i` of `config` (`_blocks.{i}.*`), folded.
+    pub(crate) fn block(&self, config: &EfficientNetConfig, i: usize) -> Result<FoldedBlock> {
+        let b = &config.blocks[i];
+        let p = format!("_blocks.{i}");
+        let mid = b.input_filters * b.expand_ratio;
+        let one = Padding::symmetric(0);
+        let expand = (b.expand_ratio != 1)
+            .then(|| {
+                self.conv_bn(&format!("{p}._expand_conv"), &format!("{p}._bn0"), [mid, b.input_filters, 1, 1], 1, one)
+            })
+            .transpose()?;
+        let shape = [mid, 1, b.kernel, b.kernel];
+        let pad = pad2(b.native_in, b.kernel, b.stride);
+        let depthwise = self.conv_bn(&format!("{p}._depthwise_conv"), &format!("{p}._bn1"), shape, b.stride, pad)?;
+        let se = match b.se_channels {
+            Some(sq) => Some(SqueezeExcite {
+                reduce_w: self.get(&format!("{p}._se_reduce.weight"), &[sq, mid, 1, 1])?.reshape((sq, mid))?,
+                reduce_b: self.get(&format!("{p}._se_reduce.bias"), &[sq])?,
+                expand_w: self.get(&format!("{p}._se_expand.weight"), &[mid, sq, 1, 1])?.reshape((mid, sq))?,
+                expand_b: self.get(&format!("{p}._se_expand.bias"), &[mid])?,
+            }),
+            None => None,
+        };
+        let project =
+            self.conv_bn(&format!("{p}._project_conv"), &format!("{p}._bn2"), [b.output_filters, mid, 1, 1], 1, one)?;
+        Ok(FoldedBlock { expand, depthwise, se, project, skip: b.skip })
     }
 }
 
@@ -74,11 +112,13 @@ impl ConvBn {
 /// Squeeze-excitation: channel gates from the spatial mean, through a swish bottleneck and a sigmoid. The
 /// gates multiply the projection's input channels inside [`pointwise_conv`].
 #[derive(Clone, Debug)]
-struct SqueezeExcite {
-    reduce_w: Tensor,
-    reduce_b: Tensor,
-    expand_w: Tensor,
-    expand_b: Tensor,
+pub(crate) struct SqueezeExcite {
+    /// [squeezed, channels]
+    pub reduce_w: Tensor,
+    pub reduce_b: Tensor,
+    /// [channels, squeezed]
+    pub expand_w: Tensor,
+    pub expand_b: Tensor,
 }
 
 impl SqueezeExcite {
@@ -112,7 +152,7 @@ pub struct EfficientNet {
     act: Activation,
 }
 
-fn pad2(native: [usize; 2], k: usize, s: usize) -> Padding {
+pub(crate) fn pad2(native: [usize; 2], k: usize, s: usize) -> Padding {
     let (top, bottom) = same_padding(native[0], k, s);
     let (left, right) = same_padding(native[1], k, s);
     Padding { top, bottom, left, right }
@@ -127,8 +167,7 @@ impl EfficientNet {
         last_block: Option<usize>,
     ) -> Result<Self> {
         let w = Weights(tensors);
-        let n = config.native_size;
-        let stem = w.conv_bn("_conv_stem", "_bn0", [config.stem_channels, 3, 3, 3], 2, pad2([n, n], 3, 2))?;
+        let stem = w.stem(&config)?;
         let upto = last_block.unwrap_or(config.blocks.len() - 1);
         if upto >= config.blocks.len() {
             return Err(Error::Invalid(format!(
@@ -139,31 +178,18 @@ impl EfficientNet {
         }
         let mut blocks = Vec::new();
         for (i, b) in config.blocks.iter().enumerate().take(upto + 1) {
-            let p = format!("_blocks.{i}");
-            let mid = b.input_filters * b.expand_ratio;
-            let expand = (b.expand_ratio != 1)
-                .then(|| w.pointwise(&format!("{p}._expand_conv"), &format!("{p}._bn0"), mid, b.input_filters))
-                .transpose()?;
-            let pad = pad2(b.native_in, b.kernel, b.stride);
-            let dw = w.conv_bn(
-                &format!("{p}._depthwise_conv"),
-                &format!("{p}._bn1"),
-                [mid, 1, b.kernel, b.kernel],
-                b.stride,
-                pad,
-            )?;
-            let depthwise = DepthwiseWeights::new(&dw.weight, &dw.bias)?;
-            let se = match b.se_channels {
-                Some(sq) => Some(SqueezeExcite {
-                    reduce_w: w.get(&format!("{p}._se_reduce.weight"), &[sq, mid, 1, 1])?.reshape((sq, mid))?,
-                    reduce_b: w.get(&format!("{p}._se_reduce.bias"), &[sq])?,
-                    expand_w: w.get(&format!("{p}._se_expand.weight"), &[mid, sq, 1, 1])?.reshape((mid, sq))?,
-                    expand_b: w.get(&format!("{p}._se_expand.bias"), &[mid])?,
-                }),
-                None => None,
-            };
-            let project = w.pointwise(&format!("{p}._project_conv"), &format!("{p}._bn2"), b.output_filters, mid)?;
-            blocks.push(MbConv { expand, depthwise, stride: b.stride, pad, se, project, skip: b.skip });
+            // Packed block by block: the plain folded weights of one block at a time are alive.
+            let f = w.block(&config, i)?;
+            let pack = |c: &ConvBn| PointwiseWeights::new(&c.weight, &c.bias);
+            blocks.push(MbConv {
+                expand: f.expand.as_ref().map(pack).transpose()?,
+                depthwise: DepthwiseWeights::new(&f.depthwise.weight, &f.depthwise.bias)?,
+                stride: b.stride,
+                pad: f.depthwise.pad,
+                se: f.se,
+                project: pack(&f.project)?,
+                skip: f.skip,
+            });
         }
         let head = if last_block.is_none() {
             let last = config.blocks.last().expect("blocks").output_filters;

@@ -6,3 +6,4 @@ mod efficientnet;
 
 pub use config::{BlockConfig, EfficientNetConfig};
 pub use efficientnet::EfficientNet;
+pub(crate) use efficientnet::{ConvBn, Weights};

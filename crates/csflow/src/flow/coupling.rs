@@ -11,7 +11,7 @@ pub fn soft_clamp(s: &Tensor, a: f64) -> Result<Tensor> {
 }
 
 /// Bound applied to the coupling outputs, as the authors do.
-const OUTPUT_LIMIT: f64 = 1e6;
+pub(crate) const OUTPUT_LIMIT: f64 = 1e6;
 
 /// A parallel affine coupling layer over three scales: the second half of the channels conditions the first
 /// (subnet `s2`), then the transformed first half conditions the second (subnet `s1`).

@@ -8,6 +8,8 @@ pub mod permutation;
 mod subnet;
 
 pub use config::FlowConfig;
+pub(crate) use coupling::OUTPUT_LIMIT;
 pub use coupling::{soft_clamp, Coupling};
 pub use model::{flatten_z, CsFlow, FlowOutput, ParamMap};
+pub(crate) use subnet::LEAKY_SLOPE;
 pub use subnet::{Conv2d, ConvWeight, CrossConvolutions};

@@ -21,7 +21,7 @@ pub(crate) const CONVS: [&str; 10] = [
     "down_conv12",
 ];
 
-const LEAKY_SLOPE: f32 = 0.1;
+pub(crate) const LEAKY_SLOPE: f32 = 0.1;
 
 /// A 2-d convolution with bias and zero padding k/2 (PyTorch `nn.Conv2d(.., padding=k // 2)`).
 #[derive(Clone, Debug)]

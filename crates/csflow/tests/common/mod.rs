@@ -1,7 +1,7 @@
 //! Shared test helpers: fixture loading, the seeded weight formula of reference/csflow_ref.py, errors.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use candle_core::{Device, Tensor};
@@ -109,4 +109,31 @@ pub fn rel_err_vec(a: &[f32], b: &[f32]) -> f64 {
     } else {
         diff / scale
     }
+}
+
+/// The fixture script's `spread`: (centre, half width) per tensor role.
+fn spread(name: &str, shape: &[usize]) -> (f32, f32) {
+    if shape.len() >= 2 {
+        let fan_in: usize = shape[1..].iter().product();
+        return (0.0, (3.0 / fan_in as f64).sqrt() as f32);
+    }
+    if name.ends_with("running_var") || (name.ends_with(".weight") && name.contains("_bn")) {
+        return (1.0, 0.5);
+    }
+    (0.0, 0.1)
+}
+
+/// A backbone fixture's weights, from the seeded formula and the shapes it records.
+pub fn backbone_weights(fx: &Fixture) -> BTreeMap<String, Tensor> {
+    let shapes: HashMap<String, Vec<usize>> = fx.meta_json("shapes");
+    let seed = fx.meta_usize("seed") as u64;
+    shapes
+        .iter()
+        .map(|(name, shape)| {
+            let (c, h) = spread(name, shape);
+            let v: Vec<f32> =
+                formula_uniform(name, shape.iter().product(), seed).into_iter().map(|u| c + h * u).collect();
+            (name.clone(), Tensor::from_vec(v, shape.as_slice(), &Device::Cpu).unwrap())
+        })
+        .collect()
 }
