@@ -327,6 +327,8 @@ fn serve_answers_as_predict_does() {
     assert_eq!(error(http(&addr, "POST", "/predict", "", b"")).0, 400);
     let (status, msg) = error(http(&addr, "POST", "/predict?threshold=high", "", &bytes));
     assert!(status == 400 && msg.contains("threshold"), "{status} {msg}");
+    let (status, msg) = error(http(&addr, "POST", "/predict?threshold=NaN", "", &bytes));
+    assert!(status == 400 && msg.contains("finite"), "{status} {msg}");
     let (status, msg) = error(http(&addr, "POST", "/predict", "Content-Type: multipart/form-data\r\n", &bytes));
     assert!(status == 415 && msg.contains("--data-binary"), "{status} {msg}");
     let (status, msg) = error(http(&addr, "POST", "/predict", "", &vec![0u8; 100_001]));

@@ -39,7 +39,7 @@ use csflow::threshold::Verdict;
 use csflow::Precision;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 
 /// The server's settings: each flag also reads the environment variable it names.
 #[derive(clap::Args, Debug, Clone)]
@@ -99,8 +99,9 @@ pub struct AppState {
     mask_threshold: Option<f32>,
     precision: Precision,
     max_body_bytes: usize,
-    /// Requests admitted, being scored or waiting: `--max-queue` + 1.
-    admitted: Semaphore,
+    /// Requests admitted, being scored or waiting: `--max-queue` + 1. Each job holds its permit until it has
+    /// been answered, also when its client has gone away (the job is still in the queue then).
+    admitted: Arc<Semaphore>,
     jobs: mpsc::UnboundedSender<Job>,
 }
 
@@ -122,7 +123,7 @@ impl AppState {
             mask_threshold: args.mask_threshold,
             precision: args.precision,
             max_body_bytes: args.max_body_bytes,
-            admitted: Semaphore::new(args.max_queue.saturating_add(1).min(Semaphore::MAX_PERMITS)),
+            admitted: Arc::new(Semaphore::new(args.max_queue.saturating_add(1).min(Semaphore::MAX_PERMITS))),
             jobs,
         })
     }
@@ -274,7 +275,10 @@ async fn predict(
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Prediction>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
-    let form = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).is_some_and(|v| v.starts_with("multipart/"));
+    let form = headers
+        .get(CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.to_ascii_lowercase().starts_with("multipart/"));
     if form {
         let msg = "send the image file's bytes as the body (curl --data-binary @part.png), not a multipart form";
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg));
@@ -288,6 +292,9 @@ async fn predict(
     if body.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty body: send the image file's bytes"));
     }
+    if !q.threshold.is_none_or(f64::is_finite) || !q.mask_threshold.is_none_or(f32::is_finite) {
+        return Err(ApiError::new(StatusCode::BAD_REQUEST, "threshold and mask_threshold must be finite numbers"));
+    }
     let mask_threshold = if q.mask {
         let t = s.model.detector.mask_threshold(s.model.mode, q.mask_threshold.or(s.mask_threshold));
         Some(t.ok_or_else(|| {
@@ -296,7 +303,7 @@ async fn predict(
     } else {
         None
     };
-    let Ok(_admitted) = s.admitted.try_acquire() else {
+    let Ok(permit) = s.admitted.clone().try_acquire_owned() else {
         tracing::warn!("queue full: 503");
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy: the queue is full, try again"));
     };
@@ -308,6 +315,7 @@ async fn predict(
         mask_threshold,
         admitted: Instant::now(),
         reply,
+        _permit: permit,
     };
     let stopped = || ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the scoring thread has stopped");
     s.jobs.send(job).map_err(|_| stopped())?;
@@ -330,6 +338,8 @@ struct Job {
     mask_threshold: Option<f32>,
     admitted: Instant,
     reply: oneshot::Sender<Result<Prediction, ApiError>>,
+    /// Released when the job is dropped, after its answer.
+    _permit: OwnedSemaphorePermit,
 }
 
 /// The scoring thread: takes the next request with up to `max_batch - 1` others that wait, scores their
@@ -345,17 +355,24 @@ fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>, max_batch:
             }
         }
         let start = Instant::now();
-        let detections = model.detector.detect_decoded(
-            &batch,
-            |job| {
-                decode_rgb(&job.bytes, Path::new("the uploaded image"))
-                    .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
-            },
-            |_, e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-        );
         let n = batch.len();
-        for (job, detection) in batch.into_iter().zip(detections) {
-            let answer = detection.and_then(|d| answer(model, &job, &d, start, n));
+        // A panic fails this batch's requests with 500, not the thread: later requests are still served.
+        let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let detections = model.detector.detect_decoded(
+                &batch,
+                |job| {
+                    decode_rgb(&job.bytes, Path::new("the uploaded image"))
+                        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+                },
+                |_, e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            );
+            batch.iter().zip(detections).map(|(job, d)| d.and_then(|d| answer(model, job, &d, start, n))).collect()
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("scoring a batch of {n} panicked");
+            (0..n).map(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed"))).collect::<Vec<_>>()
+        });
+        for (job, answer) in batch.into_iter().zip(answers) {
             // A client that has gone away needs no answer.
             let _ = job.reply.send(answer);
         }

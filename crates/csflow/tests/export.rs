@@ -30,29 +30,24 @@ fn asset(name: &str) -> PathBuf {
 /// four-block flow with hidden width 32 and the reference script's formula weights (gammas up to 1, so every
 /// cross-scale path counts). Not at 128 px: tract 0.21 corrupts its heap on the 5x5 convolution of a 1x1
 /// map (OpenVINO computes that graph as csflow does).
-fn model(backbone: Option<(&str, BTreeMap<String, candle_core::Tensor>)>) -> ModelFile {
+fn model(backbone: Option<(&str, BTreeMap<String, candle_core::Tensor>)>, block: Option<usize>) -> ModelFile {
     let name = backbone.as_ref().map_or("efficientnet-lite0", |b| b.0);
     let config = EfficientNetConfig::from_name(name).unwrap();
-    let flow = FlowConfig::new(config.channels_at(config.feature_block), 32);
+    let block = block.unwrap_or(config.feature_block);
+    let flow = FlowConfig::new(config.channels_at(block), 32);
     let mut meta = ModelMeta::new(flow.clone());
     let mut other = BTreeMap::new();
     if let Some((name, weights)) = backbone {
-        other = weights_up_to(&weights, config.feature_block)
-            .into_iter()
-            .map(|(k, v)| (format!("backbone.{k}"), v))
-            .collect();
-        meta.backbone = Some(BackboneMeta {
-            name: name.into(),
-            block: config.feature_block,
-            input_size: [256, 256],
-            weights_hash: String::new(),
-        });
+        other = weights_up_to(&weights, block).into_iter().map(|(k, v)| (format!("backbone.{k}"), v)).collect();
+        meta.backbone =
+            Some(BackboneMeta { name: name.into(), block, input_size: [256, 256], weights_hash: String::new() });
     }
     ModelFile { meta, params: common::formula_params(&flow, 11), other }
 }
 
-/// Exports `model`, runs the graph in tract on two photo crops at once, and compares with csflow.
-fn check(model: ModelFile) {
+/// Exports `model`, runs the graph in tract on two photo crops at once, and compares with csflow; `map` is
+/// the size of the largest latent map.
+fn check(model: ModelFile, map: usize) {
     let bytes = export_onnx(&model).unwrap();
     let images: Vec<image::RgbImage> = [("brick.png", 40, 100), ("gravel.png", 200, 10)]
         .iter()
@@ -86,7 +81,7 @@ fn check(model: ModelFile) {
         let err = ((s - d.score) / d.score).abs() as f64;
         assert!(err < TOL, "score {s} from ONNX, {} from csflow ({err:.1e})", d.score);
     }
-    for (scale, size) in [(0, 8), (1, 4), (2, 2)] {
+    for (scale, size) in [(0, map), (1, map / 2), (2, map / 4)] {
         assert_eq!(out[1 + scale].shape(), &[2, 1, size, size]);
         let want: Vec<f32> =
             detections.iter().flat_map(|d| common::to_vec(&scale_maps(&d.output).unwrap()[scale])).collect();
@@ -98,17 +93,33 @@ fn check(model: ModelFile) {
 #[test]
 fn lite0_graph_scores_as_csflow() {
     let weights = load_backbone_weights(&asset("efficientnet-lite0-57934424.pth")).unwrap();
-    check(model(Some(("efficientnet-lite0", weights))));
+    check(model(Some(("efficientnet-lite0", weights)), None), 8);
+}
+
+/// A feature block at stride 16 (Lite0's block 10, 112 channels): latent maps 16, 8 and 4.
+#[test]
+fn lite0_stride_16_graph_scores_as_csflow() {
+    let weights = load_backbone_weights(&asset("efficientnet-lite0-57934424.pth")).unwrap();
+    check(model(Some(("efficientnet-lite0", weights)), Some(10)), 16);
 }
 
 #[test]
 fn b0_graph_scores_as_csflow() {
     let fx = common::Fixture::load("backbone_b0.safetensors");
-    check(model(Some(("efficientnet-b0", common::backbone_weights(&fx)))));
+    check(model(Some(("efficientnet-b0", common::backbone_weights(&fx))), None), 8);
 }
 
 #[test]
 fn a_model_without_backbone_is_refused() {
-    let msg = export_onnx(&model(None)).unwrap_err().to_string();
+    let msg = export_onnx(&model(None, None)).unwrap_err().to_string();
     assert!(msg.contains("no backbone"), "{msg}");
+    let mut beyond = model(None, None);
+    beyond.meta.backbone = Some(BackboneMeta {
+        name: "efficientnet-lite0".into(),
+        block: 16,
+        input_size: [256, 256],
+        weights_hash: String::new(),
+    });
+    let msg = export_onnx(&beyond).unwrap_err().to_string();
+    assert!(msg.contains("no block 16"), "{msg}");
 }

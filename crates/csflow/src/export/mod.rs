@@ -27,6 +27,9 @@ pub fn export_onnx(model: &ModelFile) -> Result<Vec<u8>> {
         Error::Invalid("this model holds no backbone (it was trained on a features file): nothing to export".into())
     })?;
     let config = EfficientNetConfig::from_name(&bb.name)?;
+    if bb.block >= config.blocks.len() {
+        return Err(Error::Invalid(format!("{} has no block {}", config.name, bb.block)));
+    }
     let flow = &model.meta.flow;
     flow.validate()?;
     if config.channels_at(bb.block) != flow.channels {
@@ -58,7 +61,10 @@ pub fn export_onnx(model: &ModelFile) -> Result<Vec<u8>> {
         })
         .collect();
 
-    let sizes: [[usize; 2]; 3] = std::array::from_fn(|s| [h >> (5 + s), w >> (5 + s)]);
+    // The feature block's stride: the stem's 2 times the blocks' strides (16 or 32); input sizes are
+    // multiples of 128, so every level divides exactly.
+    let stride = 2 * config.blocks[..=bb.block].iter().map(|b| b.stride).product::<usize>();
+    let sizes: [[usize; 2]; 3] = std::array::from_fn(|s| [(h >> s) / stride, (w >> s) / stride]);
     let z = flow_graph(&mut g, flow, model, [&features[0], &features[1], &features[2]], sizes)?;
     let d: usize = sizes.iter().map(|[a, b]| flow.channels * a * b).sum();
     let sums: Vec<String> = z
@@ -152,9 +158,6 @@ struct Backbone {
 
 impl Backbone {
     fn new(g: &mut Graph, config: &EfficientNetConfig, w: &Weights, last_block: usize) -> Result<Self> {
-        if last_block >= config.blocks.len() {
-            return Err(Error::Invalid(format!("{} has no block {last_block}", config.name)));
-        }
         let stem = ConvInit::new(g, "backbone._conv_stem", &w.stem(config)?, false)?;
         let mut blocks = Vec::new();
         for i in 0..=last_block {
