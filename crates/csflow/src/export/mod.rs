@@ -99,7 +99,7 @@ pub fn export_onnx(model: &ModelFile) -> Result<Vec<u8>> {
     number("good_map_max", meta.good_map_range.map(|r| r[1]));
     let doc = "CS-Flow defect detection exported by csflow: image [N, 3, H, W] (normalised RGB) -> score [N], \
                map_scale0..2 [N, 1, h, w] (mean over channels of z^2)";
-    Ok(g.encode(doc, &metadata))
+    g.encode(doc, &metadata)
 }
 
 /// A folded convolution's initializers, named `{prefix}.weight` and `.bias`, and how it is applied.

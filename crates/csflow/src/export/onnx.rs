@@ -267,9 +267,18 @@ impl Graph {
         out
     }
 
-    /// The model file's bytes: this graph under opset 17, with `doc` and `metadata` (key, value) pairs.
-    pub fn encode(self, doc: &str, metadata: &[(String, String)]) -> Vec<u8> {
+    /// The model file's bytes: this graph under opset 17, with `doc` and `metadata` (key, value) pairs. A
+    /// protobuf message cannot exceed 2 GB, so larger graphs are refused (the paper-size flow with B5 is
+    /// about 1.2 GB).
+    pub fn encode(self, doc: &str, metadata: &[(String, String)]) -> Result<Vec<u8>> {
         use prost::Message;
+        let weights: usize = self.initializers.iter().map(|t| t.raw_data.as_ref().map_or(0, Vec::len)).sum();
+        if weights >= (2 << 30) - (64 << 20) {
+            return Err(crate::Error::Invalid(format!(
+                "the model's {:.2} GB of weights do not fit in one ONNX file (a protobuf message holds at most 2 GB)",
+                weights as f64 / 1e9
+            )));
+        }
         let graph = GraphProto {
             node: self.nodes,
             name: Some("csflow".into()),
@@ -289,6 +298,6 @@ impl Graph {
                 .map(|(k, v)| StringStringEntryProto { key: Some(k.clone()), value: Some(v.clone()) })
                 .collect(),
         };
-        model.encode_to_vec()
+        Ok(model.encode_to_vec())
     }
 }
