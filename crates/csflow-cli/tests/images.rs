@@ -338,6 +338,25 @@ fn serve_answers_as_predict_does() {
     // The server still answers after all that.
     assert_eq!(http(&addr, "POST", "/predict", "", &bytes).0, 200);
 
+    // /metrics counts those requests by status and the three verdicts by label.
+    let (status, text) = http(&addr, "GET", "/metrics", "", b"");
+    assert_eq!(status, 200);
+    let text = String::from_utf8(text).unwrap();
+    let value = |series: &str| -> f64 {
+        let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series}:\n{text}"));
+        line[series.len()..].trim().parse().unwrap()
+    };
+    for (code, n) in [(200, 3.0), (400, 4.0), (413, 1.0), (415, 1.0)] {
+        assert_eq!(value(&format!("csflow_requests_total{{status=\"{code}\"}}")), n, "{text}");
+    }
+    let label = want["label"].as_str().unwrap();
+    let good = if label == "good" { 3.0 } else { 1.0 };
+    assert_eq!(value("csflow_verdicts_total{label=\"good\"}"), good, "{text}");
+    if label == "defect" {
+        assert_eq!(value("csflow_verdicts_total{label=\"defect\"}"), 2.0, "{text}");
+    }
+    assert_eq!((value("csflow_scoring_seconds_count"), value("csflow_batch_size_sum")), (3.0, 3.0));
+
     // Requests that wait while another is scored are scored together, answering as they would alone; with no
     // queue, one that comes while another is scored is turned away (whichever comes second). A 6000 x 6000
     // image with its heatmap takes about 1 s; the other requests come 0.3 s after it.

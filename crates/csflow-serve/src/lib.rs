@@ -3,6 +3,8 @@
 //!
 //! - `GET /health`: `{"status": "ok"}` (the model is loaded before the port opens).
 //! - `GET /info`: the model file, backbone, input size, thresholds, map mode, precision, csflow's version.
+//! - `GET /metrics`: Prometheus / OpenMetrics text: requests by status, verdicts by label, scoring time,
+//!   queue wait and batch size.
 //! - `POST /predict`: the body is one image file's bytes (PNG, JPEG, BMP, TIFF, WebP, as `predict` reads);
 //!   query `threshold`, `heatmap=true`, `mask=true`, `mask_threshold`. Answers the verdict `predict` prints
 //!   (`score`, `normalized_score`, `label`, `threshold`), the image's `width` and `height`, the time taken
@@ -37,6 +39,11 @@ use csflow::overlay::encode_png;
 use csflow::score::MapMode;
 use csflow::threshold::Verdict;
 use csflow::Precision;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
+use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
@@ -85,6 +92,69 @@ pub struct ServeArgs {
     pub max_batch_size: usize,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StatusLabel {
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VerdictLabel {
+    label: &'static str,
+}
+
+/// What `GET /metrics` reports (Prometheus / OpenMetrics text): requests by status, verdicts by label (a
+/// line's defect rate over time), and distributions of scoring time, queue wait and batch size.
+struct Metrics {
+    registry: Registry,
+    requests: Family<StatusLabel, Counter>,
+    verdicts: Family<VerdictLabel, Counter>,
+    scoring: Histogram,
+    queue: Histogram,
+    batch: Histogram,
+}
+
+impl Metrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let (requests, verdicts) = (Family::default(), Family::default());
+        registry.register("csflow_requests", "POST /predict requests by HTTP status", requests.clone());
+        registry.register(
+            "csflow_verdicts",
+            "Images scored, by label (good, defect, none without threshold)",
+            verdicts.clone(),
+        );
+        let scoring = Histogram::new(exponential_buckets(0.002, 2.0, 12));
+        registry.register(
+            "csflow_scoring_seconds",
+            "Decoding to pictures, per image (its batch's time)",
+            scoring.clone(),
+        );
+        let queue = Histogram::new(exponential_buckets(0.001, 2.0, 14));
+        registry.register(
+            "csflow_queue_seconds",
+            "Wait from admission to the start of the image's batch",
+            queue.clone(),
+        );
+        let batch = Histogram::new(linear_buckets(1.0, 1.0, 16));
+        registry.register("csflow_batch_size", "Images scored together", batch.clone());
+        Metrics { registry, requests, verdicts, scoring, queue, batch }
+    }
+
+    fn record(&self, result: &Result<Json<Prediction>, ApiError>) {
+        let status = match result {
+            Ok(Json(p)) => {
+                self.verdicts.get_or_create(&VerdictLabel { label: p.verdict.label.unwrap_or("none") }).inc();
+                self.scoring.observe(p.milliseconds / 1e3);
+                self.queue.observe(p.queue_milliseconds / 1e3);
+                self.batch.observe(p.batch_size as f64);
+                StatusCode::OK
+            }
+            Err(e) => e.status,
+        };
+        self.requests.get_or_create(&StatusLabel { status: status.as_u16() }).inc();
+    }
+}
+
 /// The model, shared by the handlers and the scoring thread.
 struct Model {
     detector: Detector,
@@ -103,6 +173,7 @@ pub struct AppState {
     /// been answered, also when its client has gone away (the job is still in the queue then).
     admitted: Arc<Semaphore>,
     jobs: mpsc::UnboundedSender<Job>,
+    metrics: Metrics,
 }
 
 impl AppState {
@@ -125,11 +196,13 @@ impl AppState {
             max_body_bytes: args.max_body_bytes,
             admitted: Arc::new(Semaphore::new(args.max_queue.saturating_add(1).min(Semaphore::MAX_PERMITS))),
             jobs,
+            metrics: Metrics::new(),
         })
     }
 }
 
-const ROUTES: &str = "the routes are GET /health, GET /info and POST /predict (the image file as the body)";
+const ROUTES: &str =
+    "the routes are GET /health, GET /info, GET /metrics and POST /predict (the image file as the body)";
 
 /// The routes, with request bodies limited to the state's `max_body_bytes`.
 pub fn router(state: Arc<AppState>) -> Router {
@@ -138,6 +211,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health))
         .route("/info", get(info))
         .route("/predict", post(predict))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, ROUTES) })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ROUTES) })
         .layer(DefaultBodyLimit::max(max_body_bytes))
@@ -268,7 +342,29 @@ struct Prediction {
     mask_png: Option<String>,
 }
 
+async fn metrics(State(s): State<Arc<AppState>>) -> Response {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &s.metrics.registry) {
+        Ok(()) => {
+            ([(CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], text).into_response()
+        }
+        Err(e) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("metrics: {e}")).into_response(),
+    }
+}
+
 async fn predict(
+    state: State<Arc<AppState>>,
+    headers: HeaderMap,
+    query: Result<Query<PredictQuery>, QueryRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<Prediction>, ApiError> {
+    let s = state.0.clone();
+    let result = predict_one(state, headers, query, body).await;
+    s.metrics.record(&result);
+    result
+}
+
+async fn predict_one(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<PredictQuery>, QueryRejection>,
