@@ -334,7 +334,11 @@ fn serve_answers_as_predict_does() {
     let (status, msg) = error(http(&addr, "POST", "/predict", "", &vec![0u8; 100_001]));
     assert!(status == 413 && msg.contains("100000"), "{status} {msg}");
     assert_eq!(error(http(&addr, "GET", "/predict", "", b"")).0, 405);
-    assert_eq!(error(http(&addr, "GET", "/", "", b"")).0, 404);
+    assert_eq!(error(http(&addr, "GET", "/nope", "", b"")).0, 404);
+    // The page for people posts the photo to /predict and shows the heatmap.
+    let (status, page) = http(&addr, "GET", "/", "", b"");
+    let page = String::from_utf8(page).unwrap();
+    assert!(status == 200 && page.contains("fetch('/predict?heatmap=true'") && page.contains("heatmap_png"));
     // The server still answers after all that.
     assert_eq!(http(&addr, "POST", "/predict", "", &bytes).0, 200);
 

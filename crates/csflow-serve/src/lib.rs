@@ -1,6 +1,8 @@
 //! `csflow serve`: a trained model behind HTTP, for inspection stations that post an image and read back a
 //! verdict.
 //!
+//! - `GET /`: a page for people: drop a photo, see its verdict, its score against the threshold and the
+//!   heatmap.
 //! - `GET /health`: `{"status": "ok"}` (the model is loaded before the port opens).
 //! - `GET /info`: the model file, backbone, input size, thresholds, map mode, precision, csflow's version.
 //! - `GET /metrics`: Prometheus / OpenMetrics text: requests by status, verdicts by label, scoring time,
@@ -28,7 +30,7 @@ use axum::extract::rejection::{BytesRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Query, State};
 use axum::http::header::CONTENT_TYPE;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::{IntoResponse, Response};
+use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
@@ -202,12 +204,18 @@ impl AppState {
 }
 
 const ROUTES: &str =
-    "the routes are GET /health, GET /info, GET /metrics and POST /predict (the image file as the body)";
+    "the routes are GET / (a page to check a photo), GET /health, GET /info, GET /metrics and POST /predict \
+     (the image file as the body)";
+
+/// The page at `/`: drop a photo, see the verdict, the score against the threshold and the heatmap (for a
+/// person at the line, with nothing to install).
+const PAGE: &str = include_str!("index.html");
 
 /// The routes, with request bodies limited to the state's `max_body_bytes`.
 pub fn router(state: Arc<AppState>) -> Router {
     let max_body_bytes = state.max_body_bytes;
     Router::new()
+        .route("/", get(|| async { Html(PAGE) }))
         .route("/health", get(health))
         .route("/info", get(info))
         .route("/predict", post(predict))
