@@ -19,8 +19,11 @@
 //! wait, in one batch through the flow (its weights read once for all), each image on every core. A full
 //! queue is refused at once so that a client can retry or fall back instead of timing out.
 
+mod metrics;
+mod scoring;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -33,22 +36,16 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use base64::Engine;
 use clap::builder::{PossibleValuesParser, TypedValueParser};
-use csflow::detector::{Detection, Detector};
-use csflow::io::decode_rgb;
-use csflow::overlay::encode_png;
+use csflow::detector::Detector;
 use csflow::score::MapMode;
-use csflow::threshold::Verdict;
 use csflow::Precision;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::histogram::{exponential_buckets, linear_buckets, Histogram};
-use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
+
+use metrics::Metrics;
+use scoring::{score_jobs, Job, Model, Prediction};
 
 /// The server's settings: each flag also reads the environment variable it names.
 #[derive(clap::Args, Debug, Clone)]
@@ -92,75 +89,6 @@ pub struct ServeArgs {
     #[arg(long, env = "CSFLOW_MAX_BATCH_SIZE", default_value_t = 8,
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_batch_size: usize,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusLabel {
-    status: u16,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VerdictLabel {
-    label: &'static str,
-}
-
-/// What `GET /metrics` reports (Prometheus / OpenMetrics text): requests by status, verdicts by label (a
-/// line's defect rate over time), and distributions of scoring time, queue wait and batch size.
-struct Metrics {
-    registry: Registry,
-    requests: Family<StatusLabel, Counter>,
-    verdicts: Family<VerdictLabel, Counter>,
-    scoring: Histogram,
-    queue: Histogram,
-    batch: Histogram,
-}
-
-impl Metrics {
-    fn new() -> Self {
-        let mut registry = Registry::default();
-        let (requests, verdicts) = (Family::default(), Family::default());
-        registry.register("csflow_requests", "POST /predict requests by HTTP status", requests.clone());
-        registry.register(
-            "csflow_verdicts",
-            "Images scored, by label (good, defect, none without threshold)",
-            verdicts.clone(),
-        );
-        let scoring = Histogram::new(exponential_buckets(0.002, 2.0, 12));
-        registry.register(
-            "csflow_scoring_seconds",
-            "Decoding to pictures, per image (its batch's time)",
-            scoring.clone(),
-        );
-        let queue = Histogram::new(exponential_buckets(0.001, 2.0, 14));
-        registry.register(
-            "csflow_queue_seconds",
-            "Wait from admission to the start of the image's batch",
-            queue.clone(),
-        );
-        let batch = Histogram::new(linear_buckets(1.0, 1.0, 16));
-        registry.register("csflow_batch_size", "Images scored together", batch.clone());
-        Metrics { registry, requests, verdicts, scoring, queue, batch }
-    }
-
-    fn record(&self, result: &Result<Json<Prediction>, ApiError>) {
-        let status = match result {
-            Ok(Json(p)) => {
-                self.verdicts.get_or_create(&VerdictLabel { label: p.verdict.label.unwrap_or("none") }).inc();
-                self.scoring.observe(p.milliseconds / 1e3);
-                self.queue.observe(p.queue_milliseconds / 1e3);
-                self.batch.observe(p.batch_size as f64);
-                StatusCode::OK
-            }
-            Err(e) => e.status,
-        };
-        self.requests.get_or_create(&StatusLabel { status: status.as_u16() }).inc();
-    }
-}
-
-/// The model, shared by the handlers and the scoring thread.
-struct Model {
-    detector: Detector,
-    mode: MapMode,
 }
 
 /// What every request shares: the model, the server's defaults and the way to the scoring thread.
@@ -269,13 +197,13 @@ async fn shutdown_signal() {
 
 /// An error answer: `{"error": message}` with its status.
 #[derive(Debug)]
-struct ApiError {
-    status: StatusCode,
-    message: String,
+pub(crate) struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         ApiError { status, message: message.into() }
     }
 }
@@ -330,24 +258,6 @@ struct PredictQuery {
     #[serde(default)]
     mask: bool,
     mask_threshold: Option<f32>,
-}
-
-#[derive(Serialize)]
-struct Prediction {
-    #[serde(flatten)]
-    verdict: Verdict,
-    width: u32,
-    height: u32,
-    /// Time from the start of decoding to this image's pictures, not counting the wait in the queue.
-    milliseconds: f64,
-    /// Time from the request's admission to the start of its batch.
-    queue_milliseconds: f64,
-    /// Images scored together with this one (waiting requests are scored in one batch).
-    batch_size: usize,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    heatmap_png: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mask_png: Option<String>,
 }
 
 async fn metrics(State(s): State<Arc<AppState>>) -> Response {
@@ -432,70 +342,4 @@ async fn predict_one(
         Err(e) => tracing::warn!(status = %e.status, "predict: {}", e.message),
     }
     result.map(Json)
-}
-
-/// One admitted request, waiting to be scored.
-struct Job {
-    bytes: Bytes,
-    threshold: Option<f64>,
-    heatmap: bool,
-    mask_threshold: Option<f32>,
-    admitted: Instant,
-    reply: oneshot::Sender<Result<Prediction, ApiError>>,
-    /// Released when the job is dropped, after its answer.
-    _permit: OwnedSemaphorePermit,
-}
-
-/// The scoring thread: takes the next request with up to `max_batch - 1` others that wait, scores their
-/// images in one batch (the flow reads its weights once for all of them), answers each, until the server
-/// is gone.
-fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>, max_batch: usize) {
-    while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < max_batch {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let start = Instant::now();
-        let n = batch.len();
-        // A panic fails this batch's requests with 500, not the thread: later requests are still served.
-        let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            let detections = model.detector.detect_decoded(
-                &batch,
-                |job| {
-                    decode_rgb(&job.bytes, Path::new("the uploaded image"))
-                        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
-                },
-                |_, e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
-            );
-            batch.iter().zip(detections).map(|(job, d)| d.and_then(|d| answer(model, job, &d, start, n))).collect()
-        }))
-        .unwrap_or_else(|_| {
-            tracing::error!("scoring a batch of {n} panicked");
-            (0..n).map(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed"))).collect::<Vec<_>>()
-        });
-        for (job, answer) in batch.into_iter().zip(answers) {
-            // A client that has gone away needs no answer.
-            let _ = job.reply.send(answer);
-        }
-    }
-}
-
-/// The answer to `job` from its detection `d`, scored in a batch of `batch_size` that started at `start`.
-fn answer(model: &Model, job: &Job, d: &Detection, start: Instant, batch_size: usize) -> Result<Prediction, ApiError> {
-    let internal = |e: csflow::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
-    let pictures = model.detector.pictures(d, model.mode, job.heatmap, job.mask_threshold).map_err(internal)?;
-    let png = |bytes: csflow::Result<Vec<u8>>| bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
-    Ok(Prediction {
-        verdict: model.detector.verdict(d.score as f64, job.threshold),
-        width: d.image.width(),
-        height: d.image.height(),
-        heatmap_png: pictures.heatmap.map(|p| png(encode_png(&p))).transpose().map_err(internal)?,
-        mask_png: pictures.mask.map(|p| png(encode_png(&p))).transpose().map_err(internal)?,
-        milliseconds: start.elapsed().as_secs_f64() * 1e3,
-        queue_milliseconds: start.saturating_duration_since(job.admitted).as_secs_f64() * 1e3,
-        batch_size,
-    })
 }

@@ -1,0 +1,107 @@
+//! The scoring thread: requests waiting in the queue are scored together, in one batch through the flow.
+
+use std::path::Path;
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::http::StatusCode;
+use base64::Engine;
+use csflow::detector::{Detection, Detector};
+use csflow::io::decode_rgb;
+use csflow::overlay::encode_png;
+use csflow::score::MapMode;
+use csflow::threshold::Verdict;
+use serde::Serialize;
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+use crate::ApiError;
+
+/// The model, shared by the handlers and the scoring thread.
+pub(crate) struct Model {
+    pub detector: Detector,
+    pub mode: MapMode,
+}
+
+#[derive(Serialize)]
+pub(crate) struct Prediction {
+    #[serde(flatten)]
+    pub verdict: Verdict,
+    pub width: u32,
+    pub height: u32,
+    /// Time from the start of decoding to this image's pictures, not counting the wait in the queue.
+    pub milliseconds: f64,
+    /// Time from the request's admission to the start of its batch.
+    pub queue_milliseconds: f64,
+    /// Images scored together with this one (waiting requests are scored in one batch).
+    pub batch_size: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub heatmap_png: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mask_png: Option<String>,
+}
+
+/// One admitted request, waiting to be scored.
+pub(crate) struct Job {
+    pub bytes: Bytes,
+    pub threshold: Option<f64>,
+    pub heatmap: bool,
+    pub mask_threshold: Option<f32>,
+    pub admitted: Instant,
+    pub reply: oneshot::Sender<Result<Prediction, ApiError>>,
+    /// Released when the job is dropped, after its answer.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+/// The scoring thread: takes the next request with up to `max_batch - 1` others that wait, scores their
+/// images in one batch (the flow reads its weights once for all of them), answers each, until the server
+/// is gone.
+pub(crate) fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>, max_batch: usize) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < max_batch {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let start = Instant::now();
+        let n = batch.len();
+        // A panic fails this batch's requests with 500, not the thread: later requests are still served.
+        let answers = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let detections = model.detector.detect_decoded(
+                &batch,
+                |job| {
+                    decode_rgb(&job.bytes, Path::new("the uploaded image"))
+                        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
+                },
+                |_, e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+            );
+            batch.iter().zip(detections).map(|(job, d)| d.and_then(|d| answer(model, job, &d, start, n))).collect()
+        }))
+        .unwrap_or_else(|_| {
+            tracing::error!("scoring a batch of {n} panicked");
+            (0..n).map(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed"))).collect::<Vec<_>>()
+        });
+        for (job, answer) in batch.into_iter().zip(answers) {
+            // A client that has gone away needs no answer.
+            let _ = job.reply.send(answer);
+        }
+    }
+}
+
+/// The answer to `job` from its detection `d`, scored in a batch of `batch_size` that started at `start`.
+fn answer(model: &Model, job: &Job, d: &Detection, start: Instant, batch_size: usize) -> Result<Prediction, ApiError> {
+    let internal = |e: csflow::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string());
+    let pictures = model.detector.pictures(d, model.mode, job.heatmap, job.mask_threshold).map_err(internal)?;
+    let png = |bytes: csflow::Result<Vec<u8>>| bytes.map(|b| base64::engine::general_purpose::STANDARD.encode(b));
+    Ok(Prediction {
+        verdict: model.detector.verdict(d.score as f64, job.threshold),
+        width: d.image.width(),
+        height: d.image.height(),
+        heatmap_png: pictures.heatmap.map(|p| png(encode_png(&p))).transpose().map_err(internal)?,
+        mask_png: pictures.mask.map(|p| png(encode_png(&p))).transpose().map_err(internal)?,
+        milliseconds: start.elapsed().as_secs_f64() * 1e3,
+        queue_milliseconds: start.saturating_duration_since(job.admitted).as_secs_f64() * 1e3,
+        batch_size,
+    })
+}
