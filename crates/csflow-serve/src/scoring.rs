@@ -22,6 +22,7 @@ pub(crate) struct Model {
     pub mode: MapMode,
 }
 
+/// The answer to `POST /predict`: the verdict `predict` prints, the image's size, times, pictures.
 #[derive(Serialize)]
 pub(crate) struct Prediction {
     #[serde(flatten)]
