@@ -11,6 +11,7 @@ use csflow::overlay::encode_png;
 use csflow::score::{score_features, MapMode};
 use csflow::threshold::Verdict;
 use csflow::Precision;
+use rayon::prelude::*;
 
 use crate::extract::progress_bar;
 
@@ -195,8 +196,11 @@ pub fn run(a: PredictArgs) -> Result<()> {
     for chunk in files.chunks(a.batch_size) {
         bar.set_message(chunk[0].0.display().to_string());
         let paths: Vec<&Path> = chunk.iter().map(|(p, _)| p.as_path()).collect();
-        for ((path, rel), detection) in chunk.iter().zip(det.detect_files(&paths)) {
-            let result = (|| -> Result<Line> {
+        // Each image's pictures drawn, encoded and written in parallel (PNG encoding took longer than scoring).
+        let results: Vec<Result<Line>> = chunk
+            .par_iter()
+            .zip(det.detect_files(&paths))
+            .map(|((path, rel), detection)| {
                 let d = detection?;
                 let mut line = Line::new(path.display().to_string(), det.verdict(d.score as f64, a.threshold));
                 let pictures = det.pictures(&d, mode, a.heatmaps.is_some(), mask_threshold)?;
@@ -211,7 +215,9 @@ pub fn run(a: PredictArgs) -> Result<()> {
                     line.mask = Some(dest.display().to_string());
                 }
                 Ok(line)
-            })();
+            })
+            .collect();
+        for result in results {
             match result {
                 Ok(line) => bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?,
                 Err(e) => {
