@@ -11,6 +11,7 @@ use csflow::io::decode_rgb;
 use csflow::overlay::encode_png;
 use csflow::score::MapMode;
 use csflow::threshold::Verdict;
+use rayon::prelude::*;
 use serde::Serialize;
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
 
@@ -77,7 +78,8 @@ pub(crate) fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>,
                 },
                 |_, e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
             );
-            batch.iter().zip(detections).map(|(job, d)| d.and_then(|d| answer(model, job, &d, start, n))).collect()
+            // Pictures drawn and encoded in parallel, as `predict` does.
+            batch.par_iter().zip(detections).map(|(job, d)| d.and_then(|d| answer(model, job, &d, start, n))).collect()
         }))
         .unwrap_or_else(|_| {
             tracing::error!("scoring a batch of {n} panicked");
