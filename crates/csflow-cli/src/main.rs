@@ -66,7 +66,41 @@ fn main() {
         if e.downcast_ref::<std::io::Error>().is_some_and(|e| e.kind() == std::io::ErrorKind::BrokenPipe) {
             std::process::exit(0);
         }
-        eprintln!("error: {e:#}");
+        eprintln!("error: {}", message(&e));
         std::process::exit(1);
+    }
+}
+
+/// An error and its causes, each cause left out where the text before already ends with it: the library's
+/// errors name the file and include their cause (`brick.png: No such file or directory`), which `{:#}` would
+/// print twice.
+pub fn message(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.ends_with(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::message;
+    use anyhow::Context;
+
+    #[test]
+    fn causes_already_in_the_message_are_printed_once() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let e = anyhow::Error::from(csflow::Error::io("brick.png", io));
+        assert_eq!(message(&e), "brick.png: No such file or directory");
+        let e = Err::<(), _>(e).context("reading the test set").unwrap_err();
+        assert_eq!(message(&e), "reading the test set: brick.png: No such file or directory");
+        let e = Err::<(), _>(std::io::Error::other("disk full")).context("writing out.png").unwrap_err();
+        assert_eq!(message(&e), "writing out.png: disk full");
     }
 }

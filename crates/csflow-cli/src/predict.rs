@@ -222,7 +222,7 @@ pub fn run(a: PredictArgs) -> Result<()> {
                 Ok(line) => bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?,
                 Err(e) => {
                     failed += 1;
-                    bar.suspend(|| eprintln!("skipped: {e:#}"));
+                    bar.suspend(|| eprintln!("skipped: {}", crate::message(&e)));
                 }
             }
             bar.inc(1);
