@@ -279,6 +279,13 @@ async fn predict(
     let s = state.0.clone();
     let result = predict_one(state, headers, query, body).await;
     s.metrics.record(&result);
+    match &result {
+        Ok(Json(p)) => {
+            let label = p.verdict.label.unwrap_or("-");
+            tracing::info!(score = p.verdict.score, label, ms = p.milliseconds, batch = p.batch_size, "predict")
+        }
+        Err(e) => tracing::warn!(status = %e.status, "predict: {}", e.message),
+    }
     result
 }
 
@@ -318,7 +325,6 @@ async fn predict_one(
         None
     };
     let Ok(permit) = s.admitted.clone().try_acquire_owned() else {
-        tracing::warn!("queue full: 503");
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy: the queue is full, try again"));
     };
     let (reply, answer) = oneshot::channel();
@@ -333,13 +339,5 @@ async fn predict_one(
     };
     let stopped = || ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the scoring thread has stopped");
     s.jobs.send(job).map_err(|_| stopped())?;
-    let result = answer.await.map_err(|_| stopped())?;
-    match &result {
-        Ok(p) => {
-            let label = p.verdict.label.unwrap_or("-");
-            tracing::info!(score = p.verdict.score, label, ms = p.milliseconds, batch = p.batch_size, "predict")
-        }
-        Err(e) => tracing::warn!(status = %e.status, "predict: {}", e.message),
-    }
-    result.map(Json)
+    answer.await.map_err(|_| stopped())?.map(Json)
 }

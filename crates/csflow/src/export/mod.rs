@@ -151,8 +151,7 @@ struct BlockInit {
 struct Backbone {
     stem: ConvInit,
     blocks: Vec<BlockInit>,
-    lite: bool,
-    /// Clip's bounds for ReLU6.
+    /// Clip's bounds for ReLU6 (Lite); swish without them.
     relu6: Option<(String, String)>,
 }
 
@@ -199,14 +198,14 @@ impl Backbone {
             });
         }
         let relu6 = config.lite.then(|| (g.floats(&[0.0], &[]), g.floats(&[6.0], &[])));
-        Ok(Backbone { stem, blocks, lite: config.lite, relu6 })
+        Ok(Backbone { stem, blocks, relu6 })
     }
 
     /// ReLU6 (Lite) or swish.
     fn act(&self, g: &mut Graph, x: &str) -> String {
-        match (&self.relu6, self.lite) {
-            (Some((lo, hi)), true) => g.node("Clip", &[x, lo, hi], vec![]),
-            _ => {
+        match &self.relu6 {
+            Some((lo, hi)) => g.node("Clip", &[x, lo, hi], vec![]),
+            None => {
                 let s = g.node("Sigmoid", &[x], vec![]);
                 g.node("Mul", &[x, &s], vec![])
             }

@@ -1,6 +1,8 @@
 //! The ONNX messages an exported model needs (field numbers of `onnx.proto`, IR version 8, opset 17),
 //! encoded by prost, and a small builder that names values and collects nodes and initializers.
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Tensor};
 
 use crate::Result;
@@ -178,6 +180,8 @@ pub struct Graph {
     initializers: Vec<TensorProto>,
     inputs: Vec<ValueInfoProto>,
     outputs: Vec<ValueInfoProto>,
+    /// Constants by (data type, shape, bytes), to their initializer's name.
+    constants: HashMap<(i32, Vec<usize>, Vec<u8>), String>,
     count: usize,
 }
 
@@ -221,37 +225,40 @@ impl Graph {
     pub fn weight(&mut self, name: &str, t: &Tensor) -> Result<String> {
         let values = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let raw = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-        self.initializers.push(TensorProto {
-            dims: t.dims().iter().map(|&d| d as i64).collect(),
-            data_type: Some(FLOAT),
-            name: Some(name.into()),
-            raw_data: Some(raw),
-        });
+        self.initializer(name.to_string(), FLOAT, t.dims(), raw);
         Ok(name.to_string())
     }
 
     /// A float32 constant of the given shape.
     pub fn floats(&mut self, values: &[f32], dims: &[usize]) -> String {
-        let name = self.fresh("const");
-        self.initializers.push(TensorProto {
-            dims: dims.iter().map(|&d| d as i64).collect(),
-            data_type: Some(FLOAT),
-            name: Some(name.clone()),
-            raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        });
-        name
+        self.constant(FLOAT, dims, values.iter().flat_map(|v| v.to_le_bytes()).collect())
     }
 
     /// A one-dimensional int64 constant.
     pub fn ints(&mut self, values: &[i64]) -> String {
+        self.constant(INT64, &[values.len()], values.iter().flat_map(|v| v.to_le_bytes()).collect())
+    }
+
+    /// A constant's initializer, one per distinct value (the flow asks for the same slice bounds and
+    /// upsampling matrices in every block).
+    fn constant(&mut self, data_type: i32, dims: &[usize], raw: Vec<u8>) -> String {
+        let key = (data_type, dims.to_vec(), raw);
+        if let Some(name) = self.constants.get(&key) {
+            return name.clone();
+        }
         let name = self.fresh("const");
-        self.initializers.push(TensorProto {
-            dims: vec![values.len() as i64],
-            data_type: Some(INT64),
-            name: Some(name.clone()),
-            raw_data: Some(values.iter().flat_map(|v| v.to_le_bytes()).collect()),
-        });
+        self.initializer(name.clone(), data_type, dims, key.2.clone());
+        self.constants.insert(key, name.clone());
         name
+    }
+
+    fn initializer(&mut self, name: String, data_type: i32, dims: &[usize], raw: Vec<u8>) {
+        self.initializers.push(TensorProto {
+            dims: dims.iter().map(|&d| d as i64).collect(),
+            data_type: Some(data_type),
+            name: Some(name),
+            raw_data: Some(raw),
+        });
     }
 
     /// Adds a node of `op` on `inputs` ("" for an omitted optional input); returns its one output's name.

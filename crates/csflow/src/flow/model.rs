@@ -230,8 +230,7 @@ pub fn flatten_z(z: &[Tensor; 3]) -> Result<Tensor> {
 impl FlowOutput {
     /// Sample `i` of the batch, as a batch of one.
     pub fn sample(&self, i: usize) -> Result<FlowOutput> {
-        let z = [0, 1, 2].map(|s| self.z[s].narrow(0, i, 1));
-        let [a, b, c] = z;
+        let [a, b, c] = self.z.each_ref().map(|z| z.narrow(0, i, 1));
         Ok(FlowOutput { z: [a?, b?, c?], logdet: self.logdet.narrow(0, i, 1)? })
     }
 
