@@ -71,7 +71,7 @@ impl Geom {
     /// per-scale and up convolutions) on maps large enough for [`winograd`] to pay.
     fn winograd(&self, n: usize) -> Option<winograd::Shape> {
         let g = *self;
-        let s = winograd::Shape { n, cin: g.cin, cout: g.cout, h: g.h, w: g.w, k: g.kh };
+        let s = winograd::Shape { n, cin: g.cin, cout: g.cout, h: g.h, w: g.w, k: g.kh, m: 2 };
         (g.kh == g.kw && g.stride == 1 && g.pad == g.kh / 2 && winograd::pays(s)).then_some(s)
     }
 
@@ -243,7 +243,7 @@ impl CustomOp3 for Conv {
         }
         let n = xl.dims()[0];
         if let Some(s) = g.winograd(n) {
-            let u = winograd::transform_weights(w, g.cout, g.cin, s.k, Kernel::Forward);
+            let u = winograd::transform_weights(w, g.cout, g.cin, (s.k, s.m), Kernel::Forward);
             let y = winograd::conv(x, &u, Some(b), self.act, s);
             return Ok((CpuStorage::F32(y), Shape::from((n, g.cout, g.h, g.w))));
         }
@@ -318,7 +318,7 @@ impl CustomOp2 for ConvInputGrad {
             candle_core::bail!("conv2d backward: gradient shape {:?} does not match the forward", gl.dims());
         }
         if let Some(s) = g.winograd(n) {
-            let u = winograd::transform_weights(w, g.cout, g.cin, s.k, Kernel::InputGradient);
+            let u = winograd::transform_weights(w, g.cout, g.cin, (s.k, s.m), Kernel::InputGradient);
             let s = winograd::Shape { cin: s.cout, cout: s.cin, ..s };
             return Ok((
                 CpuStorage::F32(winograd::conv(gr, &u, None, Activation::Identity, s)),

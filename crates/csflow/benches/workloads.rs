@@ -383,6 +383,25 @@ fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
                     });
                     line += &format!(" | winograd bf16 {:>7.3} ms", t * 1e3);
                 }
+                if k == 5 {
+                    for (name, plain) in [("F(4x4) transformed", false), ("F(4x4) plain", true)] {
+                        let us: Vec<_> = ws
+                            .iter()
+                            .map(|w| {
+                                let u = if plain {
+                                    WinogradWeights::plain_tiles(w, Precision::F32, 4)
+                                } else {
+                                    WinogradWeights::new_tiles(w, 4)
+                                };
+                                u.unwrap().unwrap()
+                            })
+                            .collect();
+                        let t = min(&mut |i| {
+                            conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
+                        });
+                        line += &format!(" | {name} {:>7.3} ms", t * 1e3);
+                    }
+                }
             }
             eprintln!("{line}");
             total += best * (count * subnets) as f64;

@@ -26,10 +26,10 @@ const SLICE_BYTES: usize = 128 * 1024;
 /// one thread) waited on memory; at 9.4 MB (3x3, same layer) they were within 2-10 % of it.
 const FUSED_V_BYTES: usize = 12 << 20;
 
-/// Whether a call on `tiles` tiles with `cin` input channels and k x k kernels runs the fused products (V in
-/// bfloat16 with `bf16`, half the bytes).
-pub(super) fn fuses(cin: usize, k: usize, tiles: usize, bf16: bool) -> bool {
-    let positions = (k + 1) * (k + 1);
+/// Whether a call on `tiles` tiles of α x α transformed values with `cin` input channels runs the fused
+/// products (V in bfloat16 with `bf16`, half the bytes).
+pub(super) fn fuses(cin: usize, alpha: usize, tiles: usize, bf16: bool) -> bool {
+    let positions = alpha * alpha;
     cin * positions * tiles * if bf16 { 2 } else { 4 } <= FUSED_V_BYTES
 }
 
@@ -79,7 +79,7 @@ pub(super) fn from_blocks(w: &[f32], cin: usize, k: usize) -> Vec<f32> {
 /// their products in f32 (`vdpbf16ps`); elsewhere, and for calls that transform the whole weight, f32.
 pub(super) fn conv(x: &[f32], w: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape, p: Precision) -> Vec<f32> {
     let kernel = Products::best(p, s.k);
-    conv_by(x, w, bias, act, s, fuses(s.cin, s.k, s.tiles(), kernel == Products::Bf16), kernel)
+    conv_by(x, w, bias, act, s, fuses(s.cin, s.alpha(), s.tiles(), kernel == Products::Bf16), kernel)
 }
 
 /// The micro-kernel of the fused products.
@@ -132,19 +132,20 @@ pub(super) fn conv_by(
     assert!(kernel == Products::Avx2 || kernel.supported());
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
-        return match s.k {
-            3 => conv_avx2::<4, 3, F2x3>(x, w, bias, act, s, fused, kernel),
-            5 => conv_avx2::<6, 5, F2x5>(x, w, bias, act, s, fused, kernel),
-            k => unreachable!("no Winograd variant for {k}x{k} kernels"),
+        return match (s.k, s.m) {
+            (3, 2) => conv_avx2::<4, 3, 2, F2x3>(x, w, bias, act, s, fused, kernel),
+            (5, 2) => conv_avx2::<6, 5, 2, F2x5>(x, w, bias, act, s, fused, kernel),
+            (5, 4) => conv_avx2::<8, 5, 4, F4x5>(x, w, bias, act, s, fused, kernel),
+            (k, m) => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
         };
     }
     // Elsewhere the whole transform, made per call.
-    let u = transform_weights(&from_blocks(w, s.cin, s.k), s.cout, s.cin, s.k, Kernel::Forward);
+    let u = transform_weights(&from_blocks(w, s.cin, s.k), s.cout, s.cin, (s.k, s.m), Kernel::Forward);
     super::conv(x, &u, bias, act, s)
 }
 
 #[cfg(target_arch = "x86_64")]
-fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
+fn conv_avx2<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
     x: &[f32],
     w: &[f32],
     bias: Option<&[f32]>,
@@ -164,7 +165,7 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
             // SAFETY: AVX2 and FMA (checked by the caller); task g writes rows o0..o0 + rows of U [cout][α²][cin]
             // whole, disjoint from every other task.
             unsafe {
-                x86::transform_block::<A, R, T>(
+                x86::transform_block::<A, R, M, T>(
                     w,
                     s.cin,
                     (o0, rows),
@@ -176,7 +177,7 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
         });
         return super::conv(x, &u, bias, act, s);
     }
-    around_products::<A, R, T>(x, bias, act, s, |v, m| {
+    around_products::<A, R, M, T>(x, bias, act, s, |v, m| {
         let dst = crate::gemm::SendPtr(m.as_mut_ptr());
         // SAFETY: AVX512_BF16 for these products (asserted by `conv_by`); v holds s.cin channels.
         let pairs = (kernel == Products::Bf16)
@@ -189,9 +190,9 @@ fn conv_avx2<const A: usize, const R: usize, T: Tile<A, R>>(
             // `conv` and `around_products`).
             unsafe {
                 match &pairs {
-                    Some(p) => x86::group_bf16::<A, R, T>(w, p.as_ptr().cast(), dst.0, s, g),
-                    None if kernel == Products::Avx512 => x86::group_avx512::<A, R, T>(w, v.as_ptr(), dst.0, s, g),
-                    None => x86::group::<A, R, T>(w, v.as_ptr(), dst.0, s, g),
+                    Some(p) => x86::group_bf16::<A, R, M, T>(w, p.as_ptr().cast(), dst.0, s, g),
+                    None if kernel == Products::Avx512 => x86::group_avx512::<A, R, M, T>(w, v.as_ptr(), dst.0, s, g),
+                    None => x86::group::<A, R, M, T>(w, v.as_ptr(), dst.0, s, g),
                 }
             }
         })
@@ -218,14 +219,14 @@ mod x86 {
     /// The CPU supports AVX2 and FMA; w is the reordered weight of s, v and m hold s.cin and s.cout channels,
     /// and no other thread touches this group's rows of m.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn group<const A: usize, const R: usize, T: Tile<A, R>>(
+    pub(super) unsafe fn group<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
         w: &[f32],
         v: *const f32,
         m: *mut f32,
         s: Shape,
         g: usize,
     ) {
-        group_body::<A, R, T, F32x8>(w, v.cast(), m, s, g)
+        group_body::<A, R, M, T, F32x8>(w, v.cast(), m, s, g)
     }
 
     /// [`group`] in AVX-512 registers (twice the multiply-adds per instruction, on CPUs that run them at
@@ -234,14 +235,14 @@ mod x86 {
     /// # Safety
     /// As [`group`], and the CPU supports AVX512F, BW and VL.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl")]
-    pub(super) unsafe fn group_avx512<const A: usize, const R: usize, T: Tile<A, R>>(
+    pub(super) unsafe fn group_avx512<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
         w: &[f32],
         v: *const f32,
         m: *mut f32,
         s: Shape,
         g: usize,
     ) {
-        group_body::<A, R, T, F32x16>(w, v.cast(), m, s, g)
+        group_body::<A, R, M, T, F32x16>(w, v.cast(), m, s, g)
     }
 
     /// [`group`] in bfloat16: v is V as channel pairs ([`to_pairs`]), the weights' slices are rounded to
@@ -250,18 +251,18 @@ mod x86 {
     /// # Safety
     /// As [`group`], and the CPU supports AVX512_BF16 (with AVX512F, BW and VL).
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn group_bf16<const A: usize, const R: usize, T: Tile<A, R>>(
+    pub(super) unsafe fn group_bf16<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
         w: &[f32],
         v: *const u32,
         m: *mut f32,
         s: Shape,
         g: usize,
     ) {
-        group_body::<A, R, T, Bf16x16>(w, v.cast(), m, s, g)
+        group_body::<A, R, M, T, Bf16x16>(w, v.cast(), m, s, g)
     }
 
     #[inline(always)]
-    unsafe fn group_body<const A: usize, const R: usize, T: Tile<A, R>, K: Kernel>(
+    unsafe fn group_body<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>, K: Kernel>(
         w: &[f32],
         v: *const u8,
         m: *mut f32,
@@ -296,9 +297,9 @@ mod x86 {
             // Not inlined: inside the products' loop nest the transform's vector operations were left as calls.
             let (cols, ld_u) = ((k0, kc), (ROWS * kcm, kcm));
             if K::PAIRS {
-                transform_block_bf16::<A, R, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
+                transform_block_bf16::<A, R, M, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
             } else {
-                transform_block::<A, R, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
+                transform_block::<A, R, M, T>(w, cin, (o0, rows), cols, u.as_mut_ptr(), ld_u);
             }
             for xi in 0..positions {
                 let until = (fetched + lines.div_ceil(positions)).min(lines);
@@ -343,7 +344,7 @@ mod x86 {
     /// AVX2 and FMA; w is a blocked weight with at least o0 + rows output channels and k0 + kc <= cin; dst has
     /// room for every value written.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn transform_block<const A: usize, const R: usize, T: Tile<A, R>>(
+    pub(super) unsafe fn transform_block<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
         w: &[f32],
         cin: usize,
         rows: (usize, usize),
@@ -351,7 +352,7 @@ mod x86 {
         dst: *mut f32,
         ld: (usize, usize),
     ) {
-        transform_block_to::<A, R, T, false>(w, cin, rows, cols, dst, ld)
+        transform_block_to::<A, R, M, T, false>(w, cin, rows, cols, dst, ld)
     }
 
     /// [`transform_block`] rounded to bfloat16 and stored as such: dst holds bfloat16 values at the same
@@ -360,7 +361,7 @@ mod x86 {
     /// # Safety
     /// As [`transform_block`], and the CPU supports AVX512_BF16 (with AVX512F, BW and VL).
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn transform_block_bf16<const A: usize, const R: usize, T: Tile<A, R>>(
+    unsafe fn transform_block_bf16<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
         w: &[f32],
         cin: usize,
         rows: (usize, usize),
@@ -368,14 +369,14 @@ mod x86 {
         dst: *mut f32,
         ld: (usize, usize),
     ) {
-        transform_block_to::<A, R, T, true>(w, cin, rows, cols, dst, ld)
+        transform_block_to::<A, R, M, T, true>(w, cin, rows, cols, dst, ld)
     }
 
     /// [`transform_block`], or with `BF16` [`transform_block_bf16`].
     #[inline(always)]
     // a indexes the columns' coefficients inside a closure and the destination: clearer as a range.
     #[allow(clippy::needless_range_loop)]
-    unsafe fn transform_block_to<const A: usize, const R: usize, T: Tile<A, R>, const BF16: bool>(
+    unsafe fn transform_block_to<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>, const BF16: bool>(
         w: &[f32],
         cin: usize,
         (o0, rows): (usize, usize),

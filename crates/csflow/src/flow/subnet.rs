@@ -69,6 +69,14 @@ const KEEP_TRANSFORM_BYTES: usize = 8 << 20;
 /// (9.4 MB): 5.26 ms fused against 4.20 ms with the transform kept (Zen 5, 2 threads), for 9 MB more each.
 const LARGE_INPUT_BYTES: usize = 4 << 20;
 
+/// From this many 2x2 tiles per image (maps from 12x12 on) the 5x5 stride-1 layers under `Precision::Bf16`
+/// take F(4x4, 5x5), transformed once: 2.25x fewer products than F(2x2, 5x5) at its rounding in f32 (not
+/// bfloat16's), for 64/25 of the plain weight's memory (paper size: 5x5 1024 -> 304 on 24x24 10.4 -> 7.0 ms,
+/// on 12x12 3.8 -> 3.1 ms; the forward 0.177 -> 0.155 s, peak 1.16 -> 1.53 GB; Zen 5, 2 threads). At batch 1
+/// those products wait on the transformed weights' memory reads; the f32 path keeps F(2x2, 5x5), whose peak
+/// stays below PyTorch's. On 6x6 maps F(4x4)'s four tiles, three quarters padding, cost more than they save.
+const LARGE_TILES_FROM: usize = 36;
+
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
         Ok(Self {
@@ -109,6 +117,9 @@ impl Conv2d {
                         || cin * positions * t * 4 > LARGE_INPUT_BYTES)
             };
             let prepared = match tiles {
+                Some(t) if bf16 && k == 5 && t >= LARGE_TILES_FROM => {
+                    WinogradWeights::new_tiles(w, 4)?.map(ConvWeight::Winograd)
+                }
                 Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
                     Some(u) => Some(ConvWeight::Both(narrow()?, u)),
                     None => None,
