@@ -1087,6 +1087,34 @@ mod tests {
         }
     }
 
+    /// The stored bfloat16 weights give the per-call transform's bfloat16 values to the bit: the same f32
+    /// transform, the same rounding, the products summed in the same slices and order. Shapes with an odd
+    /// number of input channels, several slices (80 channels each for 3x3), a partial last task of output
+    /// channels and a partial last strip of tiles.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn stored_bf16_weights_match_the_per_call_transform() {
+        if !Precision::Bf16.supported() {
+            eprintln!("no AVX512_BF16 here: stored bfloat16 weights not tested");
+            return;
+        }
+        let dev = candle_core::Device::Cpu;
+        for (n, cin, cout, h, w) in [(1, 1, 1, 1, 1), (2, 7, 5, 6, 9), (1, 170, 50, 9, 7), (3, 33, 40, 13, 12)] {
+            let x = Tensor::from_vec(data(n * cin * h * w, 22), (n, cin, h, w), &dev).unwrap();
+            let wt = Tensor::from_vec(data(cout * cin * 9, 23), (cout, cin, 3, 3), &dev).unwrap();
+            let b = Tensor::from_vec(data(cout, 24), cout, &dev).unwrap();
+            let stored = WinogradWeights::stored_bf16(&wt).unwrap().expect("3x3 on AVX512_BF16");
+            assert_eq!(stored.dims(), [cout, cin, 3]);
+            let per_call = WinogradWeights::plain(&wt, Precision::Bf16).unwrap().unwrap();
+            let act = Activation::LeakyRelu(0.1);
+            let [ys, yp] = [stored, per_call].map(|u| conv_winograd(&x, &u, &b, act).unwrap().flatten_all().unwrap());
+            let (ys, yp) = (ys.to_vec1::<f32>().unwrap(), yp.to_vec1::<f32>().unwrap());
+            assert!(ys == yp, "{n}x{cin}->{cout} {h}x{w}: error {}", relative_error(&ys, &yp));
+        }
+        let w5 = Tensor::zeros((2, 2, 5, 5), candle_core::DType::F32, &dev).unwrap();
+        assert!(WinogradWeights::stored_bf16(&w5).unwrap().is_none());
+    }
+
     /// The portable path's reordering undoes the blocked one, which pads the input channels to 8.
     #[test]
     fn blocked_weights_round_trip() {
@@ -1255,6 +1283,9 @@ enum Form {
     /// The weight reordered ([`plain::by_blocks`]), transformed slice by slice in every call ([`plain`]), and
     /// the precision of its products.
     Plain(Arc<Vec<f32>>, Precision),
+    /// F(2x2, 3x3)'s U rounded to bfloat16 once, in the order the products read it
+    /// ([`plain::stored_bf16`]).
+    StoredBf16(Arc<Vec<u32>>),
 }
 
 impl WinogradWeights {
@@ -1282,6 +1313,17 @@ impl WinogradWeights {
     /// multiplies them (AVX512_BF16).
     pub fn plain(w: &Tensor, precision: Precision) -> candle_core::Result<Option<Self>> {
         Self::plain_tiles(w, precision, 2)
+    }
+
+    /// The transform of a 3x3 weight w [O, I, 3, 3] rounded to bfloat16 once (8/9 of the plain weight's
+    /// bytes), for products in `vdpbf16ps`: the values of [`WinogradWeights::plain`] in
+    /// [`Precision::Bf16`], without its per-call transform of the weights. `None` for other kernel sizes
+    /// and on CPUs without AVX512_BF16.
+    pub fn stored_bf16(w: &Tensor) -> candle_core::Result<Option<Self>> {
+        if !matches!(w.dims(), [_, _, 3, 3]) || !Precision::Bf16.supported() || !cfg!(target_arch = "x86_64") {
+            return Ok(None);
+        }
+        Self::make(w, 2, |data, [cout, cin, _]| Form::StoredBf16(Arc::new(plain::stored_bf16(&data, cout, cin))))
     }
 
     /// [`WinogradWeights::plain`] for output tiles of m x m (see [`WinogradWeights::new_tiles`]).
@@ -1362,6 +1404,10 @@ impl CustomOp2 for Prepared {
         let y = match &u.form {
             Form::Transformed(t) => conv(x, t, Some(b), self.1, s),
             Form::Plain(p, precision) => plain::conv(x, p, Some(b), self.1, s, *precision),
+            #[cfg(target_arch = "x86_64")]
+            Form::StoredBf16(u) => plain::conv_stored_bf16(x, u, Some(b), self.1, s),
+            #[cfg(not(target_arch = "x86_64"))]
+            Form::StoredBf16(_) => unreachable!("made on x86-64 only"),
         };
         Ok((CpuStorage::F32(y), (n, u.cout, h, w).into()))
     }

@@ -125,7 +125,8 @@ impl Conv2d {
                     None => None,
                 },
                 Some(t) if !keep(t) && WinogradWeights::plain_fuses(cin, k, t, precision) => {
-                    WinogradWeights::plain(w, precision)?.map(ConvWeight::Winograd)
+                    let stored = if bf16 { WinogradWeights::stored_bf16(w)? } else { None };
+                    stored.or(WinogradWeights::plain(w, precision)?).map(ConvWeight::Winograd)
                 }
                 _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
             };
