@@ -93,7 +93,10 @@ impl CsFlow {
     ///   CPU-size flow) or their transformed input large (over 4 MB per image: the paper's 3x3 1024 -> 304
     ///   layers on 24x24), where the per-call transform costs more than it saves: the paper-size forward's
     ///   peak at batch 1 is 1.33 GB (1.18 GB all plain, 1.65 GB all transformed);
-    /// - elsewhere (the paper's 5x5 layers from 1024 channels on the 24x24 map) the transform, made once.
+    /// - 5x5 layers on maps from 24x24 on: F(4x4, 5x5), transformed once (paper size: peak 1.54 GB);
+    /// - under [`Precision::Bf16`], 3x3 weights that would stay plain: transformed and rounded to bfloat16
+    ///   once, 8/9 of the plain weight's bytes;
+    /// - elsewhere (the paper's 5x5 layers from 1024 channels on the 12x12 map) the transform, made once.
     ///
     /// Stride-2 layers onto maps of at most 36 pixels take the packed weights (see `subnet.rs`). Unknown
     /// sizes keep only the transforms (and the stride-2 layers plain). Freed memory is returned to the

@@ -69,13 +69,14 @@ const KEEP_TRANSFORM_BYTES: usize = 8 << 20;
 /// (9.4 MB): 5.26 ms fused against 4.20 ms with the transform kept (Zen 5, 2 threads), for 9 MB more each.
 const LARGE_INPUT_BYTES: usize = 4 << 20;
 
-/// From this many 2x2 tiles per image (maps from 12x12 on) the 5x5 stride-1 layers under `Precision::Bf16`
-/// take F(4x4, 5x5), transformed once: 2.25x fewer products than F(2x2, 5x5) at its rounding in f32 (not
-/// bfloat16's), for 64/25 of the plain weight's memory (paper size: 5x5 1024 -> 304 on 24x24 10.4 -> 7.0 ms,
-/// on 12x12 3.8 -> 3.1 ms; the forward 0.177 -> 0.155 s, peak 1.16 -> 1.53 GB; Zen 5, 2 threads). At batch 1
-/// those products wait on the transformed weights' memory reads; the f32 path keeps F(2x2, 5x5), whose peak
-/// stays below PyTorch's. On 6x6 maps F(4x4)'s four tiles, three quarters padding, cost more than they save.
-const LARGE_TILES_FROM: usize = 36;
+/// From this many 2x2 tiles per image (maps from 24x24 on) the 5x5 stride-1 layers take F(4x4, 5x5),
+/// transformed once: 2.25x fewer products than F(2x2, 5x5), whose rounding it about doubles (paper-size
+/// flow, f32: latents 1.0e-6 -> 3.2e-6 of the reference's, scores unchanged at 7e-8), for 64/25 of the plain
+/// weight's memory (paper size, Zen 5, 2 threads: 5x5 1024 -> 304 on 24x24 10.4 -> 5.8 ms; the forward
+/// 0.225 -> 0.204 s in f32, peak 1.36 -> 1.54 GB, below PyTorch's 1.66). On 12x12 maps (nine 4x4 tiles) it
+/// ran as fast as F(2x2, 5x5) for 1.8x its memory (bfloat16 forward 0.148 against 0.149 s, peak 1.48
+/// against 1.30 GB); on 6x6 maps F(4x4)'s four tiles, three quarters padding, cost more than they save.
+const LARGE_TILES_FROM: usize = 144;
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
@@ -87,10 +88,12 @@ impl Conv2d {
     }
 
     /// Prepares the weight for calls without gradients whose output map has `tiles` 2x2 tiles per image
-    /// where known: a 3x3 or 5x5 stride-1 weight for Winograd convolutions (below [`MIN_WINOGRAD_TILES`]
-    /// beside weights packed for [`conv_narrow`], which single images take; kept plain where the products fuse
-    /// the weight's transform at that size, 9/16 or 25/36 of the memory, unless the transform is small or the
-    /// input large ([`KEEP_TRANSFORM_BYTES`], [`LARGE_INPUT_BYTES`]); else transformed once), a stride-2
+    /// where known: a 3x3 or 5x5 stride-1 weight for Winograd convolutions (5x5 from [`LARGE_TILES_FROM`]
+    /// as F(4x4, 5x5); below [`MIN_WINOGRAD_TILES`] beside weights packed for [`conv_narrow`], which single
+    /// images take; kept plain where the products fuse the weight's transform at that size, 9/16 or 25/36 of
+    /// the memory, unless the transform is small or the input large ([`KEEP_TRANSFORM_BYTES`],
+    /// [`LARGE_INPUT_BYTES`]), and there under [`Precision::Bf16`] transformed and rounded to bfloat16 once
+    /// instead, 8/9 of the plain bytes; else transformed once), a stride-2
     /// weight onto at most [`NARROW_MAX_PIXELS`] pixels packed for [`conv_narrow`]. The packed weights are
     /// f16 under [`Precision::Bf16`] where the CPU takes it, and there the other stride-2 weights (all of them
     /// where the map sizes are unknown) bfloat16 ([`conv_bf16`]; paper size, 24x24 -> 12x12: 3x3 2.43 -> 1.41
@@ -117,7 +120,7 @@ impl Conv2d {
                         || cin * positions * t * 4 > LARGE_INPUT_BYTES)
             };
             let prepared = match tiles {
-                Some(t) if bf16 && k == 5 && t >= LARGE_TILES_FROM => {
+                Some(t) if k == 5 && t >= LARGE_TILES_FROM => {
                     WinogradWeights::new_tiles(w, 4)?.map(ConvWeight::Winograd)
                 }
                 Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
