@@ -129,7 +129,11 @@ impl Conv2d {
                 },
                 Some(t) if !keep(t) && WinogradWeights::plain_fuses(cin, k, t, precision) => {
                     let stored = if bf16 { WinogradWeights::stored_bf16(w)? } else { None };
-                    stored.or(WinogradWeights::plain(w, precision)?).map(ConvWeight::Winograd)
+                    match stored {
+                        Some(u) => Some(u),
+                        None => WinogradWeights::plain(w, precision)?,
+                    }
+                    .map(ConvWeight::Winograd)
                 }
                 _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
             };
