@@ -547,7 +547,7 @@ unsafe fn columns<const A: usize>(p: *const f32, at: &[usize; TX], row: usize) -
     out
 }
 
-/// Where one output tile goes: its first value's offset from plane (0, o) of y, and how many of its 2 x 2
+/// Where one output tile goes: its first value's offset from plane (0, o) of y, and how many of its M x M
 /// values lie inside the map.
 #[derive(Clone, Copy)]
 struct TileOut {
@@ -657,8 +657,9 @@ unsafe fn output_channel_scalar<const A: usize, const R: usize, const M: usize, 
     }
 }
 
-/// [`output_channel`] on TX tiles per step: each row of a tile's two values goes out as one 8-byte store
-/// where the whole step lies inside the map.
+/// [`output_channel`] on TX tiles per step: for 2x2 tiles each row's two values go out as one 8-byte store
+/// where the whole step lies inside the map; larger tiles (F(4x4), at most a tenth of its output values per
+/// product) are stored value by value.
 ///
 /// # Safety
 /// As for [`output_channel`], and the CPU supports AVX2 and FMA.
