@@ -658,8 +658,8 @@ unsafe fn output_channel_scalar<const A: usize, const R: usize, const M: usize, 
 }
 
 /// [`output_channel`] on TX tiles per step: for 2x2 tiles each row's two values go out as one 8-byte store
-/// where the whole step lies inside the map; larger tiles (F(4x4), at most a tenth of its output values per
-/// product) are stored value by value.
+/// where the whole step lies inside the map; F(4x4)'s tiles are stored value by value (all output
+/// transforms together took about 2 % of the paper-size forward in `perf`).
 ///
 /// # Safety
 /// As for [`output_channel`], and the CPU supports AVX2 and FMA.
