@@ -54,10 +54,7 @@ pub(super) fn stored_bf16(w: &[f32], cout: usize, cin: usize) -> Vec<u32> {
     let positions = A * A;
     // [out][α²][in], from the same f32 operations as the per-call transform's.
     let u = transform_weights(w, cout, cin, (3, 2), Kernel::Forward);
-    let bf16 = |v: f32| {
-        let b = v.to_bits();
-        (b + 0x7FFF + ((b >> 16) & 1)) >> 16
-    };
+    let bf16 = |v: f32| half::bf16::from_f32(v).to_bits() as u32;
     let (pairs, step) = (cin.div_ceil(2), slice_step(cin, positions));
     let mut out = Vec::with_capacity(cout * positions * pairs);
     for o0 in (0..cout).step_by(ROWS) {
