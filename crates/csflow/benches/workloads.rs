@@ -10,7 +10,7 @@
 //! kernel against the `gemm` crate's product; a table on stderr, the kernel's total as the median),
 //! flow-layers[-cpu[-1]] (each convolution shape of the paper-size flow at batch 1, or the CPU-size one at
 //! batch 16 or 1, through each path: im2col, the narrow kernel, prepared Winograd weights transformed and kept
-//! plain; a table on stderr).
+//! plain, stored in bfloat16 (3x3) or f16 (5x5); a table on stderr).
 //! Weights are random (Lite0's are the real ones): time does not depend on their values. `BENCH_DIST=1` prints
 //! the deciles of the repetitions' times on stderr.
 
@@ -383,7 +383,24 @@ fn flow_layers(config: FlowConfig, n: usize, map: usize, reps: usize) -> f64 {
                     });
                     line += &format!(" | winograd bf16 {:>7.3} ms", t * 1e3);
                 }
+                let stored: Option<Vec<_>> = ws.iter().map(|w| WinogradWeights::stored_bf16(w).unwrap()).collect();
+                if let Some(us) = stored {
+                    let t = min(&mut |i| {
+                        conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
+                    });
+                    line += &format!(" | stored bf16 {:>7.3} ms", t * 1e3);
+                }
                 if k == 5 {
+                    for m in [2, 4] {
+                        let stored: Option<Vec<_>> =
+                            ws.iter().map(|w| WinogradWeights::stored_f16(w, m).unwrap()).collect();
+                        if let Some(us) = stored {
+                            let t = min(&mut |i| {
+                                conv_winograd(&x, &us[i % copies], &b, Activation::Identity).unwrap();
+                            });
+                            line += &format!(" | F({m}x{m}) f16 {:>7.3} ms", t * 1e3);
+                        }
+                    }
                     for (name, plain) in [("F(4x4) transformed", false), ("F(4x4) plain", true)] {
                         let us: Vec<_> = ws
                             .iter()

@@ -27,6 +27,7 @@ use crate::gemm::{gemm_into, Mat};
 use crate::{Activation, Precision};
 
 mod plain;
+mod stored_f16;
 
 /// Geometry of a Winograd convolution: `n` samples of `cin` planes h x w to `cout` planes of the same size,
 /// kernel `k` x `k` (3 or 5), padding k / 2, output tiles of `m` x `m` (2, or 4 for F(4x4, 5x5)).
@@ -1088,6 +1089,54 @@ mod tests {
         }
     }
 
+    /// Weights stored in f16 give the products of U rounded to f16 and V in f32, summed in float64, within
+    /// the f32 summation's rounding; on shapes with partial strips of 16 output channels (7, 25, 40), more
+    /// than one strip of 64 (70, 150), partial groups of 6 tiles and whole ones (36 tiles: F(4x4, 5x5) on a
+    /// 24x24 map). Against the f32 weights they differ by the f16 rounding: on these uniform values up to
+    /// 1.8e-2 of the largest output for F(4x4, 5x5) and 1.1e-2 for F(2x2, 5x5) (bfloat16 F(2x2, 3x3): 3.5e-3).
+    #[test]
+    fn f16_products_are_the_rounded_weights_products() {
+        fn check<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(s: Shape) {
+            let f16 = |v: f32| half::f16::from_f32(v).to_f32();
+            let (x, wt, b) =
+                (data(s.n * s.cin * s.h * s.w, 25), data(s.cout * s.cin * s.k * s.k, 26), data(s.cout, 27));
+            let (tiles, ld) = (s.tiles(), s.ld(A * A));
+            let exact = transform_weights(&wt, s.cout, s.cin, (s.k, s.m), Kernel::Forward);
+            let u: Vec<f32> = exact.iter().copied().map(f16).collect();
+            let v = transform_input::<A, R, M, T>(&x, s);
+            let mut m = vec![0f32; s.cout * ld + TX];
+            for o in 0..s.cout {
+                for xi in 0..A * A {
+                    for t in 0..tiles {
+                        let sum: f64 = (0..s.cin)
+                            .map(|c| u[(o * A * A + xi) * s.cin + c] as f64 * v[c * ld + xi * tiles + t] as f64)
+                            .sum();
+                        m[o * ld + xi * tiles + t] = sum as f32;
+                    }
+                }
+            }
+            let mut want = vec![0f32; s.n * s.cout * s.h * s.w];
+            transform_output::<A, R, M, T>(&m, s, Some(&b), Activation::Identity, &mut want);
+            let packed = stored_f16::pack(&exact, s.cout, s.cin, A * A);
+            let ours = stored_f16::conv::<A, R, M, T>(&x, &packed, Some(&b), Activation::Identity, s);
+            let err = relative_error(&ours, &want);
+            assert!(err < 2.0 * tolerance(s.k, s.m), "{s:?}: error {err}");
+            let f32s = conv(&x, &exact, Some(&b), Activation::Identity, s);
+            let rounding = relative_error(&ours, &f32s);
+            assert!(rounding > 0.0 && rounding < 3e-2, "{s:?}: f16 against f32 {rounding}");
+        }
+        if !stored_f16::supported() {
+            eprintln!("no AVX-512 here: f16 weights not tested");
+            return;
+        }
+        let large = [(1, 100, 70, 9, 7), (2, 17, 150, 4, 6), (1, 9, 25, 1, 1), (1, 33, 40, 24, 24)];
+        for &(n, cin, cout, h, w) in SHAPES.iter().chain(&large) {
+            check::<4, 3, 2, F2x3>(Shape { n, cin, cout, h, w, k: 3, m: 2 });
+            check::<6, 5, 2, F2x5>(Shape { n, cin, cout, h, w, k: 5, m: 2 });
+            check::<8, 5, 4, F4x5>(Shape { n, cin, cout, h, w, k: 5, m: 4 });
+        }
+    }
+
     /// The stored bfloat16 weights give the per-call transform's bfloat16 values to the bit: the same f32
     /// transform, the same rounding, the products summed in the same slices and order. Shapes with an odd
     /// number of input channels, several slices (80 channels each for 3x3), a partial last task of output
@@ -1287,6 +1336,8 @@ enum Form {
     /// F(2x2, 3x3)'s U rounded to bfloat16 once, in the order the products read it
     /// ([`plain::stored_bf16`]).
     StoredBf16(Arc<Vec<u32>>),
+    /// U rounded to f16 once, in strips of output channels ([`stored_f16::pack`]).
+    StoredF16(Arc<Vec<u16>>),
 }
 
 impl WinogradWeights {
@@ -1325,6 +1376,20 @@ impl WinogradWeights {
             return Ok(None);
         }
         Self::make(w, 2, |data, [cout, cin, _]| Form::StoredBf16(Arc::new(plain::stored_bf16(&data, cout, cin))))
+    }
+
+    /// The transform of w [O, I, k, k] for output tiles of m x m, made once and rounded to f16 (half the bytes
+    /// of [`WinogradWeights::new_tiles`]), for products in f32 with the output channels in the vector lanes
+    /// (`winograd::stored_f16`): for the 5x5 layers under [`Precision::Bf16`], whose bfloat16 transforms
+    /// would round 8-10x more. `None` without that variant and on CPUs without AVX-512.
+    pub fn stored_f16(w: &Tensor, m: usize) -> candle_core::Result<Option<Self>> {
+        if !stored_f16::supported() {
+            return Ok(None);
+        }
+        Self::make(w, m, |data, [cout, cin, k]| {
+            let u = transform_weights(&data, cout, cin, (k, m), Kernel::Forward);
+            Form::StoredF16(Arc::new(stored_f16::pack(&u, cout, cin, (k + m - 1).pow(2))))
+        })
     }
 
     /// [`WinogradWeights::plain`] for output tiles of m x m (see [`WinogradWeights::new_tiles`]).
@@ -1409,6 +1474,12 @@ impl CustomOp2 for Prepared {
             Form::StoredBf16(u) => plain::conv_stored_bf16(x, u, Some(b), self.1, s),
             #[cfg(not(target_arch = "x86_64"))]
             Form::StoredBf16(_) => unreachable!("made on x86-64 only"),
+            Form::StoredF16(u) => match (s.k, s.m) {
+                (3, 2) => stored_f16::conv::<4, 3, 2, F2x3>(x, u, Some(b), self.1, s),
+                (5, 2) => stored_f16::conv::<6, 5, 2, F2x5>(x, u, Some(b), self.1, s),
+                (5, 4) => stored_f16::conv::<8, 5, 4, F4x5>(x, u, Some(b), self.1, s),
+                (k, m) => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
+            },
         };
         Ok((CpuStorage::F32(y), (n, u.cout, h, w).into()))
     }
