@@ -78,12 +78,19 @@ const LARGE_INPUT_BYTES: usize = 4 << 20;
 /// against 1.30 GB); on 6x6 maps F(4x4)'s four tiles, three quarters padding, cost more than they save.
 const LARGE_TILES_FROM: usize = 144;
 
-/// From this many bytes of a 5x5 layer's f32 transform, under [`Precision::Bf16`] the transform is stored in f16
-/// ([`WinogradWeights::stored_f16`]): half the bytes streamed per call, with the output channels in the vector
-/// lanes. Paper size at batch 1 (40-80 MB each): the bf16 forward 0.151 -> 0.142 s (Zen 5, 2 threads), the
-/// scores 1.9e-4 from the reference's (1.8e-4 with f32 weights). The CPU size's (3.5 and 7 MB) stay in
-/// f32: they stay in cache, and at batch 16 (256 tiles) the f16 products' scatters made the forward 4 % slower.
+/// From this many bytes of a 5x5 layer's f32 F(2x2, 5x5) transform, under [`Precision::Bf16`] the layer on
+/// maps with [`MIN_WINOGRAD_TILES`] or more takes a transform stored in f16 ([`WinogradWeights::stored_f16`]):
+/// half the bytes streamed per call, with the output channels in the vector lanes, which fewer tiles fill as
+/// well as many. Paper size at batch 1 (22-45 MB each): the bf16 forward 0.151 -> 0.142 s with F(4x4, 5x5)
+/// on 24x24 maps and F(2x2, 5x5) on 12x12 in f16 (Zen 5, 2 threads). The CPU size's (3.5 and 7 MB) stay in
+/// f32: they stay in cache, and at batch 16 (256 tiles) the f16 products' scatters made the forward 4 %
+/// slower.
 const F16_TRANSFORM_BYTES: usize = 16 << 20;
+
+/// From this many 2x2 tiles per image (maps from 12x12 on) the f16 transforms are F(4x4, 5x5): with the
+/// output channels in the lanes, its nine 4x4 tiles on a 12x12 map cost no more per tile than many
+/// (paper size, 1024 -> 304 on 12x12: 1.6 ms against 2.1 ms for F(2x2, 5x5) in f16 and 3.2 ms in f32).
+const F16_LARGE_TILES_FROM: usize = 36;
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
@@ -127,17 +134,23 @@ impl Conv2d {
                     && (cout * cin * positions * 4 <= KEEP_TRANSFORM_BYTES
                         || cin * positions * t * 4 > LARGE_INPUT_BYTES)
             };
-            // Transformed once; under bf16 the large 5x5 transforms in f16 where the CPU takes them.
-            let f16 = |m: usize| bf16 && k == 5 && cout * cin * (k + m - 1).pow(2) * 4 >= F16_TRANSFORM_BYTES;
-            let transformed = |m| match f16(m) {
-                true => match WinogradWeights::stored_f16(w, m)? {
-                    Some(u) => Ok(Some(u)),
-                    None => WinogradWeights::new_tiles(w, m),
-                },
-                _ => WinogradWeights::new_tiles(w, m),
+            // Under bf16, large 5x5 transforms in f16 where the CPU takes them (see the constants).
+            let f16 = |t: usize| {
+                let large = cout * cin * 36 * 4 >= F16_TRANSFORM_BYTES;
+                let m = if t >= F16_LARGE_TILES_FROM { 4 } else { 2 };
+                match bf16 && k == 5 && large && t >= MIN_WINOGRAD_TILES {
+                    true => WinogradWeights::stored_f16(w, m),
+                    false => Ok(None),
+                }
             };
+            if let Some(u) = tiles.map(f16).transpose()?.flatten() {
+                self.weight = ConvWeight::Winograd(u);
+                return Ok(());
+            }
             let prepared = match tiles {
-                Some(t) if k == 5 && t >= LARGE_TILES_FROM => transformed(4)?.map(ConvWeight::Winograd),
+                Some(t) if k == 5 && t >= LARGE_TILES_FROM => {
+                    WinogradWeights::new_tiles(w, 4)?.map(ConvWeight::Winograd)
+                }
                 Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
                     Some(u) => Some(ConvWeight::Both(narrow()?, u)),
                     None => None,
@@ -150,7 +163,7 @@ impl Conv2d {
                     }
                     .map(ConvWeight::Winograd)
                 }
-                _ => transformed(2)?.map(ConvWeight::Winograd),
+                _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
             };
             if let Some(p) = prepared {
                 self.weight = p;
@@ -295,7 +308,7 @@ mod tests {
         d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
-    /// Under bf16, a 5x5 layer whose f32 transform reaches [`F16_TRANSFORM_BYTES`] takes the f16 transform
+    /// Under bf16, a 5x5 layer whose f32 transform reaches [`F16_TRANSFORM_BYTES`] takes an f16 transform
     /// (outputs rounded: not the f32 transform's values, within 1e-2 of the direct sum's largest), a smaller one
     /// the f32 transform (the same values to the bit).
     #[test]
@@ -305,11 +318,16 @@ mod tests {
             return;
         }
         let dev = Device::Cpu;
-        // F(2x2, 5x5) on 12x12 (input large enough for the transform to be kept), F(4x4, 5x5) on 24x24.
-        for (cout, cin, map, positions, f16) in
-            [(128, 1024, 12, 36, true), (64, 1024, 12, 36, false), (256, 256, 24, 64, true), (64, 96, 24, 64, false)]
-        {
-            assert_eq!(cout * cin * positions * 4 >= F16_TRANSFORM_BYTES, f16);
+        // F(4x4, 5x5) on 24x24 and 12x12 maps, F(2x2, 5x5) on 6x6; the same layer shape kept in f32 where
+        // its transform is smaller.
+        for (cout, cin, map, f16) in [
+            (128, 1024, 24, true),
+            (128, 1024, 12, true),
+            (128, 1024, 6, true),
+            (64, 1024, 12, false),
+            (64, 96, 24, false),
+        ] {
+            assert_eq!(cout * cin * 36 * 4 >= F16_TRANSFORM_BYTES, f16);
             let x = Tensor::randn(0f32, 1.0, (1, cin, map, map), &dev).unwrap().relu().unwrap();
             let conv = Conv2d {
                 weight: ConvWeight::Plain(Tensor::randn(0f32, 0.02, (cout, cin, 5, 5), &dev).unwrap()),
