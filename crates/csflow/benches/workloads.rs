@@ -9,7 +9,7 @@
 //! depthwise (5x5, 240 channels, 96x96), pointwise (the 1x1 layers of Lite0 at 256 px and B5 at 768 px, own
 //! kernel against the `gemm` crate's product; a table on stderr, the kernel's total as the median),
 //! flow-layers[-cpu[-1]] (each convolution shape of the paper-size flow at batch 1, or the CPU-size one at
-//! batch 16 or 1, through each path: im2col, the narrow kernel, prepared Winograd weights transformed and kept
+//! batch 16 (`BATCH` in the environment for another) or 1, through each path: im2col, the narrow kernel, prepared Winograd weights transformed and kept
 //! plain, stored in bfloat16 (3x3) or f16 (5x5); a table on stderr).
 //! Weights are random (Lite0's are the real ones): time does not depend on their values. `BENCH_DIST=1` prints
 //! the deciles of the repetitions' times on stderr.
@@ -223,7 +223,7 @@ fn main() {
         }
         "pointwise" => pointwise(reps),
         "flow-layers" => flow_layers(FlowConfig::paper(), 1, 24, reps),
-        "flow-layers-cpu" => flow_layers(cpu(), 16, 8, reps),
+        "flow-layers-cpu" => flow_layers(cpu(), std::env::var("BATCH").map_or(16, |b| b.parse().unwrap()), 8, reps),
         "flow-layers-cpu-1" => flow_layers(cpu(), 1, 8, reps),
         other => {
             eprintln!("unknown workload `{other}`");

@@ -138,6 +138,17 @@ fn inference_flow_matches_the_reference() {
             check(&format!("{name} score"), rel_err(&image_scores(&out).unwrap(), c.fx.t("score")), 1e-5);
         }
     }
+    // The small flow's batch four times over: its 8x8 maps then have 64 tiles, from which the 5x5 layers
+    // take F(4x4, 5x5) (kept beside F(2x2, 5x5) for single images).
+    let c = case("flow_small.safetensors");
+    let maps = c.x.clone().map(|x| [x.dim(2).unwrap(), x.dim(3).unwrap()]);
+    let flow = c.flow.clone().for_inference(Some(maps)).unwrap();
+    let four = |t: &Tensor| Tensor::cat(&[t, t, t, t], 0).unwrap();
+    let out = flow.forward(&c.x.clone().map(|x| four(&x))).unwrap();
+    for i in 0..3 {
+        check(&format!("batch x4 z{i}"), rel_err(&out.z[i], &four(c.fx.t(&format!("z{i}")))), 1e-5);
+    }
+    check("batch x4 logdet", rel_err(&out.logdet, &four(c.fx.t("logdet"))), 1e-5);
 }
 
 /// With bfloat16 products (on CPUs with AVX512_BF16; elsewhere the same f32 flow), the scores stay within

@@ -42,9 +42,13 @@ pub enum ConvWeight {
     Winograd(WinogradWeights),
     /// Packed for [`conv_narrow`] (stride-2 layers onto small maps).
     Narrow(NarrowWeights),
-    /// Both forms: the packed weight for inputs with fewer than `MIN_WINOGRAD_TILES` (8) tiles (one image),
-    /// the transform for batches.
-    Both(NarrowWeights, WinogradWeights),
+    /// Two forms, taken by the 2x2 output tiles of a call's whole batch: `few` below `from`, `many` from
+    /// there (one image and batches of them differ in which products run fastest).
+    ByTiles {
+        few: Box<ConvWeight>,
+        many: Box<ConvWeight>,
+        from: usize,
+    },
     /// Rounded to bfloat16 for [`conv_bf16`] (stride-2 layers onto larger maps under [`Precision::Bf16`]).
     Bf16(Bf16Weights),
 }
@@ -91,6 +95,19 @@ const F16_TRANSFORM_BYTES: usize = 16 << 20;
 /// output channels in the lanes, its nine 4x4 tiles on a 12x12 map cost no more per tile than many
 /// (paper size, 1024 -> 304 on 12x12: 1.6 ms against 2.1 ms for F(2x2, 5x5) in f16 and 3.2 ms in f32).
 const F16_LARGE_TILES_FROM: usize = 36;
+
+/// Up to this many bytes of a 5x5 layer's F(4x4, 5x5) transform, a layer on maps below
+/// [`LARGE_TILES_FROM`] keeps that transform too, for batches of [`BATCH_LARGE_TILES_FROM`] tiles or more:
+/// the CPU size's 8x8 maps at batch 16 (256 tiles), 96 -> 256 1.36 -> 0.85 ms and 256 -> 192 2.98 -> 1.45
+/// ms (Zen 5, 2 threads; the forward at batch 16 0.060 -> 0.054 s in bf16, 0.065 -> 0.058 s in f32, on
+/// folders in eights `predict` 2 % faster), while single images (16 tiles) run F(2x2, 5x5) faster; for 38 MB
+/// more weights (peak of `predict` 361 -> 420 MiB). The paper size's (40-80 MB) are left out for memory.
+const BATCH_LARGE_TILES_BYTES: usize = 16 << 20;
+
+/// 2x2 tiles over a batch from which the layers of [`BATCH_LARGE_TILES_BYTES`] take F(4x4, 5x5): the CPU
+/// size's 8x8 maps from batch 4, where it ran as fast or faster (64 tiles: 96 -> 256 0.35 against 0.38 ms,
+/// 256 -> 192 0.50 against 0.68 ms; 32 tiles: about even).
+const BATCH_LARGE_TILES_FROM: usize = 64;
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
@@ -152,7 +169,11 @@ impl Conv2d {
                     WinogradWeights::new_tiles(w, 4)?.map(ConvWeight::Winograd)
                 }
                 Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
-                    Some(u) => Some(ConvWeight::Both(narrow()?, u)),
+                    Some(u) => Some(ConvWeight::ByTiles {
+                        few: Box::new(ConvWeight::Narrow(narrow()?)),
+                        many: Box::new(ConvWeight::Winograd(u)),
+                        from: MIN_WINOGRAD_TILES,
+                    }),
                     None => None,
                 },
                 Some(t) if !keep(t) && WinogradWeights::plain_fuses(cin, k, t, precision) => {
@@ -165,9 +186,27 @@ impl Conv2d {
                 }
                 _ => WinogradWeights::new(w)?.map(ConvWeight::Winograd),
             };
-            if let Some(p) = prepared {
-                self.weight = p;
-            }
+            // Batches of small maps: F(4x4, 5x5) beside (see the constants).
+            let batched = match tiles {
+                Some(t) if k == 5 && (MIN_WINOGRAD_TILES..LARGE_TILES_FROM).contains(&t) => {
+                    let small = cout * cin * 64 * 4 <= BATCH_LARGE_TILES_BYTES;
+                    if small {
+                        WinogradWeights::new_tiles(w, 4)?
+                    } else {
+                        None
+                    }
+                }
+                _ => None,
+            };
+            self.weight = match (prepared, batched) {
+                (Some(few), Some(u)) => ConvWeight::ByTiles {
+                    few: Box::new(few),
+                    many: Box::new(ConvWeight::Winograd(u)),
+                    from: BATCH_LARGE_TILES_FROM,
+                },
+                (Some(p), None) => p,
+                (None, _) => return Ok(()),
+            };
         }
         Ok(())
     }
@@ -183,8 +222,12 @@ impl Conv2d {
 
     /// The convolution then `act` (identity or the subnet's leaky ReLU); differentiable with plain weights.
     fn forward_act(&self, x: &Tensor, act: Activation) -> Result<Tensor> {
-        let winograd = |u| csflow_kernels::conv_winograd(x, u, &self.bias, act);
-        Ok(match &self.weight {
+        self.forward_with(&self.weight, x, act)
+    }
+
+    /// [`Conv2d::forward_act`] through one form of the weight.
+    fn forward_with(&self, weight: &ConvWeight, x: &Tensor, act: Activation) -> Result<Tensor> {
+        Ok(match weight {
             ConvWeight::Plain(w) => {
                 let y = csflow_kernels::conv2d(x, w, &self.bias, self.stride, w.dim(2)? / 2)?;
                 match act {
@@ -193,16 +236,13 @@ impl Conv2d {
                     other => unreachable!("the subnet applies only identity and leaky ReLU, not {other:?}"),
                 }
             }
-            ConvWeight::Winograd(u) => winograd(u)?,
+            ConvWeight::Winograd(u) => csflow_kernels::conv_winograd(x, u, &self.bias, act)?,
             ConvWeight::Narrow(w) => conv_narrow(x, w, self.stride, act)?,
             ConvWeight::Bf16(w) => conv_bf16(x, w, self.stride, act)?,
-            ConvWeight::Both(w, u) => {
+            ConvWeight::ByTiles { few, many, from } => {
                 let (n, _, h, wd) = x.dims4()?;
-                if winograd_tiles(n, h, wd) >= MIN_WINOGRAD_TILES {
-                    winograd(u)?
-                } else {
-                    conv_narrow(x, w, 1, act)?
-                }
+                let form = if winograd_tiles(n, h, wd) >= *from { many } else { few };
+                self.forward_with(form, x, act)?
             }
         })
     }
@@ -341,7 +381,7 @@ mod tests {
             let [f32s, bf16] = [Precision::F32, Precision::Bf16].map(|p| {
                 let mut c = conv.clone();
                 c.prepare_for_inference(Some(map * map / 4), p).unwrap();
-                assert!(matches!(c.weight, ConvWeight::Winograd(_)));
+                assert!(!matches!(c.weight, ConvWeight::Plain(_)));
                 c.forward(&x).unwrap()
             });
             let (rounded, err) = (rel_err(&bf16, &f32s), rel_err(&bf16, &direct));
