@@ -30,6 +30,11 @@ use csflow_kernels::{
     NarrowWeights, Padding, PointwiseWeights, Precision, WinogradWeights,
 };
 
+/// `BATCH` from the environment, else `default`.
+fn batch(default: usize) -> usize {
+    std::env::var("BATCH").ok().and_then(|b| b.parse().ok()).unwrap_or(default)
+}
+
 /// The median; with `BENCH_DIST` set, the deciles on stderr too (this VM's times are often bimodal).
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
@@ -193,8 +198,8 @@ fn main() {
         "flow-forward-paper" => flow_forward(FlowConfig::paper(), 1, 24, reps, Precision::F32),
         "flow-forward-paper-bf16" => flow_forward(FlowConfig::paper(), 1, 24, reps, Precision::Bf16),
         "flow-step-paper" => flow_step(FlowConfig::paper(), 2, 24, reps),
-        "flow-forward-cpu" => flow_forward(cpu(), 16, 8, reps, Precision::F32),
-        "flow-forward-cpu-bf16" => flow_forward(cpu(), 16, 8, reps, Precision::Bf16),
+        "flow-forward-cpu" => flow_forward(cpu(), batch(16), 8, reps, Precision::F32),
+        "flow-forward-cpu-bf16" => flow_forward(cpu(), batch(16), 8, reps, Precision::Bf16),
         "flow-step-cpu" => flow_step(cpu(), 16, 8, reps),
         "flow-forward-cpu-1" => flow_forward(cpu(), 1, 8, reps, Precision::F32),
         "flow-forward-cpu-1-bf16" => flow_forward(cpu(), 1, 8, reps, Precision::Bf16),
@@ -223,7 +228,7 @@ fn main() {
         }
         "pointwise" => pointwise(reps),
         "flow-layers" => flow_layers(FlowConfig::paper(), 1, 24, reps),
-        "flow-layers-cpu" => flow_layers(cpu(), std::env::var("BATCH").map_or(16, |b| b.parse().unwrap()), 8, reps),
+        "flow-layers-cpu" => flow_layers(cpu(), batch(16), 8, reps),
         "flow-layers-cpu-1" => flow_layers(cpu(), 1, 8, reps),
         other => {
             eprintln!("unknown workload `{other}`");

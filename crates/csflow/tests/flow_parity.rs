@@ -165,6 +165,16 @@ fn bf16_inference_scores_agree_with_the_reference() {
         eprintln!("{name}: bf16 {} score error {err:e}", Precision::Bf16.supported());
         check(&format!("{name} bf16 score"), err, 1e-3);
     }
+    // The small flow's batch eight times over (16 samples): there the batch forms run (stride-2 layers
+    // onto 4x4 maps in bfloat16, the 5x5 layers on 8x8 maps in F(4x4, 5x5)).
+    let c = case("flow_small.safetensors");
+    let maps = c.x.clone().map(|x| [x.dim(2).unwrap(), x.dim(3).unwrap()]);
+    let flow = c.flow.clone().for_inference_in(Some(maps), Precision::Bf16).unwrap();
+    let eight = |t: &Tensor| Tensor::cat(&[t; 8], 0).unwrap();
+    let out = flow.forward(&c.x.clone().map(|x| eight(&x))).unwrap();
+    let err = rel_err(&image_scores(&out).unwrap(), &eight(c.fx.t("score")));
+    eprintln!("flow_small.safetensors x8: bf16 score error {err:e}");
+    check("batch x8 bf16 score", err, 1e-3);
 }
 
 /// At the paper's size (304 channels, hidden 1024, 24/12/6 maps: the layers large enough for f16 transforms
