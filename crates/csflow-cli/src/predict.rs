@@ -48,8 +48,8 @@ pub struct PredictArgs {
     #[arg(long, default_value_t = 8, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     batch_size: usize,
     /// Arithmetic of the flow's largest products: f32, or bf16 (3x3 and larger maps' stride-2 layers
-    /// rounded to bfloat16, the small maps' weights to f16, summed in f32; on CPUs with AVX512_BF16, others
-    /// compute in f32), faster there with scores within about 1e-3 of f32's.
+    /// rounded to bfloat16, the 5x5 layers' and small maps' weights to f16, summed in f32; on CPUs with
+    /// AVX512_BF16, others compute in f32), faster there with scores within about 1e-3 of f32's.
     #[arg(long, value_enum, default_value = "f32")]
     precision: PrecisionArg,
 }

@@ -119,7 +119,8 @@ pub enum Precision {
     F32,
     /// Operands rounded to bfloat16 (8 significant bits), their products summed in f32, on CPUs with
     /// AVX512_BF16 (as OpenVINO does by default there); f32 elsewhere. Users choose per layer what takes it
-    /// (the flow: 3x3 and larger maps' stride-2 layers in bfloat16, the small maps' streamed weights in f16).
+    /// (the flow: 3x3 and larger maps' stride-2 layers in bfloat16; the 5x5 layers' transformed weights and
+    /// the small maps' packed ones in f16, with the inputs in f32).
     Bf16,
 }
 

@@ -82,18 +82,18 @@ const LARGE_INPUT_BYTES: usize = 4 << 20;
 /// against 1.30 GB); on 6x6 maps F(4x4)'s four tiles, three quarters padding, cost more than they save.
 const LARGE_TILES_FROM: usize = 144;
 
-/// From this many bytes of a 5x5 layer's f32 F(2x2, 5x5) transform, under [`Precision::Bf16`] the layer on
-/// maps with [`MIN_WINOGRAD_TILES`] or more takes a transform stored in f16 ([`WinogradWeights::stored_f16`]):
-/// half the bytes streamed per call, with the output channels in the vector lanes, which fewer tiles fill as
-/// well as many. Paper size at batch 1 (22-45 MB each): the bf16 forward 0.151 -> 0.142 s with F(4x4, 5x5)
-/// on 24x24 maps and F(2x2, 5x5) on 12x12 in f16 (Zen 5, 2 threads). The CPU size's (3.5 and 7 MB) stay in
-/// f32: they stay in cache, and at batch 16 (256 tiles) the f16 products' scatters made the forward 4 %
-/// slower.
+/// From this many bytes of a 5x5 layer's f32 F(2x2, 5x5) transform, under [`Precision::Bf16`] one f16
+/// transform ([`f16_forms`]) serves every batch: half the bytes streamed per call, with the output channels in
+/// the vector lanes, which few tiles fill as well as many. Paper size at batch 1 (22-45 MB each): the bf16
+/// forward 0.151 -> 0.142 s with F(4x4, 5x5) on 24x24 maps and F(2x2, 5x5) on 12x12 and 6x6, then 0.128 s
+/// with F(4x4, 5x5) on 12x12 too (Zen 5, 2 threads). Smaller ones (the CPU size's 3.5 and 7 MB) keep a second
+/// form for batches: at batch 16 (256 tiles on 8x8 maps) the f16 products' scatters made the forward 4 %
+/// slower than F(2x2, 5x5) in f32.
 const F16_TRANSFORM_BYTES: usize = 16 << 20;
 
-/// From this many 2x2 tiles per image (maps from 12x12 on) the f16 transforms are F(4x4, 5x5): with the
-/// output channels in the lanes, its nine 4x4 tiles on a 12x12 map cost no more per tile than many
-/// (paper size, 1024 -> 304 on 12x12: 1.6 ms against 2.1 ms for F(2x2, 5x5) in f16 and 3.2 ms in f32).
+/// From this many 2x2 tiles per image (maps from 12x12 on) the f16 transforms for single images are F(4x4,
+/// 5x5): with the output channels in the lanes, its nine 4x4 tiles on a 12x12 map cost no more per tile than
+/// many (paper size, 1024 -> 304 on 12x12: 1.6 ms against 2.1 ms for F(2x2, 5x5) in f16 and 3.2 ms in f32).
 const F16_LARGE_TILES_FROM: usize = 36;
 
 /// 2x2 tiles of the input over a batch from which stride-2 layers onto small maps take bfloat16 products
@@ -102,7 +102,8 @@ const F16_LARGE_TILES_FROM: usize = 36;
 const BATCH_BF16_TILES_FROM: usize = 128;
 
 /// Up to this many bytes of a 5x5 layer's F(4x4, 5x5) transform, a layer on maps below
-/// [`LARGE_TILES_FROM`] keeps that transform too, for batches of [`BATCH_LARGE_TILES_FROM`] tiles or more:
+/// [`LARGE_TILES_FROM`] keeps that transform too (in f16 under [`Precision::Bf16`]: [`f16_forms`]), for
+/// batches of [`BATCH_LARGE_TILES_FROM`] tiles or more:
 /// the CPU size's 8x8 maps at batch 16 (256 tiles), 96 -> 256 1.36 -> 0.85 ms and 256 -> 192 2.98 -> 1.45
 /// ms (Zen 5, 2 threads; the forward at batch 16 0.060 -> 0.054 s in bf16, 0.065 -> 0.058 s in f32, on
 /// folders in eights `predict` 2 % faster), while single images (16 tiles) run F(2x2, 5x5) faster; for 38 MB
@@ -113,6 +114,33 @@ const BATCH_LARGE_TILES_BYTES: usize = 16 << 20;
 /// size's 8x8 maps from batch 4, where it ran as fast or faster (64 tiles: 96 -> 256 0.35 against 0.38 ms,
 /// 256 -> 192 0.50 against 0.68 ms; 32 tiles: about even).
 const BATCH_LARGE_TILES_FROM: usize = 64;
+
+/// Under [`Precision::Bf16`], the forms of a 5x5 stride-1 weight w for output maps of `t` 2x2 tiles per
+/// image: transforms stored in f16 ([`WinogradWeights::stored_f16`]), F(4x4, 5x5) from
+/// [`F16_LARGE_TILES_FROM`] tiles, else F(2x2, 5x5); large ones ([`F16_TRANSFORM_BYTES`]) for every batch,
+/// smaller ones (the CPU size's) for single images, beside F(4x4, 5x5) for batches on maps from 4x4 (from
+/// [`BATCH_LARGE_TILES_FROM`] tiles on maps from 8x8, [`MIN_WINOGRAD_TILES`] on 4x4 ones). `None` on CPUs
+/// without AVX-512.
+///
+/// CPU size at batch 1 (Zen 5, 2 threads), f16 F(2x2, 5x5) against what f32 takes: 8x8 maps 96 -> 256
+/// 0.13 against 0.17-0.32 ms (F(2x2, 5x5) in f32), 4x4 maps 256 -> 192 0.07 against 0.15 ms (the narrow
+/// products), 2x2 maps 0.06-0.09 against 0.11-0.15 ms; at batch 16 on 4x4 maps F(4x4, 5x5) in f16 96 -> 256
+/// 0.23 against 0.42 ms, 256 -> 192 0.41 against 0.72 ms.
+fn f16_forms(w: &Tensor, t: usize) -> Result<Option<ConvWeight>> {
+    let (cout, cin) = (w.dim(0)?, w.dim(1)?);
+    let f16 = |m| Ok::<_, Error>(WinogradWeights::stored_f16(w, m)?.map(ConvWeight::Winograd));
+    let Some(one) = f16(if t >= F16_LARGE_TILES_FROM { 4 } else { 2 })? else { return Ok(None) };
+    let large = cout * cin * 36 * 4 >= F16_TRANSFORM_BYTES;
+    let from = match t {
+        _ if large || !(4..F16_LARGE_TILES_FROM).contains(&t) => return Ok(Some(one)),
+        MIN_WINOGRAD_TILES.. => BATCH_LARGE_TILES_FROM,
+        _ => MIN_WINOGRAD_TILES,
+    };
+    Ok(Some(match f16(4)? {
+        Some(many) => ConvWeight::ByTiles { few: Box::new(one), many: Box::new(many), from },
+        None => one,
+    }))
+}
 
 impl Conv2d {
     fn load(params: &ParamMap, prefix: &str, stride: usize) -> Result<Self> {
@@ -129,8 +157,8 @@ impl Conv2d {
     /// images take; kept plain where the products fuse the weight's transform at that size, 9/16 or 25/36 of
     /// the memory, unless the transform is small or the input large ([`KEEP_TRANSFORM_BYTES`],
     /// [`LARGE_INPUT_BYTES`]), and there under [`Precision::Bf16`] transformed and rounded to bfloat16 once
-    /// instead, 8/9 of the plain bytes; else transformed once, under [`Precision::Bf16`] large 5x5 transforms
-    /// in f16, [`F16_TRANSFORM_BYTES`]), a stride-2
+    /// instead, 8/9 of the plain bytes; else transformed once; under [`Precision::Bf16`] 5x5 transforms in
+    /// f16, [`f16_forms`]), a stride-2
     /// weight onto at most [`NARROW_MAX_PIXELS`] pixels packed for [`conv_narrow`]. The packed weights are
     /// f16 under [`Precision::Bf16`] where the CPU takes it, and there the other stride-2 weights (all of them
     /// where the map sizes are unknown) bfloat16 ([`conv_bf16`]; paper size, 24x24 -> 12x12: 3x3 2.43 -> 1.41
@@ -164,32 +192,15 @@ impl Conv2d {
                     && (cout * cin * positions * 4 <= KEEP_TRANSFORM_BYTES
                         || cin * positions * t * 4 > LARGE_INPUT_BYTES)
             };
-            // Under bf16, large 5x5 transforms in f16 where the CPU takes them (see the constants).
-            let f16 = |t: usize| {
-                let large = cout * cin * 36 * 4 >= F16_TRANSFORM_BYTES;
-                let m = if t >= F16_LARGE_TILES_FROM { 4 } else { 2 };
-                match bf16 && k == 5 && large && t >= MIN_WINOGRAD_TILES {
-                    true => WinogradWeights::stored_f16(w, m),
-                    false => Ok(None),
-                }
-            };
-            if let Some(u) = tiles.map(f16).transpose()?.flatten() {
-                self.weight = ConvWeight::Winograd(u);
+            if let Some(form) = tiles.filter(|_| bf16 && k == 5).map(|t| f16_forms(w, t)).transpose()?.flatten() {
+                self.weight = form;
                 return Ok(());
             }
-            // What batches of small maps take: under bf16 the 5x5 layers F(4x4, 5x5) in f16 (CPU size, 4x4
-            // maps at batch 16: 96 -> 256 0.42 -> 0.23 ms, 256 -> 192 0.72 -> 0.41 ms). The 3x3 ones stay f32:
-            // in bfloat16 they made the forward at batch 8 another 8 % faster but moved the demo models' bf16
-            // scores up to 6.9e-4 from f32's, against 3.9e-4 so.
-            let batch_form = |w: &Tensor| match (bf16, k) {
-                (true, 5) => WinogradWeights::stored_f16(w, 4),
-                _ => WinogradWeights::new(w),
-            };
             let prepared = match tiles {
                 Some(t) if k == 5 && t >= LARGE_TILES_FROM => {
                     WinogradWeights::new_tiles(w, 4)?.map(ConvWeight::Winograd)
                 }
-                Some(t) if t < MIN_WINOGRAD_TILES => match batch_form(w)? {
+                Some(t) if t < MIN_WINOGRAD_TILES => match WinogradWeights::new(w)? {
                     Some(u) => Some(ConvWeight::ByTiles {
                         few: Box::new(ConvWeight::Narrow(narrow()?)),
                         many: Box::new(ConvWeight::Winograd(u)),
@@ -369,27 +380,21 @@ mod tests {
         d / b.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap()
     }
 
-    /// Under bf16, a 5x5 layer whose f32 transform reaches [`F16_TRANSFORM_BYTES`] takes an f16 transform
-    /// (outputs rounded: not the f32 transform's values, within 1e-2 of the direct sum's largest), a smaller one
-    /// the f32 transform (the same values to the bit).
+    /// Under bf16, 5x5 layers take f16 transforms (the outputs rounded: not the f32 forms' values, within 1e-2
+    /// of the direct sum's largest): large ones on the paper's maps, smaller ones on the CPU size's for single
+    /// images and, beside, for batches (from 64 tiles on 8x8 maps, 8 on 4x4 ones).
     #[test]
-    fn bf16_stores_large_5x5_transforms_in_f16() {
+    fn bf16_takes_f16_transforms_for_5x5_layers() {
         if !Precision::Bf16.supported() {
             eprintln!("no AVX512_BF16 here: the f16 transforms are not made");
             return;
         }
         let dev = Device::Cpu;
-        // F(4x4, 5x5) on 24x24 and 12x12 maps, F(2x2, 5x5) on 6x6; the same layer shape kept in f32 where
-        // its transform is smaller.
-        for (cout, cin, map, f16) in [
-            (128, 1024, 24, true),
-            (128, 1024, 12, true),
-            (128, 1024, 6, true),
-            (64, 1024, 12, false),
-            (64, 96, 24, false),
-        ] {
-            assert_eq!(cout * cin * 36 * 4 >= F16_TRANSFORM_BYTES, f16);
-            let x = Tensor::randn(0f32, 1.0, (1, cin, map, map), &dev).unwrap().relu().unwrap();
+        let large = [(128, 1024, 24, 1), (128, 1024, 12, 1), (128, 1024, 6, 1), (128, 1024, 12, 4)];
+        let small = [(64, 96, 8, 1), (64, 96, 8, 4), (64, 96, 4, 1), (64, 96, 4, 2), (64, 96, 2, 3)];
+        for (cout, cin, map, batch) in large.into_iter().chain(small) {
+            let what = format!("{cout}x{cin} on {map}x{map} at batch {batch}");
+            let x = Tensor::randn(0f32, 1.0, (batch, cin, map, map), &dev).unwrap().relu().unwrap();
             let conv = Conv2d {
                 weight: ConvWeight::Plain(Tensor::randn(0f32, 0.02, (cout, cin, 5, 5), &dev).unwrap()),
                 bias: Tensor::randn(0f32, 0.1, cout, &dev).unwrap(),
@@ -406,9 +411,8 @@ mod tests {
                 c.forward(&x).unwrap()
             });
             let (rounded, err) = (rel_err(&bf16, &f32s), rel_err(&bf16, &direct));
-            assert_eq!(rounded > 0.0, f16, "{cout}x{cin} on {map}x{map}: {rounded} from the f32 transform's");
-            assert!(err < 1e-2, "{cout}x{cin} on {map}x{map}: error {err}");
-            eprintln!("{cout}x{cin} on {map}x{map}: {rounded:e} from the f32 transform's, {err:e} from the direct sum");
+            assert!(rounded > 0.0 && err < 1e-2, "{what}: {rounded} from the f32 forms', error {err}");
+            eprintln!("{what}: {rounded:e} from the f32 forms', {err:e} from the direct sum");
         }
     }
 }
