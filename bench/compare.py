@@ -23,7 +23,7 @@ ONLY = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv
 # (workload, what, reps)
 WORKLOADS = [
     ("flow-forward-paper", "flow forward, paper size (C 304, hidden 1024, 24/12/6), batch 1", 3),
-    ("flow-forward-paper-bf16", "the same, csflow --precision bf16 (3x3 and stride-2 layers; f32 without AVX512_BF16)", 3),
+    ("flow-forward-paper-bf16", "the same, csflow --precision bf16 (3x3 and stride-2 layers in bfloat16, 5x5 weights in f16; f32 without AVX512_BF16)", 3),
     ("flow-step-paper", "flow training step, paper size, batch 2", 2),
     ("flow-forward-cpu", "flow forward, CPU size (C 192, hidden 256, 8/4/2), batch 16", 5),
     ("flow-forward-cpu-bf16", "the same, csflow --precision bf16", 5),
