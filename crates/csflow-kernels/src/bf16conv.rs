@@ -1,11 +1,15 @@
-//! Convolutions as im2col products in bfloat16 pairs (`vdpbf16ps`), for inference in `Precision::Bf16`
-//! where neither Winograd nor the narrow products apply: the flow's stride-2 convolutions onto 12x12 maps at
-//! the paper's size, which in f32 went through im2col and the f32 product at 270-330 GFLOPS.
+//! Direct convolutions in bfloat16 pairs (`vdpbf16ps`), for inference in `Precision::Bf16` where neither
+//! Winograd nor the narrow products apply: the flow's stride-2 convolutions onto 12x12 and 6x6 maps at the
+//! paper's size, which in f32 went through im2col and the f32 product at 270-330 GFLOPS.
 //!
-//! The weights are rounded to bfloat16 once and stored as pairs of input taps (`[O][⌈C·k·k / 2⌉]`, tap 2p
-//! in each u32's low half, 2p + 1 in its high half), the im2col columns are rounded as they are paired,
-//! and each multiply-add sums two products in f32. A plain direct sum of bfloat16 operands: no transform
-//! amplifies their rounding (a relative error of at most 2^-8 per product).
+//! The weights are rounded to bfloat16 once and stored as pairs of input channels for each tap, in strips of
+//! [`STRIP`] output channels (`[strip][⌈C / 2⌉][k·k][64]`, channel 2c in each u32's low half, 2c + 1 in its
+//! high half); the input is rounded once into the same pairs, padded by k / 2. The products put 16 output
+//! channels in each register and broadcast the input's pair for each of [`GROUP`] output pixels straight from
+//! the padded planes: no im2col (which with its pairing took as long as the products, 14 MB of columns for a
+//! 5x5 1024 -> 304 layer onto 12x12), and every lane useful on maps of 36 pixels. Each multiply-add sums two
+//! products in f32: a plain direct sum of bfloat16 operands, no transform amplifying their rounding (a
+//! relative error of at most 2^-8 per product).
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -13,19 +17,26 @@ use rayon::prelude::*;
 use crate::conv::Geom;
 use crate::{f32_slice, Activation};
 
-/// Output channels per task: two of the micro-kernel's panels of 8.
-const ROWS: usize = 16;
-/// Input tap pairs per slice: a task's weights (16 x 256 pairs, 16 KB) stay in L1 and the slice of columns
-/// (256 pairs x at most [`COLS`], 256 KB) in L2 while the products pass over them.
-const KC: usize = 256;
-/// Output pixels per task at most (a multiple of the micro-kernel's 32).
-const COLS: usize = 256;
+/// Output channels per strip: four registers of 16.
+const STRIP: usize = 64;
+/// Output pixels per micro-kernel call: with four registers of weights, 20 accumulators. With six (24) the
+/// compiler kept one accumulator on the stack, loaded and stored at every multiply-add (3x3 1024 -> 304,
+/// 24x24 -> 12x12: 1.44 ms against 1.14 with five).
+const GROUP: usize = 5;
+/// Pairs of input channels per slice: a strip's weights for a slice (64 pairs, 3x3: 147 KB, 5x5: 410 KB)
+/// stay in L2 while the task's pixel groups pass over them (32 and 128 ran slower).
+const KB: usize = 64;
+/// Output pixels per task at most (eight groups): tasks by sample, strip and run of pixels, so that the
+/// paper's 304 output channels onto 12x12 (five strips) spread over threads.
+const PIXELS: usize = 40;
 
-/// A convolution's weight [O, C, k, k] rounded to bfloat16 and packed in pairs of taps, with its bias.
+/// A convolution's weight [O, C, k, k] rounded to bfloat16 and packed in pairs of input channels, with its
+/// bias.
 #[derive(Clone, Debug)]
 pub struct Bf16Weights {
-    /// `[O][pairs]`: taps 2p (low half) and 2p + 1 (high half, zero past the last) of each output channel.
-    pairs: Vec<u32>,
+    /// `[strip][pairs][k·k][width]`: channels 2c (low half) and 2c + 1 (high half, zero past the last) at one
+    /// tap for each output channel of the strip; width 64, the last strip's padded with zeros to 16s.
+    packed: Vec<u32>,
     bias: Vec<f32>,
     cout: usize,
     cin: usize,
@@ -36,17 +47,36 @@ impl Bf16Weights {
     /// From a square weight `[O, C, k, k]` and a bias `[O]` (kept in f32).
     pub fn new(weight: &Tensor, bias: &Tensor) -> Result<Self> {
         let ([cout, cin, k], w) = crate::conv::square_weight("bf16 conv", weight, bias)?;
-        let kdim = cin * k * k;
-        let pairs = w
-            .chunks_exact(kdim)
-            .flat_map(|row| row.chunks(2).map(|p| pair(p[0], p.get(1).copied().unwrap_or(0.0))))
-            .collect();
-        Ok(Self { pairs, bias: bias.to_vec1()?, cout, cin, k })
+        let (pairs, kk) = (cin.div_ceil(2), k * k);
+        let mut packed = vec![0u32; cout.next_multiple_of(16) * pairs * kk];
+        for o in 0..cout {
+            let (at, width) = Self::strip(cout, pairs * kk, o);
+            for c in 0..pairs {
+                for tap in 0..kk {
+                    let hi = if 2 * c + 1 < cin { w[((o * cin) + 2 * c + 1) * kk + tap] } else { 0.0 };
+                    packed[at + (c * kk + tap) * width + o % STRIP] = pair(w[(o * cin + 2 * c) * kk + tap], hi);
+                }
+            }
+        }
+        Ok(Self { packed, bias: bias.to_vec1()?, cout, cin, k })
     }
 
-    /// Pairs per output channel.
-    fn ld(&self) -> usize {
-        (self.cin * self.k * self.k).div_ceil(2)
+    /// Where output channel o's strip starts in `packed` and its width, for `per` (pairs x taps) per channel.
+    fn strip(cout: usize, per: usize, o: usize) -> (usize, usize) {
+        let o0 = o / STRIP * STRIP;
+        (o0 * per, STRIP.min(cout.next_multiple_of(16) - o0))
+    }
+
+    /// Output channel o's rounded weight for input channel c at tap `tap`.
+    fn weight(&self, o: usize, c: usize, tap: usize) -> f32 {
+        let kk = self.k * self.k;
+        let (at, width) = Self::strip(self.cout, self.cin.div_ceil(2) * kk, o);
+        let (lo, hi) = unpair(self.packed[at + (c / 2 * kk + tap) * width + o % STRIP]);
+        if c.is_multiple_of(2) {
+            lo
+        } else {
+            hi
+        }
     }
 }
 
@@ -83,40 +113,33 @@ impl CustomOp1 for Bf16Conv<'_> {
         let x = f32_slice(xs, xl, self.name())?;
         let w = self.w;
         let (g, n, hw, shape) = Geom::square(xl.dims(), [w.cout, w.cin, w.k], self.stride)?;
-        let (cols_n, kdim) = (n * hw, g.k());
+        // Every output value is written by either path.
         let mut out = crate::uninit(n * w.cout * hw);
-        if cols_n == 0 || w.cout == 0 {
+        if n * hw == 0 || w.cout == 0 {
             return Ok((CpuStorage::F32(out), shape));
         }
-        let cols = g.columns(x, n, 0);
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx512_bf16() {
-            // SAFETY: AVX512_BF16 with AVX512F/BW/VL checked; cols holds kdim rows of cols_n values.
-            let v = unsafe { crate::microkernel::to_pairs(&cols, kdim, cols_n, cols_n) };
-            drop(cols);
-            // SAFETY: as above; v holds ⌈kdim / 2⌉ rows of cols_n pairs and out n·cout·hw values.
-            unsafe { x86::run(w, self.act, &v, (n, hw), &mut out) };
+            let (h, wd) = (xl.dims()[2], xl.dims()[3]);
+            // SAFETY: AVX512_BF16 with AVX512F/BW/VL checked; x holds n·cin·h·wd values and out n·cout·hw.
+            unsafe { x86::run(w, self.act, x, (n, h, wd), (self.stride, g.ho, g.wo), &mut out) };
             return Ok((CpuStorage::F32(out), shape));
         }
-        portable(w, self.act, &cols, (n, hw), &mut out);
+        portable(w, self.act, &g.columns(x, n, 0), (n, hw), &mut out);
         Ok((CpuStorage::F32(out), shape))
     }
 }
 
-/// Without AVX512_BF16: direct sums of the rounded operands per output value.
+/// Without AVX512_BF16: direct sums of the rounded operands per output value, over im2col's columns.
 fn portable(w: &Bf16Weights, act: Activation, cols: &[f32], (n, hw): (usize, usize), out: &mut [f32]) {
-    let (ld, kdim, cols_n) = (w.ld(), w.cin * w.k * w.k, n * hw);
+    let (kk, kdim, cols_n) = (w.k * w.k, w.cin * w.k * w.k, n * hw);
     let round = |v: f32| half::bf16::from_f32(v).to_f32();
     out.par_chunks_mut(hw).enumerate().for_each(|(idx, plane)| {
         let (s, o) = (idx / w.cout, idx % w.cout);
-        let row = &w.pairs[o * ld..][..ld];
+        let row: Vec<f32> = (0..kdim).map(|r| w.weight(o, r / kk, r % kk)).collect();
         for (p, y) in plane.iter_mut().enumerate() {
             let j = s * hw + p;
-            let sum = (0..kdim).fold(w.bias[o], |acc, r| {
-                let (lo, hi) = unpair(row[r / 2]);
-                let weight = if r % 2 == 0 { lo } else { hi };
-                acc + weight * round(cols[r * cols_n + j])
-            });
+            let sum = (0..kdim).fold(w.bias[o], |acc, r| acc + row[r] * round(cols[r * cols_n + j]));
             *y = act.apply(sum);
         }
     });
@@ -124,56 +147,159 @@ fn portable(w: &Bf16Weights, act: Activation, cols: &[f32], (n, hw): (usize, usi
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use std::arch::x86_64::*;
+
     use super::*;
     use crate::gemm::SendPtr;
-    use crate::microkernel::{products, Bf16x16};
 
-    /// The products of every task: `ROWS` output channels by up to `COLS` pixels of one sample, over slices
-    /// of `KC` pairs, each finished with its bias and activation while in cache.
+    /// The input as bfloat16 pairs of channels, each plane padded by `p` zeros: [n][⌈C / 2⌉][h + 2p][w + 2p].
+    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+    unsafe fn padded_pairs(x: &[f32], cin: usize, (n, h, w): (usize, usize, usize), p: usize) -> Vec<u32> {
+        let (pairs, hp, wp) = (cin.div_ceil(2), h + 2 * p, w + 2 * p);
+        let mut out = vec![0u32; n * pairs * hp * wp];
+        out.par_chunks_mut(hp * wp).enumerate().for_each(|(plane, o)| {
+            let (s, c) = (plane / pairs, plane % pairs);
+            let channel = |i: usize| &x[(s * cin + i) * h * w..][..h * w];
+            let (a, b) = (channel(2 * c), (2 * c + 1 < cin).then(|| channel(2 * c + 1)));
+            for y in 0..h {
+                let row = &mut o[(y + p) * wp + p..][..w];
+                // SAFETY: as this function's; the row has room for w pairs.
+                unsafe { crate::microkernel::pair_row(&a[y * w..][..w], b.map(|b| &b[y * w..][..w]), row) };
+            }
+        });
+        out
+    }
+
+    /// Every task: `PIXELS` output pixels of one sample by one strip of output channels, over slices of
+    /// `KB` pairs of input channels, then the bias and activation on the way out.
     ///
     /// # Safety
-    /// The CPU supports AVX512_BF16 (with AVX512F, BW and VL); v holds ⌈C·k·k / 2⌉ rows of n·hw pairs and
-    /// out n·cout·hw values.
+    /// The CPU supports AVX512_BF16 (with AVX512F, BW and VL); x holds n·cin·h·w values and out n·cout·ho·wo.
     #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-    pub(super) unsafe fn run(w: &Bf16Weights, act: Activation, v: &[u32], (n, hw): (usize, usize), out: &mut [f32]) {
-        let (ld, cols_n) = (w.ld(), n * hw);
-        assert!(v.len() >= ld * cols_n && out.len() >= n * w.cout * hw);
-        let (groups, blocks) = (w.cout.div_ceil(ROWS), hw.div_ceil(COLS));
+    pub(super) unsafe fn run(
+        w: &Bf16Weights,
+        act: Activation,
+        x: &[f32],
+        (n, h, wd): (usize, usize, usize),
+        (stride, ho, wo): (usize, usize, usize),
+        out: &mut [f32],
+    ) {
+        let (k, p, hw) = (w.k, w.k / 2, ho * wo);
+        assert!(x.len() >= n * w.cin * h * wd && out.len() >= n * w.cout * hw);
+        let (pairs, kk, wp) = (w.cin.div_ceil(2), k * k, wd + 2 * p);
+        let plane = (h + 2 * p) * wp;
+        let xp = padded_pairs(x, w.cin, (n, h, wd), p);
+        let taps: Vec<usize> = (0..kk).map(|t| t / k * wp + t % k).collect();
+        let (strips, runs) = (w.cout.div_ceil(STRIP), hw.div_ceil(PIXELS));
         let dst = SendPtr(out.as_mut_ptr());
-        (0..groups * n * blocks).into_par_iter().for_each(|t| {
+        (0..n * strips * runs).into_par_iter().for_each(|task| {
             let dst = &dst;
-            let (g, s, b) = (t / (n * blocks), t / blocks % n, t % blocks);
-            let (o0, c0) = (g * ROWS, b * COLS);
-            let (rows, width) = (ROWS.min(w.cout - o0), COLS.min(hw - c0));
-            // SAFETY: task t alone writes rows o0..o0 + rows, columns c0..c0 + width of sample s's
-            // [cout][hw] output; u, v and m hold what the products read and write (asserted above).
-            unsafe {
-                let m = dst.0.add((s * w.cout + o0) * hw + c0);
-                let u = w.pairs.as_ptr().add(o0 * ld);
-                let v = v.as_ptr().add(s * hw + c0);
-                task(u, ld, v, cols_n, m, hw, (rows, width));
-                for r in 0..rows {
-                    let row = std::slice::from_raw_parts_mut(m.add(r * hw), width);
-                    act.apply_slice_with_bias(row, w.bias[o0 + r]);
+            let (s, strip, run) = (task / (strips * runs), task / runs % strips, task % runs);
+            let o0 = strip * STRIP;
+            let (at, width) = Bf16Weights::strip(w.cout, pairs * kk, o0);
+            let (p0, p1) = (run * PIXELS, hw.min(run * PIXELS + PIXELS));
+            // Partial sums [pixel][width] of this task, across slices.
+            let mut acc = vec![0f32; (p1 - p0) * width];
+            for c0 in (0..pairs).step_by(KB) {
+                let call = Call {
+                    u: w.packed[at + c0 * kk * width..].as_ptr(),
+                    width,
+                    x: xp[(s * pairs + c0) * plane..].as_ptr(),
+                    plane,
+                    pairs: KB.min(pairs - c0),
+                    taps: &taps,
+                    first: c0 == 0,
+                };
+                for g0 in (p0..p1).step_by(GROUP) {
+                    let mut offsets = [0usize; GROUP];
+                    for (t, o) in offsets.iter_mut().enumerate().take(p1.min(g0 + GROUP) - g0) {
+                        let (oy, ox) = ((g0 + t) / wo, (g0 + t) % wo);
+                        *o = stride * oy * wp + stride * ox;
+                    }
+                    // SAFETY: the strip's slice holds pairs x taps rows of width; every offset plus tap stays
+                    // in the padded plane (stride·(ho - 1) + k - 1 < h + 2p); acc has room for the group.
+                    unsafe { call.run(&offsets, p1.min(g0 + GROUP) - g0, acc[(g0 - p0) * width..].as_mut_ptr()) };
+                }
+            }
+            let rows = width.min(w.cout - o0);
+            for (i, sums) in acc.chunks_exact(width).enumerate() {
+                for (r, v) in sums[..rows].iter().enumerate() {
+                    // SAFETY: task (s, strip, run) alone writes channels o0..o0 + rows at pixels p0..p1.
+                    unsafe { *dst.0.add((s * w.cout + o0 + r) * hw + p0 + i) = act.apply(v + w.bias[o0 + r]) };
                 }
             }
         });
     }
 
-    /// m [rows][width] (rows `ldm` apart) = u [rows][ld] · v [ld][width] (rows `ldv` apart), in slices of KC.
-    #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-    unsafe fn task(
+    /// One slice of a strip's products: the weights of `pairs` channel pairs from `u` (rows of `width`), the
+    /// input's planes from `x` (`plane` apart), tap offsets within a plane.
+    struct Call<'a> {
         u: *const u32,
-        ld: usize,
-        v: *const u32,
-        ldv: usize,
-        m: *mut f32,
-        ldm: usize,
-        (rows, width): (usize, usize),
-    ) {
-        for k0 in (0..ld).step_by(KC) {
-            let kc = KC.min(ld - k0);
-            products::<Bf16x16>(u.add(k0), ld, v.add(k0 * ldv), m, (ldv, ldm), (kc, rows, k0 == 0, width));
+        width: usize,
+        x: *const u32,
+        plane: usize,
+        pairs: usize,
+        taps: &'a [usize],
+        first: bool,
+    }
+
+    impl Call<'_> {
+        /// The group's pixels (their offsets in a plane; `group` of them real) into acc [group][width].
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn run(&self, offsets: &[usize; GROUP], group: usize, acc: *mut f32) {
+            macro_rules! pixels {
+                ($v:literal) => {
+                    match group {
+                        1 => self.kernel::<$v, 1>(offsets, acc),
+                        2 => self.kernel::<$v, 2>(offsets, acc),
+                        3 => self.kernel::<$v, 3>(offsets, acc),
+                        4 => self.kernel::<$v, 4>(offsets, acc),
+                        _ => self.kernel::<$v, 5>(offsets, acc),
+                    }
+                };
+            }
+            match self.width / 16 {
+                1 => pixels!(1),
+                2 => pixels!(2),
+                3 => pixels!(3),
+                _ => pixels!(4),
+            }
+        }
+
+        /// `V` registers of output channels by `G` pixels.
+        #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
+        unsafe fn kernel<const V: usize, const G: usize>(&self, offsets: &[usize; GROUP], acc: *mut f32) {
+            let mut sums = [[_mm512_setzero_ps(); V]; G];
+            if !self.first {
+                for (t, row) in sums.iter_mut().enumerate() {
+                    for (r, a) in row.iter_mut().enumerate() {
+                        *a = _mm512_loadu_ps(acc.add(t * self.width + 16 * r));
+                    }
+                }
+            }
+            let kk = self.taps.len();
+            for c in 0..self.pairs {
+                let x = self.x.add(c * self.plane);
+                for (i, &tap) in self.taps.iter().enumerate() {
+                    let u = self.u.add((c * kk + i) * self.width);
+                    let mut uv = [_mm512_setzero_si512(); V];
+                    for (r, v) in uv.iter_mut().enumerate() {
+                        *v = _mm512_loadu_si512(u.add(16 * r).cast());
+                    }
+                    for (t, row) in sums.iter_mut().enumerate() {
+                        let b = _mm512_set1_epi32(*x.add(offsets[t] + tap) as i32);
+                        let b = std::mem::transmute::<__m512i, __m512bh>(b);
+                        for (a, v) in row.iter_mut().zip(&uv) {
+                            *a = _mm512_dpbf16_ps(*a, std::mem::transmute::<__m512i, __m512bh>(*v), b);
+                        }
+                    }
+                }
+            }
+            for (t, row) in sums.iter().enumerate() {
+                for (r, a) in row.iter().enumerate() {
+                    _mm512_storeu_ps(acc.add(t * self.width + 16 * r), *a);
+                }
+            }
         }
     }
 }
@@ -202,11 +328,11 @@ mod tests {
         out
     }
 
-    /// Shapes with an odd tap count (3·3·3: a last half pair), slices of KC pairs with a partial last one
-    /// (80·9 taps: 360 pairs; 64·25: 800), partial panels of 8 and groups of 16 output channels, columns past
-    /// one task's COLS (40x40, and 20x20 in a batch of two), partial strips of 32 (7x7, 6x6), batches of two
-    /// and three, strides 1 and 2, 1x1 and 5x5 kernels.
-    const CASES: [(usize, usize, usize, usize, usize, usize); 7] = [
+    /// Shapes with odd channel counts (a last half pair), two slices of KB pairs (151 channels: 64 + 12
+    /// pairs), two strips of output channels (70: 64 + 6 in a padded vector) and partial vectors of 16, runs
+    /// of PIXELS past the first (40x40, and 20x20 in a batch of two) and partial groups of 5 (7x7, 6x6, 5x5
+    /// outputs), batches of two and three, strides 1 and 2, 1x1 and 5x5 kernels.
+    const CASES: [(usize, usize, usize, usize, usize, usize); 8] = [
         // (n, cin, cout, size, k, stride)
         (1, 3, 5, 7, 3, 1),
         (2, 5, 18, 20, 3, 1),
@@ -215,6 +341,7 @@ mod tests {
         (2, 33, 17, 9, 5, 2),
         (1, 64, 9, 24, 5, 2),
         (3, 7, 19, 6, 1, 1),
+        (1, 151, 70, 9, 3, 2),
     ];
 
     /// With operands that bfloat16 holds exactly, the products are exact and only the f32 sums differ from

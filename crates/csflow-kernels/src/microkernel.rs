@@ -326,7 +326,7 @@ pub(crate) unsafe fn to_pairs(v: &[f32], cin: usize, n: usize, ld: usize) -> Vec
 
 /// One row of [`to_pairs`].
 #[target_feature(enable = "avx2,fma,avx512f,avx512bw,avx512vl,avx512bf16")]
-unsafe fn pair_row(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {
+pub(crate) unsafe fn pair_row(a: &[f32], b: Option<&[f32]>, out: &mut [u32]) {
     let idx: [u16; 32] = std::array::from_fn(|i| if i % 2 == 0 { i as u16 / 2 } else { 16 + i as u16 / 2 });
     let idx = _mm512_loadu_si512(idx.as_ptr().cast());
     for t0 in (0..a.len()).step_by(16) {
