@@ -1,6 +1,6 @@
 //! Direct convolutions in bfloat16 pairs (`vdpbf16ps`), for inference in `Precision::Bf16` where neither
-//! Winograd nor the narrow products apply: the flow's stride-2 convolutions onto 12x12 and 6x6 maps at the
-//! paper's size, which in f32 went through im2col and the f32 product at 270-330 GFLOPS.
+//! Winograd nor the narrow products apply: the flow's stride-2 convolutions onto the paper size's 12x12 maps,
+//! and onto smaller maps in batches, which in f32 went through im2col and the f32 product at 270-330 GFLOPS.
 //!
 //! The weights are rounded to bfloat16 once and stored as pairs of input channels for each tap, in strips of
 //! [`STRIP`] output channels (`[strip][⌈C / 2⌉][k·k][64]`, channel 2c in each u32's low half, 2c + 1 in its
