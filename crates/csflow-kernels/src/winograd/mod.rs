@@ -69,6 +69,19 @@ impl Shape {
     }
 }
 
+/// `$f::<α, r, m, Tile>(args)` for the variant F(m x m, r x r) of the sizes given: every call of a variant by
+/// its sizes goes through here, so each variant is listed once.
+macro_rules! by_variant {
+    (($k:expr, $m:expr), $($f:ident)::+ ($($arg:expr),* $(,)?)) => {
+        match ($k, $m) {
+            (3, 2) => $($f)::+::<4, 3, 2, F2x3>($($arg),*),
+            (5, 2) => $($f)::+::<6, 5, 2, F2x5>($($arg),*),
+            (5, 4) => $($f)::+::<8, 5, 4, F4x5>($($arg),*),
+            (k, m) => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
+        }
+    };
+}
+
 /// Whether kernels of size k x k have a Winograd variant here.
 pub(crate) fn supports(k: usize) -> bool {
     matches!(k, 3 | 5)
@@ -313,12 +326,7 @@ pub(crate) fn transform_weights(
     (k, m): (usize, usize),
     kernel: Kernel,
 ) -> Vec<f32> {
-    match (k, m) {
-        (3, 2) => weights_t::<4, 3, 2, F2x3>(w, layer_out, layer_in, kernel),
-        (5, 2) => weights_t::<6, 5, 2, F2x5>(w, layer_out, layer_in, kernel),
-        (5, 4) => weights_t::<8, 5, 4, F4x5>(w, layer_out, layer_in, kernel),
-        _ => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
-    }
+    by_variant!((k, m), weights_t(w, layer_out, layer_in, kernel))
 }
 
 fn weights_t<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
@@ -729,12 +737,7 @@ unsafe fn output_channel_avx2<const A: usize, const R: usize, const M: usize, T:
 
 /// y [n, cout, h, w] = conv(x [n, cin, h, w], U) + bias, U from [`transform_weights`] for s.k and s.m.
 pub(crate) fn conv(x: &[f32], u: &[f32], bias: Option<&[f32]>, act: Activation, s: Shape) -> Vec<f32> {
-    match (s.k, s.m) {
-        (3, 2) => conv_t::<4, 3, 2, F2x3>(x, u, bias, act, s),
-        (5, 2) => conv_t::<6, 5, 2, F2x5>(x, u, bias, act, s),
-        (5, 4) => conv_t::<8, 5, 4, F4x5>(x, u, bias, act, s),
-        (k, m) => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
-    }
+    by_variant!((s.k, s.m), conv_t(x, u, bias, act, s))
 }
 
 fn conv_t<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
@@ -1046,29 +1049,15 @@ mod tests {
     #[test]
     fn bf16_products_are_the_rounded_operands_products() {
         fn bf16(v: f32) -> f32 {
-            let b = v.to_bits();
-            f32::from_bits((b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF_0000)
+            half::bf16::from_f32(v).to_f32()
         }
         fn check<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(s: Shape) {
             let (x, wt, b) =
                 (data(s.n * s.cin * s.h * s.w, 19), data(s.cout * s.cin * s.k * s.k, 20), data(s.cout, 21));
-            let (tiles, ld) = (s.tiles(), s.ld(A * A));
             let u: Vec<f32> =
                 transform_weights(&wt, s.cout, s.cin, (s.k, s.m), Kernel::Forward).into_iter().map(bf16).collect();
             let v: Vec<f32> = transform_input::<A, R, M, T>(&x, s).into_iter().map(bf16).collect();
-            let mut m = vec![0f32; s.cout * ld + TX];
-            for o in 0..s.cout {
-                for xi in 0..A * A {
-                    for t in 0..tiles {
-                        let sum: f64 = (0..s.cin)
-                            .map(|c| u[(o * A * A + xi) * s.cin + c] as f64 * v[c * ld + xi * tiles + t] as f64)
-                            .sum();
-                        m[o * ld + xi * tiles + t] = sum as f32;
-                    }
-                }
-            }
-            let mut want = vec![0f32; s.n * s.cout * s.h * s.w];
-            transform_output::<A, R, M, T>(&m, s, Some(&b), Activation::Identity, &mut want);
+            let want = exact_products::<A, R, M, T>(&u, &v, &b, s);
             let blocked = plain::by_blocks(&wt, s.cout, s.cin, s.k);
             let ours = plain::conv_by(&x, &blocked, Some(&b), Activation::Identity, s, true, Products::Bf16);
             let err = relative_error(&ours, &want);
@@ -1089,6 +1078,31 @@ mod tests {
         }
     }
 
+    /// The convolution from transformed weights u [out][α²][in] and input v [in][α²][tiles] (as given,
+    /// rounded or not): each product summed in float64, then the output transform with bias b.
+    fn exact_products<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
+        u: &[f32],
+        v: &[f32],
+        b: &[f32],
+        s: Shape,
+    ) -> Vec<f32> {
+        let (tiles, ld) = (s.tiles(), s.ld(A * A));
+        let mut m = vec![0f32; s.cout * ld + TX];
+        for o in 0..s.cout {
+            for xi in 0..A * A {
+                for t in 0..tiles {
+                    let sum: f64 = (0..s.cin)
+                        .map(|c| u[(o * A * A + xi) * s.cin + c] as f64 * v[c * ld + xi * tiles + t] as f64)
+                        .sum();
+                    m[o * ld + xi * tiles + t] = sum as f32;
+                }
+            }
+        }
+        let mut want = vec![0f32; s.n * s.cout * s.h * s.w];
+        transform_output::<A, R, M, T>(&m, s, Some(b), Activation::Identity, &mut want);
+        want
+    }
+
     /// Weights stored in f16 give the products of U rounded to f16 and V in f32, summed in float64, within
     /// the f32 summation's rounding; on shapes with partial strips of 16 output channels (7, 25, 40), more
     /// than one strip of 64 (70, 150), partial groups of 6 tiles and whole ones (36 tiles: F(4x4, 5x5) on a
@@ -1100,23 +1114,10 @@ mod tests {
             let f16 = |v: f32| half::f16::from_f32(v).to_f32();
             let (x, wt, b) =
                 (data(s.n * s.cin * s.h * s.w, 25), data(s.cout * s.cin * s.k * s.k, 26), data(s.cout, 27));
-            let (tiles, ld) = (s.tiles(), s.ld(A * A));
             let exact = transform_weights(&wt, s.cout, s.cin, (s.k, s.m), Kernel::Forward);
             let u: Vec<f32> = exact.iter().copied().map(f16).collect();
             let v = transform_input::<A, R, M, T>(&x, s);
-            let mut m = vec![0f32; s.cout * ld + TX];
-            for o in 0..s.cout {
-                for xi in 0..A * A {
-                    for t in 0..tiles {
-                        let sum: f64 = (0..s.cin)
-                            .map(|c| u[(o * A * A + xi) * s.cin + c] as f64 * v[c * ld + xi * tiles + t] as f64)
-                            .sum();
-                        m[o * ld + xi * tiles + t] = sum as f32;
-                    }
-                }
-            }
-            let mut want = vec![0f32; s.n * s.cout * s.h * s.w];
-            transform_output::<A, R, M, T>(&m, s, Some(&b), Activation::Identity, &mut want);
+            let want = exact_products::<A, R, M, T>(&u, &v, &b, s);
             let packed = stored_f16::pack(&exact, s.cout, s.cin, A * A);
             let ours = stored_f16::conv::<A, R, M, T>(&x, &packed, Some(&b), Activation::Identity, s);
             let err = relative_error(&ours, &want);
@@ -1225,12 +1226,7 @@ mod tests {
 /// k, k]: per position ξ one product sums over all tiles, dU[ξ] = (A dY Aᵀ)[ξ] · V[ξ]ᵀ, then dW = Gᵀ dU G
 /// (the forward's transforms read backwards). 2.25x (3x3) or 2.78x (5x5) fewer multiplications than im2col's.
 pub(crate) fn weight_grad(x: &[f32], grad: &[f32], s: Shape) -> Vec<f32> {
-    match (s.k, s.m) {
-        (3, 2) => weight_grad_t::<4, 3, 2, F2x3>(x, grad, s),
-        (5, 2) => weight_grad_t::<6, 5, 2, F2x5>(x, grad, s),
-        (5, 4) => weight_grad_t::<8, 5, 4, F4x5>(x, grad, s),
-        (k, m) => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
-    }
+    by_variant!((s.k, s.m), weight_grad_t(x, grad, s))
 }
 
 fn weight_grad_t<const A: usize, const R: usize, const M: usize, T: Tile<A, R, M>>(
@@ -1474,12 +1470,7 @@ impl CustomOp2 for Prepared {
             Form::StoredBf16(u) => plain::conv_stored_bf16(x, u, Some(b), self.1, s),
             #[cfg(not(target_arch = "x86_64"))]
             Form::StoredBf16(_) => unreachable!("made on x86-64 only"),
-            Form::StoredF16(u) => match (s.k, s.m) {
-                (3, 2) => stored_f16::conv::<4, 3, 2, F2x3>(x, u, Some(b), self.1, s),
-                (5, 2) => stored_f16::conv::<6, 5, 2, F2x5>(x, u, Some(b), self.1, s),
-                (5, 4) => stored_f16::conv::<8, 5, 4, F4x5>(x, u, Some(b), self.1, s),
-                (k, m) => unreachable!("no Winograd variant F({m}x{m}, {k}x{k})"),
-            },
+            Form::StoredF16(u) => by_variant!((s.k, s.m), stored_f16::conv(x, u, Some(b), self.1, s)),
         };
         Ok((CpuStorage::F32(y), (n, u.cout, h, w).into()))
     }
