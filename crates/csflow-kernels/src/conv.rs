@@ -4,7 +4,7 @@
 //! `conv_transpose2d`; here all three products are single GEMMs per sample:
 //! forward Y = W·cols(X) + b, input gradient dX = col2im(Wᵀ·G), weight gradient dW = Σ G·cols(X)ᵀ.
 
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::gemm::{matmul, matmul_bias_act, Mat};
@@ -291,7 +291,7 @@ impl CustomOp3 for Conv {
         let gx = grad.apply_op2_no_bwd(w, &ConvInputGrad { stride: self.stride, pad: self.pad, h, w: wd })?;
         let (kh, kw) = (w.dim(2)?, w.dim(3)?);
         let gw = x.apply_op2_no_bwd(&grad, &ConvWeightGrad { stride: self.stride, pad: self.pad, kh, kw })?;
-        let gb = grad.sum((0, 2, 3))?;
+        let gb = grad.apply_op1_no_bwd(&BiasGrad)?;
         Ok((Some(gx), Some(gw), Some(gb)))
     }
 }
@@ -390,6 +390,31 @@ impl CustomOp2 for ConvWeightGrad {
     }
 }
 
+/// db [O] = Σ over samples and positions of the output gradient G [N, O, Ho, Wo], each channel's sum taken
+/// in f64. candle's `sum((0, 2, 3))` walks a strided index: 5 % of the paper's training step.
+struct BiasGrad;
+
+impl CustomOp1 for BiasGrad {
+    fn name(&self) -> &'static str {
+        "csflow-conv2d-bias-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let gr = f32_slice(gs, gl, self.name())?;
+        let &[n, c, h, w] = gl.dims() else {
+            candle_core::bail!("conv2d backward: gradient must be [N, C, H, W], got {:?}", gl.dims());
+        };
+        let hw = h * w;
+        let sums = (0..c)
+            .into_par_iter()
+            .map(|o| {
+                (0..n).map(|j| gr[(j * c + o) * hw..][..hw].iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() as f32
+            })
+            .collect();
+        Ok((CpuStorage::F32(sums), Shape::from(c)))
+    }
+}
+
 /// A square inference weight `[O, C, k, k]` and its bias `[O]`: the sizes (O, C, k) and the weight's values,
 /// or an error naming `op` and what does not fit.
 pub(crate) fn square_weight(op: &str, weight: &Tensor, bias: &Tensor) -> Result<([usize; 3], Vec<f32>)> {
@@ -422,7 +447,8 @@ mod tests {
     use crate::test_data as data;
     use candle_core::{Device, Var};
 
-    /// Against candle's own convolution (an independent implementation), values and all three gradients;
+    /// Against candle's own convolution (an independent implementation), values and the input and weight
+    /// gradients, the bias gradient against sums in f64;
     /// also kernels wider than the map, and rows of 16 or more (im2col's row-copy path with 2x18 maps;
     /// narrower or strided outputs gather; 8x8 3x3 and 4x18 5x5 at batch 2 have 32 tiles or more: Winograd).
     /// (Stride 2, kernel 5 on a 2x3 map is left out: candle's own input gradient there comes out [2, 3, 2, 4]
@@ -527,7 +553,16 @@ mod tests {
             let up = Tensor::from_vec(data(ours.elem_count(), 4), ours.dims(), &dev).unwrap();
             let g1 = (ours * &up).unwrap().sum_all().unwrap().backward().unwrap();
             let g2 = (theirs * &up).unwrap().sum_all().unwrap().backward().unwrap();
-            for v in [&x, &wt, &b] {
+            // The bias gradient is each channel's sum of `up`, taken here in f64: candle's f32 sum over the
+            // 5 x 32 x 32 values of the batched case rounds at 2.2e-5 of it (ours, in f64, to f32's rounding).
+            let (u, hw) = (up.flatten_all().unwrap().to_vec1::<f32>().unwrap(), up.dims()[2] * up.dims()[3]);
+            let ours_b = g1.get(&b).unwrap().to_vec1::<f32>().unwrap();
+            for (o, &got) in ours_b.iter().enumerate() {
+                let want: f64 =
+                    (0..n).map(|j| u[(j * cout + o) * hw..][..hw].iter().map(|&v| v as f64).sum::<f64>()).sum();
+                assert!((got as f64 - want).abs() <= 1e-6 * want.abs().max(1.0), "bias gradient {o}: {got} for {want}");
+            }
+            for v in [&x, &wt] {
                 let (a, c) = (g1.get(v).unwrap(), g2.get(v).unwrap());
                 // Relative to the gradient's size: sums of thousands of products round differently.
                 let scale: f32 = c.abs().unwrap().max_all().unwrap().to_scalar().unwrap();
