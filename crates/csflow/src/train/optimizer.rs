@@ -1,5 +1,7 @@
+use std::cell::RefCell;
+
 use candle_core::backprop::GradStore;
-use candle_core::{Tensor, Var};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Storage, Tensor, Var};
 use rayon::prelude::*;
 
 use crate::Result;
@@ -104,21 +106,19 @@ impl Adam {
     /// One optimizer step from computed gradients; returns the global gradient norm before clipping.
     /// Parameters without a gradient are left alone, as PyTorch does.
     pub fn step(&mut self, mut grads: GradStore) -> Result<f64> {
-        let mut gs: Vec<Option<Vec<f32>>> = Vec::with_capacity(self.vars.len());
-        // Each gradient tensor is released as it is copied out, so the store and the copies are never both
-        // whole (at the paper size that is 0.76 GB of peak).
-        for v in &self.vars {
-            gs.push(match grads.remove(v.as_tensor()) {
-                Some(g) => Some(g.flatten_all()?.to_vec1::<f32>()?),
-                None => None,
-            });
-        }
+        let gs: Vec<Option<Tensor>> = self
+            .vars
+            .iter()
+            .map(|v| grads.remove(v.as_tensor()).map(|g| g.contiguous()).transpose())
+            .collect::<candle_core::Result<_>>()?;
         drop(grads);
         // clip_grad_norm_: per-tensor norms, then the norm of those norms.
         let norms: Vec<f64> = gs
             .par_iter()
-            .map(|g| g.as_ref().map_or(0.0, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>()))
-            .collect();
+            .map(|g| {
+                g.as_ref().map_or(Ok(0.0), |g| with_values(g, |g| g.iter().map(|&x| (x as f64) * (x as f64)).sum()))
+            })
+            .collect::<Result<_>>()?;
         let total = norms.iter().sum::<f64>().sqrt();
         if !total.is_finite() {
             return Err(crate::Error::Diverged(format!(
@@ -136,28 +136,89 @@ impl Adam {
         let t = self.steps as f64;
         let bc1 = 1.0 - c.beta1.powf(t);
         let bc2_sqrt = (1.0 - c.beta2.powf(t)).sqrt();
-        let step_size = (c.lr / bc1) as f32;
-        let (b2, wd, eps) = (c.beta2 as f32, c.weight_decay as f32, c.eps as f32);
-        let (one_minus_b1, one_minus_b2, bc2_sqrt) = ((1.0 - c.beta1) as f32, (1.0 - c.beta2) as f32, bc2_sqrt as f32);
-
+        let rule = Rule {
+            coef,
+            step_size: (c.lr / bc1) as f32,
+            b2: c.beta2 as f32,
+            wd: c.weight_decay as f32,
+            eps: c.eps as f32,
+            one_minus_b1: (1.0 - c.beta1) as f32,
+            one_minus_b2: (1.0 - c.beta2) as f32,
+            bc2_sqrt: bc2_sqrt as f32,
+        };
         for ((var, mom), g) in self.vars.iter().zip(self.moments.iter_mut()).zip(gs) {
-            let Some(mut g) = g else { continue };
-            let mut p = var.as_tensor().flatten_all()?.to_vec1::<f32>()?;
-            const CHUNK: usize = 1 << 15;
-            p.par_chunks_mut(CHUNK)
-                .zip(g.par_chunks_mut(CHUNK))
-                .zip(mom.m.par_chunks_mut(CHUNK).zip(mom.v.par_chunks_mut(CHUNK)))
-                .for_each(|((p, g), (m, v))| {
-                    for i in 0..p.len() {
-                        let grad = g[i] * coef + wd * p[i];
-                        m[i] = lerp(m[i], grad, one_minus_b1);
-                        v[i] = v[i] * b2 + one_minus_b2 * grad * grad;
-                        let denom = v[i].sqrt() / bc2_sqrt + eps;
-                        p[i] += -step_size * m[i] / denom;
-                    }
-                });
-            var.set(&Tensor::from_vec(p, var.shape(), var.device())?)?;
+            let Some(g) = g else { continue };
+            var.as_tensor().inplace_op2(&g, &Update { rule, moments: RefCell::new(mom) })?;
         }
         Ok(total)
+    }
+}
+
+/// Runs `f` on a contiguous f32 CPU tensor's values, without copying them.
+fn with_values<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(cpu) = &*storage else {
+        return Err(crate::Error::Invalid("the optimizer runs on the CPU only".into()));
+    };
+    let (start, end) = layout
+        .contiguous_offsets()
+        .ok_or_else(|| crate::Error::Invalid("the optimizer needs contiguous gradients".into()))?;
+    Ok(f(&cpu.as_slice::<f32>()?[start..end]))
+}
+
+/// One step's constants of the Adam update.
+#[derive(Clone, Copy)]
+struct Rule {
+    /// The clipping factor of every gradient.
+    coef: f32,
+    step_size: f32,
+    b2: f32,
+    wd: f32,
+    eps: f32,
+    one_minus_b1: f32,
+    one_minus_b2: f32,
+    bc2_sqrt: f32,
+}
+
+/// The update of one parameter, written into its storage from its gradient: copying both out and the result
+/// back in was 4 % of the paper-size training step.
+struct Update<'a> {
+    rule: Rule,
+    moments: RefCell<&'a mut Moments>,
+}
+
+impl InplaceOp2 for Update<'_> {
+    fn name(&self) -> &'static str {
+        "csflow-adam"
+    }
+
+    fn cpu_fwd(&self, ps: &mut CpuStorage, pl: &Layout, gs: &CpuStorage, gl: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (ps, gs) else {
+            candle_core::bail!("adam: parameters and gradients must be f32");
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (pl.contiguous_offsets(), gl.contiguous_offsets()) else {
+            candle_core::bail!("adam: parameters and gradients must be contiguous");
+        };
+        let mut moments = self.moments.borrow_mut();
+        let Moments { m, v } = &mut **moments;
+        let (p, g) = (&mut p[p0..p1], &g[g0..g1]);
+        if g.len() != p.len() || m.len() != p.len() {
+            candle_core::bail!("adam: {} parameters, {} gradients, {} moments", p.len(), g.len(), m.len());
+        }
+        let r = self.rule;
+        const CHUNK: usize = 1 << 15;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK).zip(v.par_chunks_mut(CHUNK)))
+            .for_each(|((p, g), (m, v))| {
+                for i in 0..p.len() {
+                    let grad = g[i] * r.coef + r.wd * p[i];
+                    m[i] = lerp(m[i], grad, r.one_minus_b1);
+                    v[i] = v[i] * r.b2 + r.one_minus_b2 * grad * grad;
+                    let denom = v[i].sqrt() / r.bc2_sqrt + r.eps;
+                    p[i] += -r.step_size * m[i] / denom;
+                }
+            });
+        Ok(())
     }
 }
