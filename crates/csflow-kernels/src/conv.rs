@@ -390,8 +390,8 @@ impl CustomOp2 for ConvWeightGrad {
     }
 }
 
-/// db [O] = Σ over samples and positions of the output gradient G [N, O, Ho, Wo], each channel's sum taken
-/// in f64. candle's `sum((0, 2, 3))` walks a strided index: 5 % of the paper's training step.
+/// db [O] = Σ over samples and positions of the output gradient G [N, O, Ho, Wo], in f64. candle's
+/// `sum((0, 2, 3))` walks a strided index: 5 % of the paper's training step.
 struct BiasGrad;
 
 impl CustomOp1 for BiasGrad {
@@ -404,13 +404,9 @@ impl CustomOp1 for BiasGrad {
         let &[n, c, h, w] = gl.dims() else {
             candle_core::bail!("conv2d backward: gradient must be [N, C, H, W], got {:?}", gl.dims());
         };
-        let hw = h * w;
-        let sums = (0..c)
-            .into_par_iter()
-            .map(|o| {
-                (0..n).map(|j| gr[(j * c + o) * hw..][..hw].iter().map(|&v| v as f64).sum::<f64>()).sum::<f64>() as f32
-            })
-            .collect();
+        let planes = crate::reduce::plane_sums(gr, h * w);
+        // Empty planes (no sums) add nothing.
+        let sums = (0..c).map(|o| (0..n).filter_map(|j| planes.get(j * c + o)).sum::<f64>() as f32).collect();
         Ok((CpuStorage::F32(sums), Shape::from(c)))
     }
 }

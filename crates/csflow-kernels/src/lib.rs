@@ -34,6 +34,7 @@ mod mbconv;
 mod microkernel;
 mod narrow;
 mod pointwise;
+mod reduce;
 #[cfg(target_arch = "x86_64")]
 mod simd;
 mod stem;
@@ -50,6 +51,7 @@ pub use leaky_relu::leaky_relu;
 pub use mbconv::InvertedResidual;
 pub use narrow::{conv_narrow, NarrowWeights};
 pub use pointwise::{pointwise_conv, PointwiseWeights};
+pub use reduce::sum_of_squares;
 pub use stem::stem_conv;
 pub use winograd::{conv_winograd, WinogradWeights};
 

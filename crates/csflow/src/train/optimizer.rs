@@ -115,7 +115,7 @@ impl Adam {
         // clip_grad_norm_: per-tensor norms, then the norm of those norms.
         let norms: Vec<f64> = gs
             .par_iter()
-            .map(|g| g.as_ref().map_or(Ok(0.0), |g| with_values(g, sum_of_squares)))
+            .map(|g| g.as_ref().map_or(Ok(0.0), |g| with_values(g, csflow_kernels::sum_of_squares)))
             .collect::<Result<_>>()?;
         let total = norms.iter().sum::<f64>().sqrt();
         if !total.is_finite() {
@@ -150,19 +150,6 @@ impl Adam {
         }
         Ok(total)
     }
-}
-
-/// Σ x² in f64 over eight running sums: one sum is a chain of dependent additions (4 % of the paper step).
-fn sum_of_squares(g: &[f32]) -> f64 {
-    let mut acc = [0f64; 8];
-    let chunks = g.chunks_exact(8);
-    let tail: f64 = chunks.remainder().iter().map(|&x| (x as f64) * (x as f64)).sum();
-    for c in chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += (x as f64) * (x as f64);
-        }
-    }
-    acc.iter().sum::<f64>() + tail
 }
 
 /// Runs `f` on a contiguous f32 CPU tensor's values, without copying them.
@@ -231,19 +218,5 @@ impl InplaceOp2 for Update<'_> {
                 }
             });
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// 1² + … + 19² = 19 · 20 · 39 / 6 = 2470: two runs of eight and a remainder of three.
-    #[test]
-    fn sum_of_squares_counts_every_value() {
-        let v: Vec<f32> = (1..=19).map(|k| k as f32).collect();
-        assert_eq!(sum_of_squares(&v), 2470.0);
-        assert_eq!(sum_of_squares(&v[..3]), 14.0);
-        assert_eq!(sum_of_squares(&[]), 0.0);
     }
 }
