@@ -144,7 +144,7 @@ impl InvertedResidual<'_> {
                 let x = x.contiguous()?;
                 let path = Path::Small { avx512: crate::has_avx512() };
                 let panels = self.fused_to(&x, path, Until::Panels)?;
-                let g = gates(&panels.narrow(2, 0, self.depthwise.weight().dim(0)?)?.mean(1)?)?.contiguous()?;
+                let g = gates(&crate::reduce::pixel_means(&panels, self.depthwise.weight().dim(0)?)?)?.contiguous()?;
                 return panels.apply_op3_no_bwd(&g, &x, &GatedProjection { block: *self, path });
             }
         }
