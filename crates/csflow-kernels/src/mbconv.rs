@@ -15,6 +15,9 @@
 //! ([`InvertedResidual::forward_gated`]). Bands do not pay on small maps: their layers stay in cache anyway
 //! and their few rows per band would re-read the (then larger) weights too often.
 
+#[cfg(target_arch = "x86_64")]
+use std::sync::Mutex;
+
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use crate::{depthwise_conv2d, f32_slice, pointwise_conv, Activation, DepthwiseWeights, Padding, PointwiseWeights};
@@ -83,14 +86,24 @@ impl InvertedResidual<'_> {
     /// squeeze-excitation, whose gates need all of it before the projection. On maps from 96x96 on, in bands
     /// as [`InvertedResidual::forward`] runs (the expanded map is never written whole); else layer by layer.
     pub fn depthwise_output(&self, x: &Tensor) -> Result<Tensor> {
+        Ok(self.depthwise_with_means(x)?.0)
+    }
+
+    /// [`InvertedResidual::depthwise_output`] and, from the bands, each (sample, channel)'s mean of it
+    /// `[N, C]`, summed while each band's rows were in L1 (else `None`): at 768 px a pass over B5's
+    /// depthwise outputs of 15-35 MB for the means was 2.3 % of the backbone.
+    fn depthwise_with_means(&self, x: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         #[cfg(target_arch = "x86_64")]
         if crate::has_avx2_fma() && self.expand.is_some() {
             let (_, _, h, w) = x.dims4()?;
             if h * w >= SE_BAND_PIXELS {
-                return self.fused_to(x, Path::Banded(BAND_BYTES), Until::Depthwise);
+                let (y, sums) = self.fused_with_sums(x, Path::Banded(BAND_BYTES), Until::Depthwise)?;
+                let (n, c, ho, wo) = y.dims4()?;
+                let means = sums.iter().map(|&s| (s / (ho * wo) as f64) as f32).collect();
+                return Ok((y, Some(Tensor::from_vec(means, (n, c), x.device())?)));
             }
         }
-        self.expanded_depthwise(x)
+        Ok((self.expanded_depthwise(x)?, None))
     }
 
     /// The block's sizes for an input of `xdims` and a depthwise weight of `wdims` with `bias` biases, or an
@@ -148,8 +161,11 @@ impl InvertedResidual<'_> {
                 return panels.apply_op3_no_bwd(&g, &x, &GatedProjection { block: *self, path });
             }
         }
-        let y = self.depthwise_output(x)?;
-        let g = gates(&y.mean((2, 3))?)?;
+        let (y, means) = self.depthwise_with_means(x)?;
+        let g = gates(&match means {
+            Some(m) => m,
+            None => y.mean((2, 3))?,
+        })?;
         pointwise_conv(&y, self.project, Activation::Identity, self.skip.then_some(x), Some(&g))
     }
 
@@ -178,8 +194,17 @@ impl InvertedResidual<'_> {
     /// The block's layers up to `until` as one op, on `path`.
     #[cfg(target_arch = "x86_64")]
     fn fused_to(&self, x: &Tensor, path: Path, until: Until) -> Result<Tensor> {
+        Ok(self.fused_with_sums(x, path, until)?.0)
+    }
+
+    /// [`InvertedResidual::fused_to`] and, until the depthwise output on the banded path, the sum of each
+    /// (sample, channel) of it (else empty).
+    #[cfg(target_arch = "x86_64")]
+    fn fused_with_sums(&self, x: &Tensor, path: Path, until: Until) -> Result<(Tensor, Vec<f64>)> {
         let (w, b) = (self.depthwise.weight(), self.depthwise.bias());
-        x.contiguous()?.apply_op3_no_bwd(w, b, &Fused { block: *self, path, until })
+        let op = Fused { block: *self, path, until, sums: Mutex::new(Vec::new()) };
+        let y = x.contiguous()?.apply_op3_no_bwd(w, b, &op)?;
+        Ok((y, op.sums.into_inner().unwrap_or_else(|poisoned| poisoned.into_inner())))
     }
 }
 
@@ -210,6 +235,8 @@ struct Fused<'a> {
     block: InvertedResidual<'a>,
     path: Path,
     until: Until,
+    /// Filled until the depthwise output on the banded path: the sum of each (sample, channel) of it.
+    sums: Mutex<Vec<f64>>,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -266,9 +293,10 @@ impl CustomOp3 for Fused<'_> {
                 (Path::Banded(_), Until::Panels) => {
                     candle_core::bail!("{name}: only the small-map path stops at its panels")
                 }
-                (Path::Banded(band_bytes), until) => unsafe {
-                    x86::run(blk, band_bytes, dims, x, (w, b), &mut out, until)
-                },
+                (Path::Banded(band_bytes), until) => {
+                    let mut sums = self.sums.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                    *sums = unsafe { x86::run(blk, band_bytes, dims, x, (w, b), &mut out, until) };
+                }
                 (Path::Small { avx512 }, Until::Projection) => unsafe {
                     small::x86::run(blk, dims, x, &mut out, avx512)
                 },
@@ -352,6 +380,8 @@ mod x86 {
         static BANDS: std::cell::RefCell<[Vec<f32>; 3]> = const { std::cell::RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
     }
 
+    /// Until the depthwise output, returns each (sample, channel)'s sum of it ([n][c]; else nothing).
+    ///
     /// # Safety
     /// The CPU supports AVX2 and FMA; `dims` are x's, the depthwise weight's and out's sizes, checked; `out`
     /// holds the output of the layers `until` names.
@@ -363,7 +393,7 @@ mod x86 {
         dw: (&[f32], &[f32]),
         out: &mut [f32],
         until: Until,
-    ) {
+    ) -> Vec<f64> {
         // Each sample's rows split into as many ranges as there are threads per sample: every range after
         // the first recomputes the expansion of k - stride rows its first band shares with the range before.
         let per_sample = rayon::current_num_threads().div_ceil(d.n).clamp(1, d.ho);
@@ -371,13 +401,27 @@ mod x86 {
         let ranges: Vec<(usize, usize)> = (0..d.n).flat_map(|s| (0..d.ho).step_by(rows).map(move |y| (s, y))).collect();
         let dst = SendPtr(out.as_mut_ptr());
         let channels = if until == Until::Depthwise { d.c } else { d.cout };
-        ranges.into_par_iter().for_each(|(sample, y0)| {
-            let dst = &dst;
-            let xs = &x[sample * d.cin * d.h * d.wd..(sample + 1) * d.cin * d.h * d.wd];
-            let out = dst.0.add(sample * channels * d.ho * d.wo);
-            // SAFETY: the CPU supports AVX2 and FMA; this range alone writes output rows y0.. of its sample.
-            unsafe { range(blk, band_bytes, d, xs, dw, out, y0..(y0 + rows).min(d.ho), until) }
-        });
+        let to_out = until == Until::Depthwise;
+        let per_range: Vec<(usize, Vec<f64>)> = ranges
+            .into_par_iter()
+            .map(|(sample, y0)| {
+                let dst = &dst;
+                let xs = &x[sample * d.cin * d.h * d.wd..(sample + 1) * d.cin * d.h * d.wd];
+                let out = dst.0.add(sample * channels * d.ho * d.wo);
+                let mut sums = vec![0.0; if to_out { d.c } else { 0 }];
+                // SAFETY: the CPU supports AVX2 and FMA; this range alone writes output rows y0.. of its sample.
+                unsafe { range(blk, band_bytes, d, xs, dw, out, y0..(y0 + rows).min(d.ho), until, &mut sums) };
+                (sample, sums)
+            })
+            .collect();
+        // The ranges' sums added in order, the same for any number of threads that gives the same ranges.
+        let mut sums = vec![0.0; if to_out { d.n * d.c } else { 0 }];
+        for (sample, range_sums) in per_range.into_iter().filter(|_| to_out) {
+            for (s, r) in sums[sample * d.c..].iter_mut().zip(range_sums) {
+                *s += r;
+            }
+        }
+        sums
     }
 
     /// Output rows `ys` of one sample (`xs` its input, `out` its output), band by band: each band expands
@@ -395,6 +439,7 @@ mod x86 {
         out: *mut f32,
         ys: std::ops::Range<usize>,
         until: Until,
+        sums: &mut [f64],
     ) {
         let (s, k, pad, c, wd) = (blk.stride, d.k, blk.pad, d.c, d.wd);
         // The most output rows per band whose ring and depthwise output fit, but at least the depthwise
@@ -466,6 +511,9 @@ mod x86 {
                     &mut convolved[ch * r * d.wo..][..r * d.wo]
                 };
                 p.convolve(dw_b[ch], blk.act, d.wo, dst);
+                if to_out {
+                    sums[ch] += crate::reduce::sum(dst);
+                }
             }
             if to_out {
                 continue;
@@ -608,8 +656,9 @@ mod tests {
     /// Blocks with squeeze-excitation gates (a function of the depthwise output's channel means) against
     /// candle's layers with the gates applied to the projection's input: the small-map path (gates between
     /// its passes; panels with a partial last one, odd and even panel counts, stride 2, skip, batches; each
-    /// width this CPU has) and a map above it (depthwise output, then the gated projection); one thread and
-    /// three; an empty batch.
+    /// width this CPU has), a map above it (depthwise output, then the gated projection) and 96x96 maps (the
+    /// banded depthwise output with its means summed band by band: 128 channels in several bands, ranges
+    /// of three threads over one sample or two); one thread and three; an empty batch.
     #[test]
     fn gated_blocks_match_candle_layers() {
         let dev = Device::Cpu;
@@ -621,6 +670,8 @@ mod tests {
             (1, 7, 9, 33, 5, 5, 2, false),
             (3, 4, 2, 70, 4, 3, 1, true),
             (1, 5, 20, 24, 5, 3, 1, true),
+            (1, 4, 96, 128, 4, 3, 2, false),
+            (2, 4, 96, 24, 4, 3, 1, true),
         ];
         for (case, &(n, cin, map, c, cout, k, s, skip)) in cases.iter().enumerate() {
             let x = t(n * cin * map * map, 1, &[n, cin, map, map]);

@@ -42,6 +42,11 @@ fn sum_by_portable(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
     acc.iter().sum::<f64>() + tail
 }
 
+/// Σ x in f64.
+pub(crate) fn sum(x: &[f32]) -> f64 {
+    sum_by(x, |v| v)
+}
+
 /// Σ x² in f64 (a gradient norm).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
     sum_by(x, |v| v * v)
@@ -52,7 +57,7 @@ pub(crate) fn plane_sums(x: &[f32], hw: usize) -> Vec<f64> {
     if hw == 0 {
         return Vec::new();
     }
-    x.par_chunks_exact(hw).with_min_len(items_per_task(hw)).map(|p| sum_by(p, |v| v)).collect()
+    x.par_chunks_exact(hw).with_min_len(items_per_task(hw)).map(sum).collect()
 }
 
 /// The mean over pixels of each of the first `c` channels of pixel-major maps [N, HW, C'] (C' >= c): [N, c].
