@@ -235,7 +235,8 @@ mod tests {
         for act in [Activation::Swish, Activation::Relu6, Activation::LeakyRelu(0.1), Activation::Identity] {
             let mut want = input.clone();
             act.apply_slice(&mut want);
-            let widths: [(&str, unsafe fn(Activation, &mut [f32]), bool); 2] =
+            type Kernel = unsafe fn(Activation, &mut [f32]);
+            let widths: [(&str, Kernel, bool); 2] =
                 [("avx2", on256, crate::has_avx2_fma()), ("avx512", on512, crate::has_avx512())];
             for (name, run, supported) in widths {
                 if !supported {

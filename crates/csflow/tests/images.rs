@@ -81,6 +81,7 @@ fn max_abs(a: &Tensor, b: &Tensor) -> f32 {
 /// - 4:2:0: in addition, zune-jpeg upsamples chroma in two rounded steps ((3a + b + 2) >> 2 vertically, then
 ///   horizontally) where libjpeg-turbo's "fancy" upsampling rounds once ((3 * colsum + next + 8) >> 4): one
 ///   more level of chroma, max 3 (measured mean 0.37, max 3; ~40 % of the samples differ).
+///
 /// WebP lossy (image-webp against libwebp) measured exact, so it is held exact like the lossless formats.
 fn lossy_tolerance(file: &str) -> Option<(f64, u8)> {
     match file {

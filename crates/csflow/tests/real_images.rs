@@ -68,7 +68,9 @@ fn mean_max_diff(a: &image::RgbImage, b: &image::RgbImage) -> (f64, u8) {
 
 #[test]
 fn resize_equals_pil() {
-    let cases: [(&str, &str, Option<[u32; 4]>, usize, usize); 5] = [
+    // (photo, PIL's output, crop [x, y, w, h] before resizing, height, width)
+    type Case<'a> = (&'a str, &'a str, Option<[u32; 4]>, usize, usize);
+    let cases: [Case; 5] = [
         ("chelsea", "chelsea_224_pil.png", None, 224, 224),
         ("coffee", "resize_coffee_384x256.png", None, 384, 256),
         ("brick", "resize_brick_256x256.png", None, 256, 256),
