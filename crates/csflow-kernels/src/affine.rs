@@ -3,7 +3,9 @@
 //! y = x · e^l + t with l = a · 0.636 · atan(s / a), from x [B, C, H, W] and st = [s | t] [B, 2C, H, W]. As
 //! tensor ops it took nine passes forward (the narrowed halves copied, the scalings, atan, exp, product,
 //! sum) and some fifteen backward; here one pass computes y and l, and one computes all three gradients.
-//! The arithmetic is the tensor ops' own, in their order (each scaling rounded, no fused multiply-adds).
+//! The arithmetic is the tensor ops' own, in their order (each scaling rounded, no fused multiply-adds),
+//! but for the exponential: this crate's polynomial (within 2 ulp of f64's) in vector registers, where libm's
+//! scalar `expf` was three quarters of the op and 3.5 % of the CPU-size flow forward.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -68,10 +70,9 @@ impl CustomOp2 for SoftAffine {
             let (s, t) = st[j * 2 * c * hw..(j + 1) * 2 * c * hw].split_at(c * hw);
             let x = &x[j * c * hw..(j + 1) * c * hw];
             for i in 0..c * hw {
-                let (_, li) = clamp.log_scale(s[i]);
-                l[i] = li;
-                y[i] = li.exp() * x[i] + t[i];
+                l[i] = clamp.log_scale(s[i]).1;
             }
+            by_lanes(|fma| forward_lanes(fma, x, t, l, y));
         });
         Ok((CpuStorage::F32(out), Shape::from((b, 2 * c, h, w))))
     }
@@ -114,17 +115,65 @@ impl CustomOp3 for SoftAffineGrad {
             let (gy, gl) = g[j * 2 * n..(j + 1) * 2 * n].split_at(n);
             let s = &st[j * 2 * n..j * 2 * n + n];
             let x = &x[j * n..(j + 1) * n];
+            // u and l first (libm's atan, scalar), in dx and ds until the vector pass overwrites them.
             for i in 0..n {
-                let (u, l) = clamp.log_scale(s[i]);
-                let e = l.exp();
-                dx[i] = gy[i] * e;
-                dt[i] = gy[i];
-                // d y / d l = x e; d l / d u = 0.636 a / (1 + u²); d u / d s = 1 / a.
-                let dl = gy[i] * x[i] * e + gl[i];
-                ds[i] = dl * clamp.out / (u * u + 1.0) * clamp.inv;
+                (dx[i], ds[i]) = clamp.log_scale(s[i]);
             }
+            by_lanes(|fma| gradient_lanes(fma, clamp, (gy, gl), x, (dx, ds, dt)));
         });
         Ok((CpuStorage::F32(out), Shape::from((b, 3 * c, h, w))))
+    }
+}
+
+/// Runs `f(fma)` in a function compiled for AVX2 + FMA (`fma` true) where the CPU has them, else as it is:
+/// the lane loops below vectorise there.
+#[inline(always)]
+fn by_lanes(mut f: impl FnMut(bool)) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(f: &mut impl FnMut(bool)) {
+            f(true)
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2(&mut f) };
+    }
+    f(false)
+}
+
+/// y = e^l · x + t.
+#[inline(always)]
+fn forward_lanes(fma: bool, x: &[f32], t: &[f32], l: &[f32], y: &mut [f32]) {
+    for i in 0..y.len() {
+        y[i] = exp(fma, l[i]) * x[i] + t[i];
+    }
+}
+
+/// dx, ds, dt from gy, gl, x, with u in dx and l in ds on entry.
+#[inline(always)]
+fn gradient_lanes(
+    fma: bool,
+    clamp: Clamp,
+    (gy, gl): (&[f32], &[f32]),
+    x: &[f32],
+    (dx, ds, dt): (&mut [f32], &mut [f32], &mut [f32]),
+) {
+    for i in 0..dx.len() {
+        let (u, e) = (dx[i], exp(fma, ds[i]));
+        dx[i] = gy[i] * e;
+        dt[i] = gy[i];
+        // d y / d l = x e; d l / d u = 0.636 a / (1 + u²); d u / d s = 1 / a.
+        let dl = gy[i] * x[i] * e + gl[i];
+        ds[i] = dl * clamp.out / (u * u + 1.0) * clamp.inv;
+    }
+}
+
+#[inline(always)]
+fn exp(fma: bool, v: f32) -> f32 {
+    if fma {
+        crate::activation::exp::<true>(v)
+    } else {
+        crate::activation::exp::<false>(v)
     }
 }
 
