@@ -4,8 +4,8 @@
 //! tensor ops it took nine passes forward (the narrowed halves copied, the scalings, atan, exp, product,
 //! sum) and some fifteen backward; here one pass computes y and l, and one computes all three gradients.
 //! The arithmetic is the tensor ops' own, in their order (each scaling rounded, no fused multiply-adds),
-//! but for the exponential: this crate's polynomial (within 2 ulp of f64's) in vector registers, where libm's
-//! scalar `expf` was three quarters of the op and 3.5 % of the CPU-size flow forward.
+//! but for atan and the exponential: this crate's polynomials (each within 2 ulp of f64's), so that the loops
+//! vectorise, where libm's scalar `expf` and `atanf` were the op's time and 6 % of the CPU-size flow forward.
 
 use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
@@ -33,7 +33,7 @@ impl Clamp {
     #[inline(always)]
     fn log_scale(self, s: f32) -> (f32, f32) {
         let u = s * self.inv;
-        (u, u.atan() * self.out)
+        (u, crate::atan::atan_poly(u) * self.out)
     }
 }
 
@@ -69,10 +69,7 @@ impl CustomOp2 for SoftAffine {
             let (y, l) = out.split_at_mut(c * hw);
             let (s, t) = st[j * 2 * c * hw..(j + 1) * 2 * c * hw].split_at(c * hw);
             let x = &x[j * c * hw..(j + 1) * c * hw];
-            for i in 0..c * hw {
-                l[i] = clamp.log_scale(s[i]).1;
-            }
-            by_lanes(|fma| forward_lanes(fma, x, t, l, y));
+            forward(clamp, (s, t), x, (y, l));
         });
         Ok((CpuStorage::F32(out), Shape::from((b, 2 * c, h, w))))
     }
@@ -115,51 +112,67 @@ impl CustomOp3 for SoftAffineGrad {
             let (gy, gl) = g[j * 2 * n..(j + 1) * 2 * n].split_at(n);
             let s = &st[j * 2 * n..j * 2 * n + n];
             let x = &x[j * n..(j + 1) * n];
-            // u and l first (libm's atan, scalar), in dx and ds until the vector pass overwrites them.
-            for i in 0..n {
-                (dx[i], ds[i]) = clamp.log_scale(s[i]);
-            }
-            by_lanes(|fma| gradient_lanes(fma, clamp, (gy, gl), x, (dx, ds, dt)));
+            gradient(clamp, (gy, gl), (x, s), (dx, ds, dt));
         });
         Ok((CpuStorage::F32(out), Shape::from((b, 3 * c, h, w))))
     }
 }
 
-/// Runs `f(fma)` in a function compiled for AVX2 + FMA (`fma` true) where the CPU has them, else as it is:
-/// the lane loops below vectorise there.
-#[inline(always)]
-fn by_lanes(mut f: impl FnMut(bool)) {
+/// [`forward_lanes`] compiled for AVX2 + FMA where the CPU has them (the loop vectorises there), else as it
+/// is.
+fn forward(clamp: Clamp, st: (&[f32], &[f32]), x: &[f32], out: (&mut [f32], &mut [f32])) {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
         #[target_feature(enable = "avx2,fma")]
-        unsafe fn avx2(f: &mut impl FnMut(bool)) {
-            f(true)
+        unsafe fn avx2(clamp: Clamp, st: (&[f32], &[f32]), x: &[f32], out: (&mut [f32], &mut [f32])) {
+            forward_lanes(true, clamp, st, x, out)
         }
         // SAFETY: the CPU supports AVX2 and FMA (checked).
-        return unsafe { avx2(&mut f) };
+        return unsafe { avx2(clamp, st, x, out) };
     }
-    f(false)
+    forward_lanes(false, clamp, st, x, out)
 }
 
-/// y = e^l · x + t.
+/// [`gradient_lanes`] as [`forward`] runs [`forward_lanes`].
+fn gradient(clamp: Clamp, g: (&[f32], &[f32]), xs: (&[f32], &[f32]), out: (&mut [f32], &mut [f32], &mut [f32])) {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(
+            clamp: Clamp,
+            g: (&[f32], &[f32]),
+            xs: (&[f32], &[f32]),
+            out: (&mut [f32], &mut [f32], &mut [f32]),
+        ) {
+            gradient_lanes(true, clamp, g, xs, out)
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2(clamp, g, xs, out) };
+    }
+    gradient_lanes(false, clamp, g, xs, out)
+}
+
+/// l = a · 0.636 · atan(s / a), y = e^l · x + t.
 #[inline(always)]
-fn forward_lanes(fma: bool, x: &[f32], t: &[f32], l: &[f32], y: &mut [f32]) {
+fn forward_lanes(fma: bool, clamp: Clamp, (s, t): (&[f32], &[f32]), x: &[f32], (y, l): (&mut [f32], &mut [f32])) {
     for i in 0..y.len() {
+        l[i] = clamp.log_scale(s[i]).1;
         y[i] = exp(fma, l[i]) * x[i] + t[i];
     }
 }
 
-/// dx, ds, dt from gy, gl, x, with u in dx and l in ds on entry.
+/// dx, ds, dt from gy, gl, x and s.
 #[inline(always)]
 fn gradient_lanes(
     fma: bool,
     clamp: Clamp,
     (gy, gl): (&[f32], &[f32]),
-    x: &[f32],
+    (x, s): (&[f32], &[f32]),
     (dx, ds, dt): (&mut [f32], &mut [f32], &mut [f32]),
 ) {
     for i in 0..dx.len() {
-        let (u, e) = (dx[i], exp(fma, ds[i]));
+        let (u, l) = clamp.log_scale(s[i]);
+        let e = exp(fma, l);
         dx[i] = gy[i] * e;
         dt[i] = gy[i];
         // d y / d l = x e; d l / d u = 0.636 a / (1 + u²); d u / d s = 1 / a.

@@ -26,6 +26,49 @@ impl CustomOp1 for Atan {
     }
 }
 
+/// tan(3π/8) and tan(π/8): the bounds of the argument reduction.
+const TAN_3PI_8: f32 = 2.414_213_6;
+const TAN_PI_8: f32 = 0.414_213_57;
+/// Cephes' `atanf` polynomial in z = x², highest power first.
+const ATAN_P: [f32; 4] = [8.053_744_5e-2, -1.387_768_6e-1, 1.997_771_1e-1, -3.333_295e-1];
+
+/// atan(x) to 2 ulp, branch-free so that loops over it vectorise (libm's scalar `atanf` was most of the soft
+/// affine transform's time): Cephes' reduction to |x| <= tan(π/8) (x itself, (|x| - 1) / (|x| + 1) plus
+/// π/4, or -1 / |x| plus π/2), its degree-9 odd polynomial, the sign restored. NaN stays NaN; ±∞ gives ±π/2.
+#[inline(always)]
+pub(crate) fn atan_poly(x: f32) -> f32 {
+    let a = x.abs();
+    let (big, mid) = (a > TAN_3PI_8, a > TAN_PI_8);
+    let num = if big {
+        -1.0
+    } else if mid {
+        a - 1.0
+    } else {
+        a
+    };
+    let den = if big {
+        a
+    } else if mid {
+        a + 1.0
+    } else {
+        1.0
+    };
+    let base = if big {
+        std::f32::consts::FRAC_PI_2
+    } else if mid {
+        std::f32::consts::FRAC_PI_4
+    } else {
+        0.0
+    };
+    let r = num / den;
+    let z = r * r;
+    let mut p = ATAN_P[0];
+    for &c in &ATAN_P[1..] {
+        p = p * z + c;
+    }
+    (base + (p * z * r + r)).copysign(x)
+}
+
 /// Elementwise arctangent of an f32 tensor, differentiable.
 pub fn atan(x: &Tensor) -> Result<Tensor> {
     x.contiguous()?.apply_op1(Atan)
@@ -46,6 +89,28 @@ mod tests {
         }
         assert!((y[6] - std::f32::consts::FRAC_PI_4).abs() < 1e-7);
         assert!((y[7] - std::f32::consts::FRAC_PI_3).abs() < 1e-6);
+    }
+
+    /// The polynomial against f64's atan, relative to the value, across six decades each way, the reduction's
+    /// bounds and the limits: measured 1.9e-7 at worst (1.6 ulp).
+    #[test]
+    fn polynomial_is_within_two_ulp_of_f64() {
+        let mut xs: Vec<f32> = (-60_000..=60_000).map(|i| (i as f32 * 1e-4).powi(3) * 1e3).collect();
+        xs.extend([TAN_PI_8, TAN_3PI_8, 1.0, -1.0, 1e-30, -1e-30, 1e30, f32::MAX, f32::MIN_POSITIVE]);
+        let mut worst = 0f64;
+        for &x in &xs {
+            let (got, want) = (atan_poly(x) as f64, (x as f64).atan());
+            if want != 0.0 {
+                worst = worst.max(((got - want) / want).abs());
+            } else {
+                assert_eq!(got, 0.0);
+            }
+        }
+        assert!(worst < 2.0 * f32::EPSILON as f64, "worst relative error {worst:e}");
+        assert_eq!(atan_poly(f32::INFINITY), std::f32::consts::FRAC_PI_2);
+        assert_eq!(atan_poly(f32::NEG_INFINITY), -std::f32::consts::FRAC_PI_2);
+        assert!(atan_poly(f32::NAN).is_nan());
+        assert_eq!(atan_poly(-0.0).to_bits(), (-0.0f32).to_bits());
     }
 
     #[test]
