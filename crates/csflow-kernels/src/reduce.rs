@@ -1,55 +1,60 @@
 //! Sums in f64: per plane of NCHW maps, in parallel over planes (a convolution's bias gradient), per channel
-//! of pixel-major maps (squeeze-excitation's means on the small-map path) and of squares (the gradient norm). candle's reductions run on one thread, over a strided index where the reduced
-//! dimensions are not the last ones, and add in f32.
+//! of pixel-major maps (squeeze-excitation's means on the small-map path) and of squares (the gradient
+//! norm). candle's reductions run on one thread, over a strided index where the reduced dimensions are not
+//! the last ones, and add in f32.
 
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::{f32_slice, items_per_task};
 
-/// Σ f(x) in f64 over 16 running sums (one sum is a chain of dependent additions, 4 cycles a value), in AVX2
-/// where the CPU has it (built for baseline x86-64 the conversions and additions stay scalar).
+/// Σ x (or Σ x² for `SQUARES`) in f64 over 16 running sums (one sum is a chain of dependent additions, 4
+/// cycles a value), in AVX2 where the CPU has it (built for baseline x86-64 the conversions and additions
+/// stay scalar).
 #[inline(always)]
-fn sum_by(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+fn sum_by<const SQUARES: bool>(x: &[f32]) -> f64 {
     #[cfg(target_arch = "x86_64")]
     if crate::has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2<const SQUARES: bool>(x: &[f32]) -> f64 {
+            sum_lanes::<SQUARES>(x)
+        }
         // SAFETY: the CPU supports AVX2 and FMA (checked).
-        return unsafe { sum_by_avx2(x, f) };
+        return unsafe { avx2::<SQUARES>(x) };
     }
-    sum_by_portable(x, f)
-}
-
-/// [`sum_by`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn sum_by_avx2(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
-    sum_by_portable(x, f)
+    sum_lanes::<SQUARES>(x)
 }
 
 #[inline(always)]
-fn sum_by_portable(x: &[f32], f: impl Fn(f64) -> f64) -> f64 {
+fn sum_lanes<const SQUARES: bool>(x: &[f32]) -> f64 {
     let mut acc = [0f64; 16];
     let chunks = x.chunks_exact(16);
-    let tail: f64 = chunks.remainder().iter().map(|&v| f(v as f64)).sum();
+    let tail: f64 = chunks.remainder().iter().map(|&v| term::<SQUARES>(v)).sum();
     for c in chunks {
         for (a, &v) in acc.iter_mut().zip(c) {
-            *a += f(v as f64);
+            *a += term::<SQUARES>(v);
         }
     }
     acc.iter().sum::<f64>() + tail
 }
 
+#[inline(always)]
+fn term<const SQUARES: bool>(v: f32) -> f64 {
+    if SQUARES {
+        (v as f64) * (v as f64)
+    } else {
+        v as f64
+    }
+}
+
 /// Σ x in f64.
 pub(crate) fn sum(x: &[f32]) -> f64 {
-    sum_by(x, |v| v)
+    sum_by::<false>(x)
 }
 
 /// Σ x² in f64 (a gradient norm).
 pub fn sum_of_squares(x: &[f32]) -> f64 {
-    sum_by(x, |v| v * v)
+    sum_by::<true>(x)
 }
 
 /// Σ of each plane of `hw` consecutive values in `x` (x.len() a multiple of hw).
