@@ -91,41 +91,37 @@ impl CustomOp1 for PixelMeans {
         }
         let mut means = Vec::with_capacity(n * c);
         for sample in x.chunks_exact(hw * cp) {
-            let mut sums = vec![0f64; c];
-            #[cfg(target_arch = "x86_64")]
-            if crate::has_avx2_fma() {
-                // SAFETY: the CPU supports AVX2 and FMA (checked).
-                unsafe { add_rows_avx2(sample, cp, &mut sums) };
-            } else {
-                add_rows(sample, cp, &mut sums);
-            }
-            #[cfg(not(target_arch = "x86_64"))]
-            add_rows(sample, cp, &mut sums);
+            let sums = channel_sums(sample, cp, c);
             means.extend(sums.iter().map(|&s| (s / hw as f64) as f32));
         }
         Ok((CpuStorage::F32(means), Shape::from((n, c))))
     }
 }
 
-/// Adds each row of `width` values of x, up to sums.len() of them, into `sums`: one chain per channel, the
-/// channels side by side in the vectors.
+/// Σ over the rows of `width` values of x of each of their first c values, in AVX2 where the CPU has it
+/// (as [`sum_by`]): one chain per channel, the channels side by side in the vectors.
+fn channel_sums(x: &[f32], width: usize, c: usize) -> Vec<f64> {
+    #[cfg(target_arch = "x86_64")]
+    if crate::has_avx2_fma() {
+        #[target_feature(enable = "avx2,fma")]
+        unsafe fn avx2(x: &[f32], width: usize, c: usize) -> Vec<f64> {
+            channel_lanes(x, width, c)
+        }
+        // SAFETY: the CPU supports AVX2 and FMA (checked).
+        return unsafe { avx2(x, width, c) };
+    }
+    channel_lanes(x, width, c)
+}
+
 #[inline(always)]
-fn add_rows(x: &[f32], width: usize, sums: &mut [f64]) {
+fn channel_lanes(x: &[f32], width: usize, c: usize) -> Vec<f64> {
+    let mut sums = vec![0f64; c];
     for row in x.chunks_exact(width) {
         for (s, &v) in sums.iter_mut().zip(row) {
             *s += v as f64;
         }
     }
-}
-
-/// [`add_rows`] compiled for AVX2.
-///
-/// # Safety
-/// The CPU supports AVX2 and FMA.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn add_rows_avx2(x: &[f32], width: usize, sums: &mut [f64]) {
-    add_rows(x, width, sums)
+    sums
 }
 
 #[cfg(test)]

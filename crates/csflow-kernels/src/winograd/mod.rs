@@ -960,9 +960,9 @@ mod tests {
                 }
             }
         }
-        check::<4, 3, 2, F2x3>();
-        check::<6, 5, 2, F2x5>();
-        check::<8, 5, 4, F4x5>();
+        for (k, m) in VARIANTS {
+            by_variant!((k, m), check());
+        }
     }
 
     /// The weight gradient against the direct sum dW[o, i, ky, kx] = Σ grad[j, o, y, x] x[j, i, y+ky-p, x+kx-p].
@@ -1135,9 +1135,9 @@ mod tests {
         }
         let large = [(1, 100, 30, 9, 7), (2, 170, 50, 4, 6), (1, 9, 25, 1, 1), (1, 33, 40, 13, 12)];
         for &(n, cin, cout, h, w) in SHAPES.iter().chain(&large) {
-            check::<4, 3, 2, F2x3>(Shape { n, cin, cout, h, w, k: 3, m: 2 });
-            check::<6, 5, 2, F2x5>(Shape { n, cin, cout, h, w, k: 5, m: 2 });
-            check::<8, 5, 4, F4x5>(Shape { n, cin, cout, h, w, k: 5, m: 4 });
+            for (k, m) in VARIANTS {
+                by_variant!((k, m), check(Shape { n, cin, cout, h, w, k, m }));
+            }
         }
     }
 
@@ -1195,9 +1195,9 @@ mod tests {
         }
         let large = [(1, 100, 70, 9, 7), (2, 17, 150, 4, 6), (1, 9, 25, 1, 1), (1, 33, 40, 24, 24)];
         for &(n, cin, cout, h, w) in SHAPES.iter().chain(&large) {
-            check::<4, 3, 2, F2x3>(Shape { n, cin, cout, h, w, k: 3, m: 2 });
-            check::<6, 5, 2, F2x5>(Shape { n, cin, cout, h, w, k: 5, m: 2 });
-            check::<8, 5, 4, F4x5>(Shape { n, cin, cout, h, w, k: 5, m: 4 });
+            for (k, m) in VARIANTS {
+                by_variant!((k, m), check(Shape { n, cin, cout, h, w, k, m }));
+            }
         }
     }
 
