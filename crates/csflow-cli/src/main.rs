@@ -8,11 +8,18 @@ mod predict;
 mod synth;
 mod test;
 
+use std::io::IsTerminal;
+use std::num::NonZeroUsize;
+
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(name = "csflow", version, about = "CS-Flow image defect detection (WACV 2022), in Rust")]
 struct Cli {
+    /// Threads to compute on (default: one per core; `RAYON_NUM_THREADS` is read too). Fewer leave cores to
+    /// other programs on the machine, such as a camera's.
+    #[arg(long, global = true, env = "CSFLOW_THREADS")]
+    threads: Option<NonZeroUsize>,
     #[command(subcommand)]
     command: Command,
 }
@@ -45,10 +52,16 @@ fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
+        // Colour codes only for a terminal: not into log files and pipes.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     csflow::memory::retain_freed_memory();
     csflow::threads::settle_candle_workers();
     let cli = Cli::parse();
+    if let Some(n) = cli.threads {
+        csflow::threads::set_threads(n);
+    }
+    tracing::debug!(threads = csflow::threads::threads(), "worker pool");
     let result = match cli.command {
         Command::Extract(a) => extract::run(a),
         Command::Import(a) => extract::import(a),

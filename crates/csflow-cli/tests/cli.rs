@@ -83,6 +83,37 @@ fn fit_from_authors_weights_then_predict_equals_pytorch() {
     }
 }
 
+/// `--threads` (or `CSFLOW_THREADS`) sizes the pool the kernels run on; zero threads is refused by name. The log
+/// written to a pipe carries no colour codes.
+#[test]
+fn threads_flag_sizes_the_worker_pool() {
+    let model = fixtures().join("training_init.safetensors");
+    let run = |args: &[&str], env: Option<&str>| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_csflow"));
+        c.args(args).env("RUST_LOG", "debug").env_remove("RAYON_NUM_THREADS").env_remove("CSFLOW_THREADS");
+        if let Some(n) = env {
+            c.env("CSFLOW_THREADS", n);
+        }
+        c.output().expect("runs csflow")
+    };
+    for (args, env, want) in [
+        (vec!["--threads", "1", "info", s(&model)], None, "threads=1"),
+        (vec!["info", s(&model), "--threads", "3"], None, "threads=3"),
+        (vec!["info", s(&model)], Some("2"), "threads=2"),
+    ] {
+        let out = run(&args, env);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {err}");
+        assert!(err.lines().any(|l| l.contains("worker pool") && l.contains(want)), "{args:?} {env:?}: {err}");
+        // Not a terminal: no colour codes in the log.
+        assert!(!err.contains('\x1b'), "{err}");
+    }
+    let out = run(&["--threads", "0", "info", s(&model)], None);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--threads") && err.contains("0"), "{err}");
+}
+
 #[test]
 fn bad_files_get_clear_errors() {
     let f = fixtures();

@@ -1,4 +1,10 @@
-//! Process-wide settings of candle's own worker threads.
+//! Process-wide thread settings: how many threads compute, and how candle's own workers wait.
+
+use std::num::NonZeroUsize;
+
+/// The variable that both rayon's global pool (csflow's kernels) and candle's elementwise pool read for their
+/// size when they start.
+const THREADS_VAR: &str = "RAYON_NUM_THREADS";
 
 /// candle's variable for how many pause loops its elementwise workers spin before sleeping.
 const SPIN_LIMIT_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
@@ -17,4 +23,15 @@ pub fn settle_candle_workers() {
     if std::env::var_os(SPIN_LIMIT_VAR).is_none() {
         std::env::set_var(SPIN_LIMIT_VAR, SPIN_LIMIT);
     }
+}
+
+/// Computes on `n` threads: csflow's kernels and candle's elementwise workers. Call at the start of a binary,
+/// before any thread starts: both pools read `RAYON_NUM_THREADS` once, when they start.
+pub fn set_threads(n: NonZeroUsize) {
+    std::env::set_var(THREADS_VAR, n.to_string());
+}
+
+/// The threads csflow's kernels run on (starts rayon's global pool if it has not started yet).
+pub fn threads() -> usize {
+    rayon::current_num_threads()
 }
