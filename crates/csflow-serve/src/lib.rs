@@ -167,11 +167,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on {}:{}", args.hostname, args.port))?;
         let addr: SocketAddr = listener.local_addr()?;
-        tracing::info!(
-            "{}: listening on http://{addr} (threads: {})",
-            args.model.display(),
-            csflow::threads::threads()
-        );
+        // The address ends the line, for scripts (and the tests) that read it.
+        tracing::info!("{}: {} threads, listening on http://{addr}", args.model.display(), csflow::threads::threads());
         axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await.context("serving")?;
         tracing::info!("stopped");
         Ok(())
