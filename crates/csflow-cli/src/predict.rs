@@ -27,7 +27,7 @@ pub struct PredictArgs {
     #[arg(long, conflicts_with = "inputs")]
     features: Option<PathBuf>,
     /// Decision threshold on the score (default: the model's).
-    #[arg(long)]
+    #[arg(long, value_parser = csflow::threshold::parse_finite::<f64>)]
     threshold: Option<f64>,
     /// Write a heatmap overlay per image into this folder (PNG, mirroring the input folders).
     #[arg(long)]
@@ -37,8 +37,12 @@ pub struct PredictArgs {
     masks: Option<PathBuf>,
     /// Anomaly-map value from which a pixel is marked defective in --masks (default: the highest value
     /// seen on good images at training).
-    #[arg(long)]
+    #[arg(long, value_parser = csflow::threshold::parse_finite::<f32>)]
     mask_threshold: Option<f32>,
+    /// Replace existing files with the pictures of --heatmaps and --masks (else such a run is refused before
+    /// scoring).
+    #[arg(long)]
+    overwrite: bool,
     /// How the per-scale maps become one map: scale0 (the authors') or product (anomalib's).
     #[arg(long, value_enum, default_value = "scale0")]
     map_mode: MapArg,
@@ -106,40 +110,52 @@ impl Line {
 }
 
 /// Files named by `inputs`, each with the name its outputs get: its path relative to a folder input (so that
-/// `test/scratch/000.png` and `test/good/000.png` stay apart), its file name otherwise; without extension,
-/// made unique with `_1`, `_2`, ... A folder matched by a pattern is searched like a folder argument; files
-/// a pattern matches that are not images are left out. Returns also one message per input that names nothing.
+/// `test/scratch/000.png` and `test/good/000.png` stay apart), under the folder's own name where several
+/// inputs are given (`good/000`, `scratch/000` for `test/good test/scratch`), its file name for a file;
+/// without extension, made unique with `_1`, `_2`, ... A folder matched by a pattern is searched like a
+/// folder argument; files a pattern matches that are not images are left out. Returns also one message per
+/// input that names nothing.
 pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>) {
-    let (mut out, mut bad) = (Vec::new(), Vec::new());
-    let add_dir = |dir: &Path, out: &mut Vec<(PathBuf, PathBuf)>, bad: &mut Vec<String>| match images_in(dir, true) {
-        Ok(files) => {
-            out.extend(files.into_iter().map(|f| (f.clone(), f.strip_prefix(dir).unwrap_or(&f).to_path_buf())))
-        }
-        Err(e) => bad.push(e.to_string()),
-    };
+    // (path, is a folder) for each argument or pattern match.
+    let (mut roots, mut bad) = (Vec::new(), Vec::new());
     for input in inputs {
         let p = Path::new(input);
-        if p.is_dir() {
-            add_dir(p, &mut out, &mut bad);
-        } else if p.exists() {
-            out.push((p.to_path_buf(), PathBuf::from(p.file_name().unwrap_or(p.as_os_str()))));
-        } else {
-            match glob::glob(input) {
-                Ok(paths) => {
-                    let matches: Vec<PathBuf> = paths.filter_map(|m| m.ok()).collect();
-                    if matches.is_empty() {
-                        bad.push(format!("{input}: no such file, and no file matches it as a pattern"));
-                    }
-                    for m in matches {
-                        if m.is_dir() {
-                            add_dir(&m, &mut out, &mut bad);
-                        } else if is_image(&m) {
-                            out.push((m.clone(), PathBuf::from(m.file_name().unwrap_or(m.as_os_str()))));
-                        }
+        if p.exists() {
+            roots.push((p.to_path_buf(), p.is_dir()));
+            continue;
+        }
+        match glob::glob(input) {
+            Ok(paths) => {
+                let before = roots.len();
+                for m in paths.filter_map(|m| m.ok()) {
+                    if m.is_dir() {
+                        roots.push((m, true));
+                    } else if is_image(&m) {
+                        roots.push((m, false));
                     }
                 }
-                Err(e) => bad.push(format!("{input}: no such file, and not a valid pattern ({e})")),
+                if roots.len() == before {
+                    bad.push(format!("{input}: no such file, and no file matches it as a pattern"));
+                }
             }
+            Err(e) => bad.push(format!("{input}: no such file, and not a valid pattern ({e})")),
+        }
+    }
+    let named = roots.len() > 1;
+    let mut out = Vec::new();
+    for (root, is_dir) in roots {
+        let own_name = PathBuf::from(root.file_name().unwrap_or(root.as_os_str()));
+        if !is_dir {
+            out.push((root, own_name));
+            continue;
+        }
+        match images_in(&root, true) {
+            Ok(files) => out.extend(files.into_iter().map(|f| {
+                let rel = f.strip_prefix(&root).unwrap_or(&f).to_path_buf();
+                let rel = if named && root.file_name().is_some() { own_name.join(rel) } else { rel };
+                (f, rel)
+            })),
+            Err(e) => bad.push(e.to_string()),
         }
     }
     let mut seen = std::collections::HashSet::new();
@@ -153,15 +169,73 @@ pub fn expand_inputs(inputs: &[String]) -> (Vec<(PathBuf, PathBuf)>, Vec<String>
                 _ => None,
             })
             .collect();
-        let mut name = base.clone();
         let mut k = 0;
-        while !seen.insert(name.clone()) {
+        while !seen.insert(suffixed(&base, k, "")) {
             k += 1;
-            name = base.with_file_name(format!("{}_{k}", base.file_name().unwrap_or_default().to_string_lossy()));
         }
-        *rel = name;
+        *rel = suffixed(&base, k, "");
     }
     (out, bad)
+}
+
+/// `base` with `_k` (for k > 0) and `tail` appended to its last component, byte for byte (names that are not
+/// UTF-8 stay apart).
+fn suffixed(base: &Path, k: usize, tail: &str) -> PathBuf {
+    let mut name = base.as_os_str().to_owned();
+    if k > 0 {
+        name.push(format!("_{k}"));
+    }
+    name.push(tail);
+    PathBuf::from(name)
+}
+
+/// Where one image's pictures go.
+#[derive(Default)]
+struct Outputs {
+    heatmap: Option<PathBuf>,
+    mask: Option<PathBuf>,
+}
+
+/// Each file's heatmap `<name>.png` and mask `<name>_mask.png`, unique across both kinds (in one folder the
+/// mask of `a.png` and the heatmap of `a_mask.png` would be one file): a taken path gets `_1`, `_2`, ...
+fn plan_outputs(files: &[(PathBuf, PathBuf)], heatmaps: Option<&Path>, masks: Option<&Path>) -> Vec<Outputs> {
+    let mut taken = std::collections::HashSet::new();
+    let mut place = |dir: Option<&Path>, rel: &Path, tail: &str| {
+        dir.map(|d| {
+            let mut k = 0;
+            while !taken.insert(d.join(suffixed(rel, k, tail))) {
+                k += 1;
+            }
+            d.join(suffixed(rel, k, tail))
+        })
+    };
+    files
+        .iter()
+        .map(|(_, rel)| Outputs { heatmap: place(heatmaps, rel, ".png"), mask: place(masks, rel, "_mask.png") })
+        .collect()
+}
+
+/// Makes the folders the pictures go into, before any scoring; without `overwrite`, refuses pictures that
+/// would replace existing files (a folder of ground-truth masks given as `--masks`, an earlier run's output).
+fn prepare_outputs(outputs: &[Outputs], overwrite: bool) -> Result<()> {
+    let paths = || outputs.iter().flat_map(|o| o.heatmap.iter().chain(&o.mask));
+    let existing: Vec<&PathBuf> = paths().filter(|p| p.exists()).collect();
+    if let (Some(first), false) = (existing.first(), overwrite) {
+        bail!(
+            "{}: exists ({} of the pictures to write exist); pass --overwrite to replace them, or choose another \
+             folder",
+            first.display(),
+            existing.len()
+        );
+    }
+    let folders: std::collections::BTreeSet<&Path> = paths().filter_map(|p| p.parent()).collect();
+    for dir in folders {
+        if dir.exists() && !dir.is_dir() {
+            bail!("{}: not a folder", dir.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the folder {}", dir.display()))?;
+    }
+    Ok(())
 }
 
 /// Refuses an output folder that holds any input: writing there could replace an image being scored.
@@ -190,36 +264,49 @@ pub fn run(a: PredictArgs) -> Result<()> {
     if a.masks.is_some() && mask_threshold.is_none() {
         bail!("{}: the model records no good-image map range; pass --mask-threshold", a.model.display());
     }
+    let outputs = plan_outputs(&files, a.heatmaps.as_deref(), a.masks.as_deref());
+    prepare_outputs(&outputs, a.overwrite)?;
     let bar = progress_bar(files.len(), "images");
     let mut out = std::io::stdout().lock();
-    let mut failed = 0usize;
-    for chunk in files.chunks(a.batch_size) {
+    let (mut failed, mut unwritten) = (0usize, 0usize);
+    for (chunk, places) in files.chunks(a.batch_size).zip(outputs.chunks(a.batch_size)) {
         bar.set_message(chunk[0].0.display().to_string());
         let paths: Vec<&Path> = chunk.iter().map(|(p, _)| p.as_path()).collect();
         // Each image's pictures drawn, encoded and written in parallel (PNG encoding took longer than scoring).
-        let results: Vec<Result<Line>> = chunk
+        // A picture that cannot be written is reported apart: the image's line still says its verdict.
+        let results: Vec<Result<(Line, Vec<anyhow::Error>)>> = chunk
             .par_iter()
+            .zip(places)
             .zip(det.detect_files(&paths))
-            .map(|((path, rel), detection)| {
+            .map(|(((path, _), place), detection)| {
                 let d = detection?;
                 let mut line = Line::new(path.display().to_string(), det.verdict(d.score as f64, a.threshold));
                 let pictures = det.pictures(&d, mode, a.heatmaps.is_some(), mask_threshold)?;
-                if let (Some(dir), Some(img)) = (&a.heatmaps, pictures.heatmap) {
-                    let dest = dir.join(format!("{}.png", rel.display()));
-                    write_png(&dest, &encode_png(&img)?)?;
-                    line.heatmap = Some(dest.display().to_string());
+                let mut errors = Vec::new();
+                if let (Some(dest), Some(img)) = (&place.heatmap, pictures.heatmap) {
+                    match atomic_write(dest, &encode_png(&img)?) {
+                        Ok(()) => line.heatmap = Some(dest.display().to_string()),
+                        Err(e) => errors.push(e.into()),
+                    }
                 }
-                if let (Some(dir), Some(m)) = (&a.masks, pictures.mask) {
-                    let dest = dir.join(format!("{}_mask.png", rel.display()));
-                    write_png(&dest, &encode_png(&m)?)?;
-                    line.mask = Some(dest.display().to_string());
+                if let (Some(dest), Some(m)) = (&place.mask, pictures.mask) {
+                    match atomic_write(dest, &encode_png(&m)?) {
+                        Ok(()) => line.mask = Some(dest.display().to_string()),
+                        Err(e) => errors.push(e.into()),
+                    }
                 }
-                Ok(line)
+                Ok((line, errors))
             })
             .collect();
         for result in results {
             match result {
-                Ok(line) => bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?,
+                Ok((line, errors)) => {
+                    bar.suspend(|| writeln!(out, "{}", serde_json::to_string(&line).expect("serialises")))?;
+                    unwritten += errors.len();
+                    for e in errors {
+                        bar.suspend(|| eprintln!("not written: {}", crate::message(&e)));
+                    }
+                }
                 Err(e) => {
                     failed += 1;
                     bar.suspend(|| eprintln!("skipped: {}", crate::message(&e)));
@@ -230,18 +317,12 @@ pub fn run(a: PredictArgs) -> Result<()> {
     }
     bar.finish_and_clear();
     let failed = failed + bad_inputs.len();
-    if failed > 0 {
-        bail!("{failed} input(s) could not be scored");
+    match (failed, unwritten) {
+        (0, 0) => Ok(()),
+        (f, 0) => bail!("{f} input(s) could not be scored"),
+        (0, u) => bail!("{u} picture(s) could not be written"),
+        (f, u) => bail!("{f} input(s) could not be scored, {u} picture(s) could not be written"),
     }
-    Ok(())
-}
-
-fn write_png(dest: &Path, bytes: &[u8]) -> Result<()> {
-    if let Some(dir) = dest.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    atomic_write(dest, bytes)?;
-    Ok(())
 }
 
 /// Scores a features file: `{"path", "score", "normalized_score", "label", "threshold"}` per sample, plus

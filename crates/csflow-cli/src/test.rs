@@ -30,7 +30,7 @@ pub struct TestArgs {
     #[arg(long, conflicts_with = "data", requires = "abnormal")]
     mask_dir: Option<PathBuf>,
     /// Threshold for the decisions shown (default: the model's).
-    #[arg(long)]
+    #[arg(long, value_parser = csflow::threshold::parse_finite::<f64>)]
     threshold: Option<f64>,
     /// Store the F1-optimal threshold of this test in the model (rewritten atomically), for predict and serve.
     /// Choosing it on the test set makes these metrics optimistic: prefer a set kept apart for this.

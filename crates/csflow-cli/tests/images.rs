@@ -163,17 +163,67 @@ fn fit_resume_test_and_predict_on_images() {
         let n = l["normalized_score"].as_f64().unwrap();
         assert_eq!(n >= 0.5, a >= t, "normalised 0.5 is the threshold");
     }
-    // Outputs mirror the input folders, at the image's size.
-    let h = image::open(heat.join("spot/001.png")).unwrap();
-    let k = image::open(masks.join("good/000_mask.png")).unwrap();
+    // Outputs mirror the input folders, under each folder's own name where several inputs are given, at the
+    // image's size.
+    let h = image::open(heat.join("test/spot/001.png")).unwrap();
+    let k = image::open(masks.join("test/good/000_mask.png")).unwrap();
     assert_eq!((h.width(), h.height(), k.width(), k.height()), (128, 128, 128, 128));
     assert!(heat.join("001.png").exists(), "glob inputs are named by file name");
     // test/good/000.png given once more as a file: `000` is the glob's, so it becomes `000_1`.
     assert!(heat.join("000_1.png").exists(), "same names kept apart");
+    // One folder alone: its outputs straight in the output folder.
+    let single = dir.path().join("single");
+    let o = csflow(&["predict", "--model", s(&full), s(&root.join("test/spot")), "--heatmaps", s(&single)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(single.join("001.png").exists());
     // An output folder that holds an input is refused before anything is written.
     let o = csflow(&["predict", "--model", s(&full), s(&test_dir), "--heatmaps", s(&test_dir)]);
     assert_eq!(o.status.code(), Some(1));
     assert!(stderr(&o).contains("output folder holds the input"), "{}", stderr(&o));
+    // Existing files are not replaced without --overwrite: the run is refused before scoring, the file kept.
+    let before = std::fs::read(heat.join("001.png")).unwrap();
+    std::fs::write(heat.join("001.png"), b"not a picture of ours").unwrap();
+    let o = csflow(
+        &[&["predict", "--model", s(&full)], &inputs[..], &["--heatmaps", s(&heat), "--masks", s(&masks)]].concat(),
+    );
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("exists") && stderr(&o).contains("--overwrite"), "{}", stderr(&o));
+    assert!(json_lines(&o).is_empty(), "refused before scoring");
+    assert_eq!(std::fs::read(heat.join("001.png")).unwrap(), b"not a picture of ours");
+    let o = csflow(
+        &[
+            &["predict", "--model", s(&full)],
+            &inputs[..],
+            &["--heatmaps", s(&heat), "--masks", s(&masks), "--overwrite"],
+        ]
+        .concat(),
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(std::fs::read(heat.join("001.png")).unwrap(), before, "the same picture again");
+    // Heatmaps and masks in one folder: the mask of `a.png` and the heatmap of `a_mask.png` stay apart.
+    let pair = dir.path().join("pair");
+    std::fs::create_dir(&pair).unwrap();
+    std::fs::copy(root.join("test/spot/000.png"), pair.join("a.png")).unwrap();
+    std::fs::copy(root.join("test/good/000.png"), pair.join("a_mask.png")).unwrap();
+    let both = dir.path().join("both");
+    let o = csflow(&["predict", "--model", s(&full), s(&pair), "--heatmaps", s(&both), "--masks", s(&both)]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let written: Vec<String> = json_lines(&o)
+        .iter()
+        .flat_map(|l| [l["heatmap"].as_str().unwrap().to_string(), l["mask"].as_str().unwrap().to_string()])
+        .collect();
+    let distinct: std::collections::HashSet<&String> = written.iter().collect();
+    assert_eq!((written.len(), distinct.len()), (4, 4), "{written:?}");
+    assert!(written.iter().all(|p| Path::new(p).exists()), "{written:?}");
+    // A heatmap folder that is a file, and a threshold that is not a finite number: refused with their names.
+    let plain = dir.path().join("plain.txt");
+    std::fs::write(&plain, b"a file").unwrap();
+    let o = csflow(&["predict", "--model", s(&full), s(&pair), "--heatmaps", s(&plain)]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(stderr(&o).contains("plain.txt: not a folder"), "{}", stderr(&o));
+    let o = csflow(&["predict", "--model", s(&full), s(&pair), "--threshold", "nan"]);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(stderr(&o).contains("--threshold") && stderr(&o).contains("not a finite number"), "{}", stderr(&o));
 
     // Images scored in batches through the flow (here 3 + 3 + 1, an unreadable file in the first batch)
     // score as one at a time; the unreadable file fails alone, the others keep their order.

@@ -60,11 +60,11 @@ pub struct ServeArgs {
     #[arg(long, env = "CSFLOW_PORT", default_value_t = 8080)]
     pub port: u16,
     /// Decision threshold on the score (default: the model's); a request's `threshold` overrides it.
-    #[arg(long, env = "CSFLOW_THRESHOLD")]
+    #[arg(long, env = "CSFLOW_THRESHOLD", value_parser = csflow::threshold::parse_finite::<f64>)]
     pub threshold: Option<f64>,
     /// Anomaly-map value from which a pixel is marked defective in masks (default: the highest value seen
     /// on good images at training); a request's `mask_threshold` overrides it.
-    #[arg(long, env = "CSFLOW_MASK_THRESHOLD")]
+    #[arg(long, env = "CSFLOW_MASK_THRESHOLD", value_parser = csflow::threshold::parse_finite::<f32>)]
     pub mask_threshold: Option<f32>,
     /// How the per-scale maps become one map: scale0 (the authors') or product (anomalib's).
     #[arg(long, env = "CSFLOW_MAP_MODE", default_value = "scale0",

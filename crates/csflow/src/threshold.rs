@@ -30,6 +30,16 @@ pub fn false_reject_threshold(good_scores: &[f32], max_false_reject: f64) -> Res
     quantile(good_scores, 1.0 - max_false_reject)
 }
 
+/// A threshold given by a person (a command-line flag): a finite number. NaN would mark every image good
+/// and infinity every one good or defective, with no error anywhere.
+pub fn parse_finite<T: std::str::FromStr + Copy + Into<f64>>(s: &str) -> std::result::Result<T, String> {
+    let v: T = s.trim().parse().map_err(|_| format!("`{s}` is not a number"))?;
+    if !v.into().is_finite() {
+        return Err(format!("`{s}` is not a finite number"));
+    }
+    Ok(v)
+}
+
 /// A score on [0, 1] for people: 0 at the best good image (`good_min`), 0.5 at the threshold, 1 as far
 /// above the threshold as the threshold is above the best good image, clamped. The verdict stays
 /// `score >= threshold` (normalised >= 0.5).
@@ -64,6 +74,17 @@ impl Verdict {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn thresholds_from_people_are_finite_numbers() {
+        assert_eq!(super::parse_finite::<f64>("0.25"), Ok(0.25));
+        assert_eq!(super::parse_finite::<f32>(" -3e2 "), Ok(-300.0));
+        for bad in ["nan", "NaN", "inf", "-inf", "infinity", "1e400", "", "abc"] {
+            assert!(super::parse_finite::<f64>(bad).is_err(), "{bad}");
+        }
+        // 1e39 is finite as f64 but not as f32.
+        assert!(super::parse_finite::<f32>("1e39").is_err());
+    }
+
     use super::*;
 
     #[test]
