@@ -73,7 +73,7 @@ pub fn extract_with_progress(
     cache: &Path,
 ) -> Result<(FeatureSet, usize, usize)> {
     let settings = ex.settings(weights_hash);
-    let cached = Cache::open(cache, &settings);
+    let cached = Cache::open(cache, &settings)?;
     let bar = progress_bar(images.len(), "images");
     let out = extract_images(ex, images, &settings, &cached, &mut |path, err| {
         bar.set_message(path.display().to_string());

@@ -88,6 +88,21 @@ pub struct FitArgs {
 }
 
 /// `<model>.<suffix>` beside the model (`model.safetensors` -> `model.checkpoint.safetensors`).
+/// Makes the model's folder, and refuses an output that is a folder, before any work (else the model, and a
+/// checkpoint next to it, would fail to write after training).
+fn prepare_output(output: &Path) -> Result<()> {
+    if output.is_dir() {
+        bail!("{}: is a folder; name the model file to write", output.display());
+    }
+    if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if dir.exists() && !dir.is_dir() {
+            bail!("{}: not a folder", dir.display());
+        }
+        std::fs::create_dir_all(dir).with_context(|| format!("creating the folder {}", dir.display()))?;
+    }
+    Ok(())
+}
+
 pub fn beside(model: &Path, suffix: &str) -> PathBuf {
     let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     model.with_file_name(format!("{stem}.{suffix}"))
@@ -132,6 +147,16 @@ pub fn run(a: FitArgs) -> Result<()> {
     if !(0.0..1.0).contains(&a.max_false_reject) || !(0.0..1.0).contains(&a.validation_fraction) {
         bail!("--max-false-reject and --validation-fraction must be in [0, 1)");
     }
+    if !(a.lr > 0.0 && a.lr.is_finite()) {
+        bail!("--lr must be a positive number, got {}", a.lr);
+    }
+    if a.init.is_none() && !a.resume {
+        // The flow's channels come from the features; the rest of its shape is checked now.
+        let mut shape = FlowConfig::new(2, a.hidden);
+        shape.kernel_sizes = a.kernel_sizes.clone();
+        shape.validate().context("--hidden and --kernel-sizes")?;
+    }
+    prepare_output(&a.output)?;
     let checkpoint = beside(&a.output, "checkpoint.safetensors");
     let resumed = if a.resume {
         let m = load_model(&checkpoint)

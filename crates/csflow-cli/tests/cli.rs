@@ -213,4 +213,53 @@ fn extract_labels_skips_bad_files_and_caches() {
     let row = |t: &candle_core::Tensor, i: usize| t.narrow(0, i, 1).unwrap();
     assert_eq!(diff(&row(&again.scales[0], 0), &row(&set.scales[0], 0)), 0.0, "unchanged image reused");
     assert!(diff(&row(&again.scales[0], 1), &row(&set.scales[0], 1)) > 0.0, "changed image recomputed");
+
+    // The output is also the cache, rewritten after extraction: a file there that is not a features file (a
+    // model given by mistake) is refused before any work and kept as it was.
+    let model = dir.path().join("model.safetensors");
+    std::fs::copy(fixtures().join("training_init.safetensors"), &model).unwrap();
+    let before = std::fs::read(&model).unwrap();
+    let args = ["extract", "--images", s(&test), "--weights", s(&weights), "--size", "128", "-o", s(&model)];
+    let run = csflow(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("model.safetensors") && err.contains("not one"), "{err}");
+    assert_eq!(std::fs::read(&model).unwrap(), before);
+    // A size past the pixel limit is refused when parsed.
+    let args = ["extract", "--images", s(&test), "--weights", s(&weights), "--size", "1280000", "-o", s(&out)];
+    let run = csflow(&args);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{err}");
+    assert!(err.contains("1280000") && err.contains("more than 268435456 pixels"), "{err}");
+}
+
+/// Settings that cannot work are refused before extraction or training: a flow shape, a learning rate; the
+/// model's folder is made first, so that writing it after training cannot fail on it.
+#[test]
+fn fit_checks_its_settings_first() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let feats = f.join("train_features.safetensors");
+    let fit = |extra: &[&str], out: &Path| {
+        csflow(&[&["fit", "--features", s(&feats), "--epochs", "1", "-o", s(out)], extra].concat())
+    };
+    let out = dir.path().join("m.safetensors");
+    for (extra, want) in [
+        (&["--hidden", "0"][..], "hidden width must be positive"),
+        (&["--hidden", "8", "--kernel-sizes", "4"][..], "kernel sizes must be odd"),
+        (&["--lr", "nan"][..], "--lr must be a positive number"),
+        (&["--lr=-1"][..], "--lr must be a positive number"),
+    ] {
+        let run = fit(extra, &out);
+        let err = String::from_utf8_lossy(&run.stderr);
+        assert_eq!(run.status.code(), Some(1), "{extra:?}: {err}");
+        assert!(err.contains(want) && !err.contains("epoch"), "{extra:?}: {err}");
+    }
+    let run = fit(&[], dir.path());
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("is a folder") && !err.contains("epoch"), "{err}");
+    let nested = dir.path().join("new/folder/m.safetensors");
+    let run = fit(&["--hidden", "8", "--validation-fraction", "0"], &nested);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    assert!(csflow::io::load_model(&nested).is_ok());
 }

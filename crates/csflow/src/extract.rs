@@ -164,10 +164,20 @@ pub struct Cache {
 }
 
 impl Cache {
-    /// Loads `path` if it exists and was made with the same settings; anything else gives an empty cache.
-    pub fn open(path: &Path, settings: &BTreeMap<String, String>) -> Self {
+    /// Loads `path` if it exists and was made with the same settings (a features file made with others gives
+    /// an empty cache: it is rewritten). A file there that is not a features file is an error naming it: the
+    /// cache is rewritten after extraction, and that must not replace a model or anything else given by
+    /// mistake.
+    pub fn open(path: &Path, settings: &BTreeMap<String, String>) -> Result<Self> {
         let mut rows = HashMap::new();
-        if let Ok(set) = load_features(path) {
+        if path.exists() {
+            let set = load_features(path).map_err(|e| {
+                Error::Invalid(format!(
+                    "{e}\n{}: the features cache is rewritten after extraction, and this file is not one; delete \
+                     it or choose another path",
+                    path.display()
+                ))
+            })?;
             let same = settings.iter().all(|(k, v)| set.extra.get(k) == Some(v));
             let hashes: Option<Vec<String>> = set.extra.get("hashes").and_then(|h| serde_json::from_str(h).ok());
             if let (true, Some(hashes)) = (same, hashes) {
@@ -179,7 +189,7 @@ impl Cache {
                 }
             }
         }
-        Self { rows }
+        Ok(Self { rows })
     }
 
     pub fn get(&self, path: &str, hash: &str) -> Option<[Tensor; 3]> {

@@ -1143,11 +1143,17 @@ pub fn write_dataset(
         }
     }
     if items.len() < 2 {
+        let reasons: String = skipped.iter().map(|(_, why)| format!("\n  {why}")).collect();
+        // Crops help where one usable image is large enough for several, not where none is usable.
+        let hint = if config.crop.is_none() && items.len() == 1 {
+            "; to cut one large photo into several images, use crops"
+        } else {
+            ""
+        };
         return Err(Error::Invalid(format!(
-            "need at least 2 usable good images (one for training, one for testing), found {} of {} file(s){}",
+            "need at least 2 usable good images (one for training, one for testing), found {} of {} file(s){hint}{reasons}",
             items.len(),
             good.len(),
-            if config.crop.is_none() { "; to cut one large photo into several images, use crops" } else { "" }
         )));
     }
 
@@ -1682,7 +1688,18 @@ mod tests {
         let err =
             write_dataset(&[one.clone(), bad], &out, &SynthConfig::default(), &|_, _| {}).unwrap_err().to_string();
         assert!(err.contains("at least 2") && err.contains("crops"), "{err}");
+        assert!(err.contains("bad.png"), "the reason each file was left out: {err}");
         assert!(!out.exists(), "nothing is written on error");
+        // Every image too small for the crop: the reasons, and no advice to use crops.
+        let err = write_dataset(
+            &[one.clone(), one.clone()],
+            &out,
+            &SynthConfig { crop: Some(CropSpec { size: 200, per_image: None }), ..Default::default() },
+            &|_, _| {},
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("smaller than the crop size 200") && !err.contains("use crops"), "{err}");
 
         let err = write_dataset(
             &[one.clone(), one],

@@ -349,6 +349,11 @@ pub fn check_input_size(height: usize, width: usize, n_scales: usize) -> Result<
         return Err(Error::Invalid(format!("n_scales must be between 1 and 8, got {n_scales}")));
     }
     let m = 32usize << (n_scales - 1);
+    if (height as u64).saturating_mul(width as u64) > MAX_PIXELS {
+        return Err(Error::Invalid(format!(
+            "input size {height}x{width} (height x width) has more than {MAX_PIXELS} pixels (e.g. 16384 x 16384)"
+        )));
+    }
     if height > 0 && width > 0 && height.is_multiple_of(m) && width.is_multiple_of(m) {
         return Ok(());
     }
