@@ -148,11 +148,16 @@ fn good_samples(paths: &[PathBuf]) -> Vec<Sample> {
     paths.iter().map(|p| Sample { path: p.clone(), kind: GOOD.into(), mask: None }).collect()
 }
 
+/// The entries of `dir`, sorted, hidden ones (names starting with `.`) left out: macOS's `._000.png` beside
+/// each image copied from a Mac is no image, and `.ipynb_checkpoints` is no defect kind.
 fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>> {
     let rd = std::fs::read_dir(dir).map_err(|e| Error::io(dir, e))?;
     let mut entries = Vec::new();
     for e in rd {
-        entries.push(e.map_err(|e| Error::io(dir, e))?.path());
+        let e = e.map_err(|e| Error::io(dir, e))?;
+        if !e.file_name().as_encoded_bytes().starts_with(b".") {
+            entries.push(e.path());
+        }
     }
     entries.sort();
     Ok(entries)
@@ -250,6 +255,10 @@ mod tests {
         touch_png(&r.join("test/scratch/000.png"), 8, 8, 100);
         touch_png(&r.join("test/scratch/001.png"), 8, 8, 100);
         touch_png(&r.join("ground_truth/scratch/000_mask.png"), 4, 4, 255);
+        // Hidden entries are left out: macOS's resource forks beside copied images, a notebook's checkpoints.
+        std::fs::write(r.join("train/good/._000.png"), b"\0\x05\x16\x07 AppleDouble").unwrap();
+        std::fs::write(r.join("test/scratch/._001.png"), b"\0\x05\x16\x07 AppleDouble").unwrap();
+        touch_png(&r.join("test/.ipynb_checkpoints/000.png"), 8, 8, 100);
         let ds = Dataset::open(r).unwrap();
         assert_eq!(ds.train.len(), 2);
         assert_eq!(ds.test.len(), 3);
