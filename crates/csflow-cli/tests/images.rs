@@ -335,7 +335,7 @@ fn serve_answers_as_predict_does() {
     let want = &json_lines(&o)[0];
 
     let bytes = std::fs::read(&image).unwrap();
-    let (_server, addr) = serve(&["--model", s(&model), "--max-body-bytes", "100000"]);
+    let (_server, addr) = serve(&["--model", s(&model), "--max-body-bytes", "100000", "--max-pixels", "20000"]);
     let (status, body) = http(&addr, "GET", "/health", "", b"");
     assert_eq!((status, json(&body)), (200, serde_json::json!({"status": "ok"})));
     let (status, body) = http(&addr, "GET", "/info", "", b"");
@@ -383,6 +383,11 @@ fn serve_answers_as_predict_does() {
     assert!(status == 415 && msg.contains("--data-binary"), "{status} {msg}");
     let (status, msg) = error(http(&addr, "POST", "/predict", "", &vec![0u8; 100_001]));
     assert!(status == 413 && msg.contains("100000"), "{status} {msg}");
+    // An image past --max-pixels (128 x 128 is within 20000) is refused from its header.
+    let mut wide = Vec::new();
+    image::RgbImage::new(200, 120).write_to(&mut std::io::Cursor::new(&mut wide), image::ImageFormat::Png).unwrap();
+    let (status, msg) = error(http(&addr, "POST", "/predict", "", &wide));
+    assert!(status == 400 && msg.contains("200 x 120") && msg.contains("at most 20000 pixels"), "{status} {msg}");
     assert_eq!(error(http(&addr, "GET", "/predict", "", b"")).0, 405);
     assert_eq!(error(http(&addr, "GET", "/nope", "", b"")).0, 404);
     // The page for people posts the photo to /predict and shows the heatmap.
@@ -400,7 +405,7 @@ fn serve_answers_as_predict_does() {
         let line = text.lines().find(|l| l.starts_with(series)).unwrap_or_else(|| panic!("{series}:\n{text}"));
         line[series.len()..].trim().parse().unwrap()
     };
-    for (code, n) in [(200, 3.0), (400, 4.0), (413, 1.0), (415, 1.0)] {
+    for (code, n) in [(200, 3.0), (400, 5.0), (413, 1.0), (415, 1.0)] {
         assert_eq!(value(&format!("csflow_requests_total{{status=\"{code}\"}}")), n, "{text}");
     }
     let label = want["label"].as_str().unwrap();
@@ -425,7 +430,7 @@ fn serve_answers_as_predict_does() {
         std::thread::sleep(std::time::Duration::from_millis(300));
         first
     };
-    let (_server, addr) = serve(&["--model", s(&model)]);
+    let (_server, addr) = serve(&["--model", s(&model), "--max-pixels", "40000000"]);
     let first = occupy(&addr);
     let files: Vec<PathBuf> = ["test/good/000.png", "test/spot/000.png", "test/spot/001.png", "train/good/005.png"]
         .iter()
@@ -447,11 +452,29 @@ fn serve_answers_as_predict_does() {
         assert!((a - b).abs() <= 1e-5 * a.abs(), "{}: {a} alone, {b} in a batch", f.display());
         assert_eq!(alone["label"], got["label"]);
     }
-    let (_server, addr) = serve(&["--model", s(&model), "--max-queue", "0"]);
+    let (_server, addr) = serve(&["--model", s(&model), "--max-queue", "0", "--max-pixels", "40000000"]);
     let first = occupy(&addr);
     let mut statuses = [http(&addr, "POST", "/predict", "", &bytes).0, first.join().unwrap()];
     statuses.sort();
     assert_eq!(statuses, [200, 503]);
+
+    // SIGTERM: a client that never finishes its request holds the server at most --shutdown-timeout seconds.
+    let (mut server, addr) = serve(&["--model", s(&model), "--shutdown-timeout", "1"]);
+    let mut stalled = TcpStream::connect(&addr).unwrap();
+    stalled.write_all(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123").unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let term = Command::new("kill").args(["-TERM", &server.0.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = server.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(start.elapsed().as_secs() < 20, "still serving 20 s after SIGTERM");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success() && start.elapsed().as_secs_f64() >= 0.9, "{status:?} after {:?}", start.elapsed());
+    drop(stalled);
 
     // export writes the whole model as ONNX (its numbers are checked in csflow's tests/export.rs); a model
     // without backbone is refused, naming the file.

@@ -6,18 +6,23 @@
 //! - `GET /health`: `{"status": "ok"}` (the model is loaded before the port opens).
 //! - `GET /info`: the model file, backbone, input size, thresholds, map mode, precision, csflow's version.
 //! - `GET /metrics`: Prometheus / OpenMetrics text: requests by status, verdicts by label, scoring time,
-//!   queue wait and batch size.
+//!   queue wait, batch size and requests abandoned by their clients (skipped if still waiting).
 //! - `POST /predict`: the body is one image file's bytes (PNG, JPEG, BMP, TIFF, WebP, as `predict` reads);
 //!   query `threshold`, `heatmap=true`, `mask=true`, `mask_threshold`. Answers the verdict `predict` prints
 //!   (`score`, `normalized_score`, `label`, `threshold`), the image's `width` and `height`, the time taken
 //!   (`milliseconds`, `queue_milliseconds`), how many images were scored together (`batch_size`), and the
 //!   heatmap overlay and mask as base64 PNG (`heatmap_png`, `mask_png`) when asked for.
 //!
-//! Errors answer `{"error": "..."}`: 400 for an image that cannot be read or a bad query, 413 for a body over
+//! Errors answer `{"error": "..."}`: 400 for an image that cannot be read, has more than `--max-pixels`, or a
+//! bad query, 413 for a body over
 //! `--max-body-bytes`, 415 for a multipart form, 503 when `--max-queue` requests are already held, 500
 //! otherwise. One thread scores: the next request together with up to `--max-batch-size` - 1 others that
 //! wait, in one batch through the flow (its weights read once for all), each image on every core. A full
 //! queue is refused at once so that a client can retry or fall back instead of timing out.
+//!
+//! Not handled here: time limits on reading a request's headers and body, and on idle connections (a client
+//! can hold connections open); on a network not every client of which is trusted, put a reverse proxy in
+//! front.
 
 mod metrics;
 mod scoring;
@@ -84,6 +89,17 @@ pub struct ServeArgs {
     /// get 503 at once.
     #[arg(long, env = "CSFLOW_MAX_QUEUE", default_value_t = 32)]
     pub max_queue: usize,
+    /// Pixels an uploaded image may have (refused with 400 from its header): an image's decoding and its
+    /// full-size heatmap take some 20 bytes a pixel, and a 16384 x 16384 PNG of one colour compresses to
+    /// under 1 MB. The default is 4096 x 4096.
+    #[arg(long, env = "CSFLOW_MAX_PIXELS", default_value_t = 1 << 24,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..=csflow::io::MAX_PIXELS))]
+    pub max_pixels: u64,
+    /// Seconds to let requests in flight finish after Ctrl-C or SIGTERM; then the server stops anyway (a
+    /// client that never finishes sending its request would hold it forever). A second signal stops it at
+    /// once.
+    #[arg(long, env = "CSFLOW_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    pub shutdown_timeout: u64,
     /// Waiting requests scored together at most: a batch reads the flow's weights once for all its images
     /// (CPU size: the flow 8.7 ms for one image, 4.6 ms per image in fours); 1 scores one at a time.
     #[arg(long, env = "CSFLOW_MAX_BATCH_SIZE", default_value_t = 8,
@@ -110,12 +126,14 @@ impl AppState {
     /// Loads the model `args` name (errors name the file) and starts the thread that scores the requests.
     pub fn load(args: &ServeArgs) -> anyhow::Result<Self> {
         let detector = Detector::load_in(&args.model, args.precision)?;
-        let model = Arc::new(Model { detector, mode: args.map_mode });
+        let model = Arc::new(Model { detector, mode: args.map_mode, max_pixels: args.max_pixels });
         let (jobs, queue) = mpsc::unbounded_channel();
         let (scorer, max_batch) = (model.clone(), args.max_batch_size);
+        let metrics = Metrics::new();
+        let abandoned = metrics.abandoned.clone();
         std::thread::Builder::new()
             .name("csflow-scoring".into())
-            .spawn(move || score_jobs(&scorer, queue, max_batch))
+            .spawn(move || score_jobs(&scorer, queue, max_batch, abandoned))
             .context("starting the scoring thread")?;
         Ok(AppState {
             model,
@@ -126,7 +144,7 @@ impl AppState {
             max_body_bytes: args.max_body_bytes,
             admitted: Arc::new(Semaphore::new(args.max_queue.saturating_add(1).min(Semaphore::MAX_PERMITS))),
             jobs,
-            metrics: Metrics::new(),
+            metrics,
         })
     }
 }
@@ -154,7 +172,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// Loads the model, listens, and serves until Ctrl-C or SIGTERM (requests in flight are finished).
+/// Loads the model, listens, and serves until Ctrl-C or SIGTERM: requests in flight are finished within
+/// `--shutdown-timeout` seconds, or until a second signal.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let state = Arc::new(AppState::load(&args)?);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -162,17 +181,42 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("starting the server's runtime")?;
-    runtime.block_on(async {
+    let result = runtime.block_on(async {
         let listener = TcpListener::bind((args.hostname.as_str(), args.port))
             .await
             .with_context(|| format!("listening on {}:{}", args.hostname, args.port))?;
         let addr: SocketAddr = listener.local_addr()?;
         // The address ends the line, for scripts (and the tests) that read it.
         tracing::info!("{}: {} threads, listening on http://{addr}", args.model.display(), csflow::threads::threads());
-        axum::serve(listener, router(state)).with_graceful_shutdown(shutdown_signal()).await.context("serving")?;
-        tracing::info!("stopped");
+        let grace = std::time::Duration::from_secs(args.shutdown_timeout);
+        let (stopping, stopped) = oneshot::channel::<()>();
+        let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            tracing::info!("stopping: finishing the requests in flight (at most {} s)", grace.as_secs());
+            let _ = stopping.send(());
+        });
+        // From the first signal on: the timeout, or a second signal, ends the wait for open connections.
+        let deadline = async move {
+            if stopped.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(grace) => "after the shutdown timeout",
+                _ = shutdown_signal() => "on a second signal",
+            }
+        };
+        tokio::select! {
+            served = serve => {
+                served.context("serving")?;
+                tracing::info!("stopped");
+            }
+            why = deadline => tracing::warn!("stopped {why}, with connections still open"),
+        }
         Ok(())
-    })
+    });
+    // Connections still open are dropped here, not waited for.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(100));
+    result
 }
 
 async fn shutdown_signal() {

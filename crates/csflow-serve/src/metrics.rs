@@ -25,6 +25,9 @@ struct VerdictLabel {
 /// line's defect rate over time), and distributions of scoring time, queue wait and batch size.
 pub(crate) struct Metrics {
     pub registry: Registry,
+    /// Requests whose client went away before the answer (counted by the scoring thread, which skips those
+    /// still waiting).
+    pub abandoned: Counter,
     requests: Family<StatusLabel, Counter>,
     verdicts: Family<VerdictLabel, Counter>,
     scoring: Histogram,
@@ -56,7 +59,13 @@ impl Metrics {
         );
         let batch = Histogram::new(linear_buckets(1.0, 1.0, 16));
         registry.register("csflow_batch_size", "Images scored together", batch.clone());
-        Metrics { registry, requests, verdicts, scoring, queue, batch }
+        let abandoned = Counter::default();
+        registry.register(
+            "csflow_abandoned_requests",
+            "POST /predict requests whose client went away before the answer (not scored if still waiting)",
+            abandoned.clone(),
+        );
+        Metrics { registry, abandoned, requests, verdicts, scoring, queue, batch }
     }
 
     pub fn record(&self, result: &Result<Json<Prediction>, ApiError>) {

@@ -7,7 +7,7 @@ use axum::body::Bytes;
 use axum::http::StatusCode;
 use base64::Engine;
 use csflow::detector::{Detection, Detector};
-use csflow::io::decode_rgb;
+use csflow::io::decode_rgb_within;
 use csflow::overlay::encode_png;
 use csflow::score::MapMode;
 use csflow::threshold::Verdict;
@@ -21,6 +21,8 @@ use crate::ApiError;
 pub(crate) struct Model {
     pub detector: Detector,
     pub mode: MapMode,
+    /// Pixels an uploaded image may have (`--max-pixels`).
+    pub max_pixels: u64,
 }
 
 /// The answer to `POST /predict`: the verdict `predict` prints, the image's size, times, pictures.
@@ -57,14 +59,31 @@ pub(crate) struct Job {
 /// The scoring thread: takes the next request with up to `max_batch - 1` others that wait, scores their
 /// images in one batch (the flow reads its weights once for all of them), answers each, until the server
 /// is gone.
-pub(crate) fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>, max_batch: usize) {
+/// Jobs whose client has gone away are dropped unscored (and counted in `abandoned`).
+pub(crate) fn score_jobs(
+    model: &Model,
+    mut queue: mpsc::UnboundedReceiver<Job>,
+    max_batch: usize,
+    abandoned: prometheus_client::metrics::counter::Counter,
+) {
+    let live = |job: Job| {
+        if job.reply.is_closed() {
+            abandoned.inc();
+            None
+        } else {
+            Some(job)
+        }
+    };
     while let Some(first) = queue.blocking_recv() {
-        let mut batch = vec![first];
+        let mut batch: Vec<Job> = live(first).into_iter().collect();
         while batch.len() < max_batch {
             match queue.try_recv() {
-                Ok(job) => batch.push(job),
+                Ok(job) => batch.extend(live(job)),
                 Err(_) => break,
             }
+        }
+        if batch.is_empty() {
+            continue;
         }
         let start = Instant::now();
         let n = batch.len();
@@ -73,7 +92,7 @@ pub(crate) fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>,
             let detections = model.detector.detect_decoded(
                 &batch,
                 |job| {
-                    decode_rgb(&job.bytes, Path::new("the uploaded image"))
+                    decode_rgb_within(&job.bytes, Path::new("the uploaded image"), model.max_pixels)
                         .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.to_string()))
                 },
                 |_, e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -86,8 +105,10 @@ pub(crate) fn score_jobs(model: &Model, mut queue: mpsc::UnboundedReceiver<Job>,
             (0..n).map(|_| Err(ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "scoring failed"))).collect::<Vec<_>>()
         });
         for (job, answer) in batch.into_iter().zip(answers) {
-            // A client that has gone away needs no answer.
-            let _ = job.reply.send(answer);
+            // A client that has gone away meanwhile needs no answer.
+            if job.reply.send(answer).is_err() {
+                abandoned.inc();
+            }
         }
     }
 }

@@ -54,11 +54,17 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         return Err(Error::format(path, "empty file, not an image"));
     }
     let reader = ImageReader::open(path).map_err(|e| Error::io(path, e))?;
-    decode(reader, path)
+    decode(reader, path, MAX_PIXELS)
 }
 
 /// [`load_rgb`] for an image held in memory (an upload, an archive member); `name` is used in errors.
 pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
+    decode_rgb_within(bytes, name, MAX_PIXELS)
+}
+
+/// [`decode_rgb`] for images of at most `max_pixels` (at most [`MAX_PIXELS`]), refused from the header: a
+/// server's bound on what one upload may cost (a 16384 x 16384 PNG of zeros compresses to under 1 MB).
+pub fn decode_rgb_within(bytes: &[u8], name: &Path, max_pixels: u64) -> Result<RgbImage> {
     if bytes.is_empty() {
         return Err(Error::format(name, "empty file, not an image"));
     }
@@ -66,37 +72,38 @@ pub fn decode_rgb(bytes: &[u8], name: &Path) -> Result<RgbImage> {
     if let Some(f) = name.extension().and_then(ImageFormat::from_extension) {
         reader.set_format(f);
     }
-    decode(reader, name)
+    decode(reader, name, max_pixels.min(MAX_PIXELS))
 }
 
-fn decode<R: BufRead + Seek>(reader: ImageReader<R>, path: &Path) -> Result<RgbImage> {
+fn decode<R: BufRead + Seek>(reader: ImageReader<R>, path: &Path, max_pixels: u64) -> Result<RgbImage> {
     let mut reader = reader.with_guessed_format().map_err(|e| Error::io(path, e))?;
     let format = reader.format();
     let mut limits = image::Limits::default();
-    // The decoders' own allocation limit: the largest decoded buffer (16-bit RGBA) of MAX_PIXELS pixels.
-    limits.max_alloc = Some(MAX_PIXELS * 8);
+    // The decoders' own allocation limit: the largest decoded buffer (16-bit RGBA) of max_pixels pixels.
+    limits.max_alloc = Some(max_pixels * 8);
     reader.limits(limits);
-    let decoder = reader.into_decoder().map_err(|e| image_error(path, format, e))?;
+    let decoder = reader.into_decoder().map_err(|e| image_error(path, format, e, max_pixels))?;
     let (w, h) = decoder.dimensions();
     if w == 0 || h == 0 {
         return Err(Error::format(path, format!("image has no pixels ({w} x {h})")));
     }
-    if w as u64 * h as u64 > MAX_PIXELS {
-        return Err(too_large(path, Some((w, h))));
+    if w as u64 * h as u64 > max_pixels {
+        return Err(too_large(path, Some((w, h)), max_pixels));
     }
-    let img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, format, e))?;
+    let img = DynamicImage::from_decoder(decoder).map_err(|e| image_error(path, format, e, max_pixels))?;
     to_rgb8_like_pil(img).ok_or_else(|| Error::format(path, "the decoder returned a pixel buffer of the wrong size"))
 }
 
-fn too_large(path: &Path, dims: Option<(u32, u32)>) -> Error {
+fn too_large(path: &Path, dims: Option<(u32, u32)>, max_pixels: u64) -> Error {
     let size = dims.map(|(w, h)| format!(" ({w} x {h} pixels)")).unwrap_or_default();
+    let side = (max_pixels as f64).sqrt().floor();
     Error::format(
         path,
-        format!("image is too large{size}: csflow reads at most {MAX_PIXELS} pixels (e.g. 16384 x 16384)"),
+        format!("image is too large{size}: at most {max_pixels} pixels are read (e.g. {side} x {side})"),
     )
 }
 
-fn image_error(path: &Path, format: Option<ImageFormat>, e: ImageError) -> Error {
+fn image_error(path: &Path, format: Option<ImageFormat>, e: ImageError, max_pixels: u64) -> Error {
     let name = match format {
         Some(ImageFormat::Png) => "PNG",
         Some(ImageFormat::Jpeg) => "JPEG",
@@ -106,7 +113,7 @@ fn image_error(path: &Path, format: Option<ImageFormat>, e: ImageError) -> Error
         _ => "",
     };
     match e {
-        ImageError::Limits(_) => too_large(path, None),
+        ImageError::Limits(_) => too_large(path, None, max_pixels),
         ImageError::Unsupported(u) if name.is_empty() => {
             Error::format(path, format!("not an image csflow can read ({u}); csflow reads {FORMATS}"))
         }

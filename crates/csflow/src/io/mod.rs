@@ -9,8 +9,8 @@ mod st;
 
 pub use features_file::{load_features, save_features, FeatureSet};
 pub use images::{
-    check_input_size, decode_rgb, load_rgb, preprocess, pyramid, resize_rgb, to_normalized_tensor, IMAGENET_MEAN,
-    IMAGENET_STD, MAX_PIXELS,
+    check_input_size, decode_rgb, decode_rgb_within, load_rgb, preprocess, pyramid, resize_rgb, to_normalized_tensor,
+    IMAGENET_MEAN, IMAGENET_STD, MAX_PIXELS,
 };
 pub use model_file::{
     load_model, save_model, BackboneMeta, ModelFile, ModelMeta, ScoreStats, BACKBONE_PREFIX, FORMAT_VERSION,
