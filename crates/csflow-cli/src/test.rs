@@ -18,13 +18,13 @@ pub struct TestArgs {
     #[arg(long)]
     model: PathBuf,
     /// An MVTec AD category (its test/ and ground_truth/ are used).
-    #[arg(long, required_unless_present = "normal")]
+    #[arg(long, required_unless_present_any = ["normal", "abnormal"])]
     data: Option<PathBuf>,
     /// Or the folder layout: good test images ...
     #[arg(long, conflicts_with = "data", requires = "abnormal")]
     normal: Option<PathBuf>,
     /// ... defective test images ...
-    #[arg(long, conflicts_with = "data")]
+    #[arg(long, conflicts_with = "data", requires = "normal")]
     abnormal: Option<PathBuf>,
     /// ... and optionally their masks (`<name>.png` or `<name>_mask.png`).
     #[arg(long, conflicts_with = "data", requires = "abnormal")]
