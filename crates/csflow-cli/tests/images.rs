@@ -458,6 +458,28 @@ fn serve_answers_as_predict_does() {
     statuses.sort();
     assert_eq!(statuses, [200, 503]);
 
+    // Clients that stall are cut off after --read-timeout: half-sent headers and an idle connection are
+    // closed, a half-sent body gets 408; a body declared over --max-body-bytes gets 413 before it is sent.
+    let (_server, addr) = serve(&["--model", s(&model), "--read-timeout", "1", "--max-body-bytes", "1000"]);
+    let answer_to = |sent: &[u8]| {
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(std::time::Duration::from_secs(20))).unwrap();
+        stream.write_all(sent).unwrap();
+        let start = std::time::Instant::now();
+        let mut answer = Vec::new();
+        let _ = stream.read_to_end(&mut answer);
+        (String::from_utf8_lossy(&answer).to_string(), start.elapsed())
+    };
+    let (answer, took) = answer_to(b"POST /predict HTTP/1.1\r\nHost: x\r\n");
+    assert!(answer.is_empty() && took.as_secs() < 10, "{answer:?} after {took:?}");
+    let (answer, took) = answer_to(b"");
+    assert!(answer.is_empty() && took.as_secs() < 10, "idle: {answer:?} after {took:?}");
+    let (answer, took) = answer_to(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n0123");
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("--read-timeout"), "{answer:?}");
+    assert!(took.as_secs_f64() >= 0.9 && took.as_secs() < 10, "{took:?}");
+    let (answer, took) = answer_to(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Length: 999999999\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 413") && took.as_secs_f64() < 0.9, "{answer:?} after {took:?}");
+
     // SIGTERM: a client that never finishes its request holds the server at most --shutdown-timeout seconds.
     let (mut server, addr) = serve(&["--model", s(&model), "--shutdown-timeout", "1"]);
     let mut stalled = TcpStream::connect(&addr).unwrap();

@@ -14,15 +14,15 @@
 //!   heatmap overlay and mask as base64 PNG (`heatmap_png`, `mask_png`) when asked for.
 //!
 //! Errors answer `{"error": "..."}`: 400 for an image that cannot be read, has more than `--max-pixels`, or a
-//! bad query, 413 for a body over
+//! bad query, 408 for a body slower than `--read-timeout`, 413 for a body over
 //! `--max-body-bytes`, 415 for a multipart form, 503 when `--max-queue` requests are already held, 500
 //! otherwise. One thread scores: the next request together with up to `--max-batch-size` - 1 others that
 //! wait, in one batch through the flow (its weights read once for all), each image on every core. A full
 //! queue is refused at once so that a client can retry or fall back instead of timing out.
 //!
-//! Not handled here: time limits on reading a request's headers and body, and on idle connections (a client
-//! can hold connections open); on a network not every client of which is trusted, put a reverse proxy in
-//! front.
+//! A client has `--read-timeout` seconds to send a request's headers, then as long for its body (408), and a
+//! connection waiting idle for its next request is closed after as long: stalled clients cannot hold every
+//! connection. A body declared larger than `--max-body-bytes` is refused before it is sent.
 
 mod metrics;
 mod scoring;
@@ -33,10 +33,10 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
-use axum::body::Bytes;
-use axum::extract::rejection::{BytesRejection, QueryRejection};
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{DefaultBodyLimit, Query, State};
-use axum::http::header::CONTENT_TYPE;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -95,6 +95,12 @@ pub struct ServeArgs {
     #[arg(long, env = "CSFLOW_MAX_PIXELS", default_value_t = 1 << 24,
           value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..=csflow::io::MAX_PIXELS))]
     pub max_pixels: u64,
+    /// Seconds a client may take to send a request's headers, and then its body (408), and a connection may
+    /// wait idle for its next request: slower ones are closed, so that stalled clients cannot hold every
+    /// connection.
+    #[arg(long, env = "CSFLOW_READ_TIMEOUT", default_value_t = 30,
+          value_parser = clap::builder::RangedU64ValueParser::<u64>::new().range(1..))]
+    pub read_timeout: u64,
     /// Seconds to let requests in flight finish after Ctrl-C or SIGTERM; then the server stops anyway (a
     /// client that never finishes sending its request would hold it forever). A second signal stops it at
     /// once.
@@ -115,6 +121,7 @@ pub struct AppState {
     mask_threshold: Option<f32>,
     precision: Precision,
     max_body_bytes: usize,
+    read_timeout: std::time::Duration,
     /// Requests admitted, being scored or waiting: `--max-queue` + 1. Each job holds its permit until it has
     /// been answered, also when its client has gone away (the job is still in the queue then).
     admitted: Arc<Semaphore>,
@@ -142,6 +149,7 @@ impl AppState {
             mask_threshold: args.mask_threshold,
             precision: args.precision,
             max_body_bytes: args.max_body_bytes,
+            read_timeout: std::time::Duration::from_secs(args.read_timeout),
             admitted: Arc::new(Semaphore::new(args.max_queue.saturating_add(1).min(Semaphore::MAX_PERMITS))),
             jobs,
             metrics,
@@ -189,30 +197,49 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // The address ends the line, for scripts (and the tests) that read it.
         tracing::info!("{}: {} threads, listening on http://{addr}", args.model.display(), csflow::threads::threads());
         let grace = std::time::Duration::from_secs(args.shutdown_timeout);
-        let (stopping, stopped) = oneshot::channel::<()>();
-        let serve = axum::serve(listener, router(state)).with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            tracing::info!("stopping: finishing the requests in flight (at most {} s)", grace.as_secs());
-            let _ = stopping.send(());
-        });
-        // From the first signal on: the timeout, or a second signal, ends the wait for open connections.
-        let deadline = async move {
-            if stopped.await.is_err() {
-                std::future::pending::<()>().await;
-            }
+        let read_timeout = state.read_timeout;
+        let app = router(state);
+        let connections = hyper_util::server::graceful::GracefulShutdown::new();
+        let mut signal = std::pin::pin!(shutdown_signal());
+        loop {
             tokio::select! {
-                _ = tokio::time::sleep(grace) => "after the shutdown timeout",
-                _ = shutdown_signal() => "on a second signal",
+                accepted = listener.accept() => {
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        // Out of file descriptors, say: the connection is refused, the server goes on.
+                        Err(e) => {
+                            tracing::warn!("accepting a connection: {e}");
+                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    // Headers (of a connection's first request and of each next one, so also an idle
+                    // connection's wait) within the read timeout; the body's limit is the handler's.
+                    let connection = hyper::server::conn::http1::Builder::new()
+                        .timer(hyper_util::rt::TokioTimer::new())
+                        .header_read_timeout(read_timeout)
+                        .serve_connection(
+                            hyper_util::rt::TokioIo::new(stream),
+                            hyper_util::service::TowerToHyperService::new(app.clone()),
+                        );
+                    let connection = connections.watch(connection);
+                    tokio::spawn(async move {
+                        let _ = connection.await;
+                    });
+                }
+                _ = &mut signal => break,
             }
-        };
-        tokio::select! {
-            served = serve => {
-                served.context("serving")?;
-                tracing::info!("stopped");
-            }
-            why = deadline => tracing::warn!("stopped {why}, with connections still open"),
         }
-        Ok(())
+        drop(listener);
+        tracing::info!("stopping: finishing the requests in flight (at most {} s)", grace.as_secs());
+        tokio::select! {
+            _ = connections.shutdown() => tracing::info!("stopped"),
+            _ = tokio::time::sleep(grace) => {
+                tracing::warn!("stopped after the shutdown timeout, with connections still open")
+            }
+            _ = shutdown_signal() => tracing::warn!("stopped on a second signal, with connections still open"),
+        }
+        Ok::<_, anyhow::Error>(())
     });
     // Connections still open are dropped here, not waited for.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
@@ -324,7 +351,7 @@ async fn predict(
     state: State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<PredictQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Prediction>, ApiError> {
     let s = state.0.clone();
     let result = predict_one(state, headers, query, body).await;
@@ -339,11 +366,30 @@ async fn predict(
     result
 }
 
+fn too_large(limit: usize) -> ApiError {
+    ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, format!("the body is larger than --max-body-bytes ({limit} bytes)"))
+}
+
+/// The request's body: at most `limit` bytes (else 413), all of it within `timeout` (else 408).
+async fn read_body(body: Body, limit: usize, timeout: std::time::Duration) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let read = tokio::time::timeout(timeout, http_body_util::Limited::new(body, limit).collect()).await;
+    match read {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the body did not arrive within --read-timeout ({} s)", timeout.as_secs()),
+        )),
+        Ok(Ok(collected)) => Ok(collected.to_bytes()),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large(limit)),
+        Ok(Err(e)) => Err(ApiError::new(StatusCode::BAD_REQUEST, format!("reading the body: {e}"))),
+    }
+}
+
 async fn predict_one(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     query: Result<Query<PredictQuery>, QueryRejection>,
-    body: Result<Bytes, BytesRejection>,
+    body: Body,
 ) -> Result<Json<Prediction>, ApiError> {
     let Query(q) = query.map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e.body_text()))?;
     let form = headers
@@ -354,12 +400,12 @@ async fn predict_one(
         let msg = "send the image file's bytes as the body (curl --data-binary @part.png), not a multipart form";
         return Err(ApiError::new(StatusCode::UNSUPPORTED_MEDIA_TYPE, msg));
     }
-    let body = body.map_err(|e| match e.status() {
-        StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::new(e.status(), format!("the body is larger than --max-body-bytes ({} bytes)", s.max_body_bytes))
-        }
-        status => ApiError::new(status, e.body_text()),
-    })?;
+    let declared = headers.get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let body = match declared {
+        // Refused before any of it is read.
+        Some(n) if n > s.max_body_bytes as u64 => Err(too_large(s.max_body_bytes)),
+        _ => read_body(body, s.max_body_bytes, s.read_timeout).await,
+    }?;
     if body.is_empty() {
         return Err(ApiError::new(StatusCode::BAD_REQUEST, "empty body: send the image file's bytes"));
     }
