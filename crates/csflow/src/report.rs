@@ -661,12 +661,18 @@ impl Axis {
     }
 
     fn ticks(&self) -> Vec<f64> {
+        // An infinite end would make the loops below endless (a threshold near f64::MAX, padded).
+        if !(self.lo.is_finite() && self.hi.is_finite()) {
+            return Vec::new();
+        }
         if self.log {
-            let (a, b) = (self.lo.log10().floor() as i32, self.hi.log10().ceil() as i32);
+            // Decades of finite f64 only (a subnormal end's log10 is near -324).
+            let decade = |v: f64| v.log10().clamp(-330.0, 310.0);
+            let (a, b) = (decade(self.lo).floor() as i32, decade(self.hi).ceil() as i32);
             let with = |mults: &[f64]| -> Vec<f64> {
                 (a..=b)
                     .flat_map(|k| mults.iter().map(move |m| m * 10f64.powi(k)))
-                    .filter(|&v| v >= self.lo * (1.0 - 1e-9) && v <= self.hi * (1.0 + 1e-9))
+                    .filter(|&v| v.is_finite() && v >= self.lo * (1.0 - 1e-9) && v <= self.hi * (1.0 + 1e-9))
                     .collect()
             };
             let t = with(&[1.0, 2.0, 5.0]);
@@ -943,14 +949,16 @@ fn histograms(h: &mut String, ctx: &Context) {
         hi = hi.max(t);
     }
     let log = lo > 0.0 && hi / lo >= 10.0;
+    // Padded, but kept finite: scores or a threshold near f64::MAX would overflow.
     if log {
-        let pad = (hi / lo).powf(0.03);
+        // In logs: hi / lo itself can overflow.
+        let pad = (0.03 * (hi.ln() - lo.ln())).exp();
         lo /= pad;
-        hi *= pad;
+        hi = (hi * pad).min(f64::MAX);
     } else {
         let pad = if hi > lo { 0.03 * (hi - lo) } else { 0.5 * lo.abs().max(1.0) };
-        lo -= pad;
-        hi += pad;
+        lo = (lo - pad).max(f64::MIN);
+        hi = (hi + pad).min(f64::MAX);
     }
     let _ = writeln!(
         h,
@@ -1322,6 +1330,23 @@ mod tests {
         assert!(html.contains("no picture"));
         assert!(html.contains("2 files could not be read"));
         assert!(html.contains("linear-gradient"), "heatmap colour bar");
+    }
+
+    /// A threshold near f64::MAX (a model's, or given) padded the log axis to infinity and its ticks ran
+    /// without end.
+    #[test]
+    fn extreme_thresholds_draw_finite_axes() {
+        for t in [1e300, f64::MAX, 1e-300] {
+            let mut input = full_input();
+            input.threshold = Some(t);
+            let html = render_html(&input);
+            balanced(&html);
+            for bad in ["inf", "NaN"] {
+                if let Some(i) = html.find(bad) {
+                    panic!("threshold {t}: {}", &html[i.saturating_sub(200)..(i + 100).min(html.len())]);
+                }
+            }
+        }
     }
 
     #[test]
