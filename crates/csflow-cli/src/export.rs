@@ -17,6 +17,7 @@ pub struct ExportArgs {
 
 /// Writes the model (backbone, flow, scores) as one ONNX graph.
 pub fn run(a: ExportArgs) -> Result<()> {
+    crate::outputs::check_not_an_input(&a.output, &[("--model", Some(&a.model))])?;
     let model = load_model(&a.model)?;
     let bytes = export_onnx(&model).map_err(|e| e.at(&a.model))?;
     atomic_write(&a.output, &bytes)?;

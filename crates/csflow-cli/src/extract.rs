@@ -111,6 +111,7 @@ pub struct ImportArgs {
 
 /// Converts a backbone checkpoint to safetensors (names kept, f32).
 pub fn import(a: ImportArgs) -> Result<()> {
+    crate::outputs::check_not_an_input(&a.output, &[("--weights", Some(&a.weights))])?;
     let tensors = load_backbone_weights(&a.weights)?;
     write_safetensors(&a.output, &tensors, Default::default())?;
     eprintln!("wrote {} ({} tensors)", a.output.display(), tensors.len());

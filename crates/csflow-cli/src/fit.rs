@@ -94,6 +94,12 @@ fn prepare_output(output: &Path) -> Result<()> {
     if output.is_dir() {
         bail!("{}: is a folder; name the model file to write", output.display());
     }
+    // An earlier model is replaced (a run again); anything else there is kept.
+    if output.is_file() {
+        if let Err(e) = load_model(output) {
+            bail!("{}: exists and is not a csflow model ({e}); delete it or choose another -o", output.display());
+        }
+    }
     if let Some(dir) = output.parent().filter(|d| !d.as_os_str().is_empty()) {
         if dir.exists() && !dir.is_dir() {
             bail!("{}: not a folder", dir.display());
@@ -156,6 +162,16 @@ pub fn run(a: FitArgs) -> Result<()> {
         shape.kernel_sizes = a.kernel_sizes.clone();
         shape.validate().context("--hidden and --kernel-sizes")?;
     }
+    let cache = a.cache.clone().unwrap_or_else(|| beside(&a.output, "features.safetensors"));
+    crate::outputs::check_not_an_input(
+        &a.output,
+        &[
+            ("--weights", a.data.as_ref().map(|_| a.backbone.weights.as_path())),
+            ("--features", a.features.as_deref()),
+            ("--init", a.init.as_deref()),
+            ("the features cache (--cache)", a.data.as_ref().map(|_| cache.as_path())),
+        ],
+    )?;
     prepare_output(&a.output)?;
     let checkpoint = beside(&a.output, "checkpoint.safetensors");
     let resumed = if a.resume {
@@ -175,6 +191,10 @@ pub fn run(a: FitArgs) -> Result<()> {
         None
     };
     let previous = resumed.as_ref().and_then(|m| m.meta.training.clone());
+    if let Some(t) = &previous {
+        // A checkpoint's metadata is read back as the run's settings: checked as the flags are.
+        t.validate().with_context(|| format!("{}: the checkpoint's settings", checkpoint.display()))?;
+    }
     let (seed, fraction) =
         previous.as_ref().map_or((a.seed, a.validation_fraction), |t| (t.seed, t.validation_fraction));
 
@@ -198,7 +218,6 @@ pub fn run(a: FitArgs) -> Result<()> {
             }
             let images: Vec<_> = ds.train.iter().map(|s| (s.path.clone(), Some(0))).collect();
             eprintln!("{}: {} good training images", dir.display(), images.len());
-            let cache = a.cache.clone().unwrap_or_else(|| beside(&a.output, "features.safetensors"));
             let (set, failed) = extract_cached(&bb, &images, &cache)?;
             (set, Some(bb), failed)
         }

@@ -4,6 +4,7 @@ mod demo;
 mod export;
 mod extract;
 mod fit;
+mod outputs;
 mod predict;
 mod synth;
 mod test;

@@ -259,7 +259,43 @@ fn fit_checks_its_settings_first() {
     let err = String::from_utf8_lossy(&run.stderr);
     assert!(err.contains("is a folder") && !err.contains("epoch"), "{err}");
     let nested = dir.path().join("new/folder/m.safetensors");
-    let run = fit(&["--hidden", "8", "--validation-fraction", "0"], &nested);
+    let run = fit(&["--hidden", "8", "--validation-fraction", "0", "--keep-checkpoint"], &nested);
     assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
     assert!(csflow::io::load_model(&nested).is_ok());
+
+    // An output that is one of the inputs, or a file that is no model, is refused before any work, and kept.
+    let before = std::fs::read(&feats).unwrap();
+    let run = fit(&["--hidden", "8"], &feats);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("is also --features") && !err.contains("epoch"), "{err}");
+    let photo = dir.path().join("photo.png");
+    std::fs::write(&photo, b"a picture").unwrap();
+    let run = fit(&["--hidden", "8"], &photo);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert!(err.contains("photo.png: exists and is not a csflow model") && !err.contains("epoch"), "{err}");
+    let model = f.join("training_init.safetensors");
+    let onnx_over_model = csflow(&["export", "--model", s(&model), "-o", s(&model)]);
+    let err = String::from_utf8_lossy(&onnx_over_model.stderr);
+    assert!(err.contains("is also --model"), "{err}");
+    let pth = dir.path().join("weights.pth");
+    std::fs::write(&pth, b"not read").unwrap();
+    let import = csflow(&["import", "--weights", s(&pth), "-o", s(&pth)]);
+    assert!(String::from_utf8_lossy(&import.stderr).contains("is also --weights"));
+    assert_eq!(std::fs::read(&pth).unwrap(), b"not read");
+    assert_eq!(std::fs::read(&photo).unwrap(), b"a picture");
+    assert_eq!(std::fs::read(&feats).unwrap(), before);
+
+    // A checkpoint's settings are read back as the run's: checked as the flags are (batch size 0 divided by
+    // zero, a panic).
+    let checkpoint = dir.path().join("new/folder/m.checkpoint.safetensors");
+    let (tensors, mut meta) = csflow::io::read_safetensors(&checkpoint).unwrap();
+    let json = meta.get_mut("csflow").expect("model metadata");
+    assert!(json.contains("\"batch_size\":"), "{json}");
+    let edited = json.replacen("\"batch_size\":", "\"batch_size\":0,\"was\":", 1);
+    *json = edited;
+    csflow::io::write_safetensors(&checkpoint, &tensors, meta).unwrap();
+    let run = fit(&["--resume"], &nested);
+    let err = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(1), "{err}");
+    assert!(err.contains("m.checkpoint.safetensors") && err.contains("batch size 0"), "{err}");
 }

@@ -25,7 +25,10 @@ pub fn load_backbone_weights(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         .keys()
         .find_map(|k| k.strip_suffix("_conv_stem.weight").map(str::to_string))
         .ok_or_else(|| Error::format(path, "no EfficientNet weights in this file (no `_conv_stem.weight` tensor)"))?;
-    Ok(tensors.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_string(), v))).collect())
+    let weights: BTreeMap<String, Tensor> =
+        tensors.into_iter().filter_map(|(k, v)| k.strip_prefix(&prefix).map(|s| (s.to_string(), v))).collect();
+    crate::io::check_finite(path, &weights)?;
+    Ok(weights)
 }
 
 /// A frozen backbone tapped at one block, applied to every scale of an image pyramid.
@@ -48,6 +51,13 @@ impl FeatureExtractor {
         size: [usize; 2],
     ) -> Result<Self> {
         let config = EfficientNetConfig::from_name(backbone)?;
+        // Lite and B networks share their convolutions' shapes at the same width; only B has
+        // squeeze-excitation, so B weights would otherwise load as Lite with those tensors ignored.
+        if let (true, Some(se)) = (config.lite, weights.keys().find(|k| k.contains("._se_reduce."))) {
+            return Err(Error::Invalid(format!(
+                "the weights hold squeeze-excitation tensors (`{se}`): EfficientNet-B weights, not {backbone}'s"
+            )));
+        }
         check_size(size)?;
         let block = block.unwrap_or(config.feature_block);
         let net = EfficientNet::load(config, weights, Some(block))?;

@@ -55,7 +55,7 @@ pub struct Verdict {
     /// [`normalized_score`]: on [0, 1], 0.5 at the threshold; None without a threshold or good-score
     /// statistics.
     pub normalized_score: Option<f64>,
-    /// `good` or `defect` (score at or above the threshold); None without a threshold.
+    /// `good` or `defect` (score at or above the threshold); None without a threshold or for a NaN score.
     pub label: Option<&'static str>,
     pub threshold: Option<f64>,
 }
@@ -63,10 +63,12 @@ pub struct Verdict {
 impl Verdict {
     /// The verdict on `score` at `threshold`, normalised with the best good image's score `good_min`.
     pub fn new(score: f64, threshold: Option<f64>, good_min: Option<f64>) -> Self {
+        // A score that is not a number gets no verdict (`NaN >= t` is false: it would read "good").
+        let judged = threshold.filter(|_| !score.is_nan());
         Verdict {
             score,
-            normalized_score: threshold.zip(good_min).map(|(t, m)| normalized_score(score, t, m)),
-            label: threshold.map(|t| if score >= t { "defect" } else { "good" }),
+            normalized_score: judged.zip(good_min).map(|(t, m)| normalized_score(score, t, m)),
+            label: judged.map(|t| if score >= t { "defect" } else { "good" }),
             threshold,
         }
     }
@@ -74,6 +76,15 @@ impl Verdict {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_nan_score_gets_no_verdict() {
+        let v = super::Verdict::new(f64::NAN, Some(1.0), Some(0.0));
+        assert_eq!((v.label, v.normalized_score), (None, None));
+        let v = super::Verdict::new(2.0, Some(1.0), Some(0.0));
+        assert_eq!((v.label, v.normalized_score), (Some("defect"), Some(1.0)));
+        assert_eq!(super::Verdict::new(0.5, Some(1.0), Some(0.0)).label, Some("good"));
+    }
+
     #[test]
     fn thresholds_from_people_are_finite_numbers() {
         assert_eq!(super::parse_finite::<f64>("0.25"), Ok(0.25));

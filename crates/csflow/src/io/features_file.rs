@@ -67,6 +67,7 @@ pub fn load_features(path: &Path) -> Result<FeatureSet> {
             .ok_or_else(|| bad(format!("no tensor `scale_{i}` (a features file has scale_0, scale_1, scale_2)")))
     };
     let scales = [take(0)?, take(1)?, take(2)?];
+    super::check_finite(path, scales.iter().enumerate().map(|(i, t)| (format!("scale_{i}"), t)))?;
     let dims: Vec<Vec<usize>> = scales.iter().map(|t| t.dims().to_vec()).collect();
     for (i, d) in dims.iter().enumerate() {
         if d.len() != 4 {

@@ -23,6 +23,21 @@ use std::path::Path;
 
 use crate::{Error, Result};
 
+/// Refuses weights or features of `path` that hold NaN or infinity, naming the first such tensor: they give
+/// wrong scores rather than errors (the backbone's ReLU6 turns NaN into 0).
+pub(crate) fn check_finite<'a, N: std::fmt::Display>(
+    path: &Path,
+    tensors: impl IntoIterator<Item = (N, &'a candle_core::Tensor)>,
+) -> Result<()> {
+    for (name, t) in tensors {
+        let v: Vec<f32> = t.flatten_all()?.to_dtype(candle_core::DType::F32)?.to_vec1()?;
+        if !v.iter().all(|x| x.is_finite()) {
+            return Err(Error::format(path, format!("tensor `{name}` holds NaN or infinite values")));
+        }
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {

@@ -23,6 +23,33 @@ impl TrainConfig {
     pub fn paper() -> Self {
         Self { epochs: 240, batch_size: 16, seed: 0, adam: AdamConfig::paper(2e-4), validation_fraction: 0.0 }
     }
+
+    /// Settings a run can train with, also those read back from a checkpoint's metadata.
+    pub fn validate(&self) -> Result<()> {
+        let a = &self.adam;
+        let problem = if self.epochs == 0 || self.batch_size == 0 {
+            Some(format!("epochs {} and batch size {} must be at least 1", self.epochs, self.batch_size))
+        } else if !(a.lr > 0.0 && a.lr.is_finite()) {
+            Some(format!("the learning rate must be a positive number, got {}", a.lr))
+        } else if ![a.beta1, a.beta2].iter().all(|b| (0.0..1.0).contains(b)) {
+            Some(format!("Adam's betas must be in [0, 1), got {} and {}", a.beta1, a.beta2))
+        } else if !(a.eps > 0.0 && a.eps.is_finite() && a.weight_decay >= 0.0 && a.weight_decay.is_finite()) {
+            Some(format!(
+                "Adam's eps must be positive and its weight decay not negative, got {} and {}",
+                a.eps, a.weight_decay
+            ))
+        } else if a.max_grad_norm.is_some_and(|n| !(n > 0.0 && n.is_finite())) {
+            Some(format!("the gradient clip norm must be positive, got {:?}", a.max_grad_norm))
+        } else if !(0.0..1.0).contains(&self.validation_fraction) {
+            Some(format!("the validation fraction must be in [0, 1), got {}", self.validation_fraction))
+        } else {
+            None
+        };
+        match problem {
+            Some(p) => Err(Error::Invalid(format!("training settings: {p}"))),
+            None => Ok(()),
+        }
+    }
 }
 
 /// Progress reported to the caller (the CLI draws bars from it; the library prints nothing).
@@ -44,6 +71,7 @@ pub struct Trainer {
 
 impl Trainer {
     pub fn new(config: FlowConfig, params: &ParamMap, train: &TrainConfig) -> Result<Self> {
+        train.validate()?;
         let mut names = Vec::new();
         let mut vars = Vec::new();
         let mut tracked = ParamMap::new();
