@@ -67,3 +67,28 @@ fn b_weights_are_not_taken_for_lite() {
     let err = FeatureExtractor::new("efficientnet-lite0", &weights, None, [256, 256]).err().unwrap().to_string();
     assert!(err.contains("_se_reduce") && err.contains("efficientnet-lite0"), "{err}");
 }
+
+/// Metadata that would fail far from the file (an upside-down heatmap range failed when drawing, blaming the
+/// image) is refused when the model loads, naming the file.
+#[test]
+fn damaged_metadata_is_refused_by_name() {
+    let model = load_model(&fixtures().join("training_init.safetensors")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edited.safetensors");
+    let mut cases = Vec::new();
+    let mut m = model.meta.clone();
+    m.good_map_range = Some([3.0, 2.0]);
+    cases.push((m, "good_map_range"));
+    let mut m = model.meta.clone();
+    m.good_product_range = Some([1.0, 0.5]);
+    cases.push((m, "good_product_range"));
+    for (meta, what) in cases {
+        csflow::io::save_model(&path, &model.params, &model.other, &meta).unwrap();
+        let err = load_model(&path).err().unwrap().to_string();
+        assert!(err.contains("edited.safetensors") && err.contains(what), "{what}: {err}");
+    }
+    let mut meta = model.meta.clone();
+    meta.good_map_range = Some([2.0, 3.0]);
+    csflow::io::save_model(&path, &model.params, &model.other, &meta).unwrap();
+    assert_eq!(load_model(&path).unwrap().meta.good_map_range, Some([2.0, 3.0]));
+}

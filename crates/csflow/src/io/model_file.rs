@@ -94,6 +94,21 @@ pub struct ModelMeta {
 }
 
 impl ModelMeta {
+    /// What in hand-edited or damaged metadata would fail later, far from the file: a threshold or a map
+    /// range that is not finite or upside down.
+    fn problem(&self) -> Option<String> {
+        if let Some(t) = self.threshold.filter(|t| !t.is_finite()) {
+            return Some(format!("the threshold {t} is not a finite number"));
+        }
+        for (what, range) in [("good_map_range", self.good_map_range), ("good_product_range", self.good_product_range)]
+        {
+            if let Some([lo, hi]) = range.filter(|[lo, hi]| !(lo.is_finite() && hi.is_finite() && lo <= hi)) {
+                return Some(format!("{what} [{lo}, {hi}] is not a finite range from low to high"));
+            }
+        }
+        None
+    }
+
     /// The lowest score of any good image seen at training (training and held-out), the 0 of normalised
     /// scores.
     pub fn good_min(&self) -> Option<f64> {
@@ -169,6 +184,9 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
         Some(json) => {
             let m: ModelMeta = serde_json::from_str(json)
                 .map_err(|e| Error::format(path, format!("metadata `{META_KEY}` is not valid ({e})")))?;
+            if let Some(problem) = m.problem() {
+                return Err(Error::format(path, format!("metadata `{META_KEY}`: {problem}")));
+            }
             if m.format_version > FORMAT_VERSION {
                 return Err(Error::format(
                     path,
