@@ -174,6 +174,9 @@ pub fn run(a: FitArgs) -> Result<()> {
     )?;
     prepare_output(&a.output)?;
     let checkpoint = beside(&a.output, "checkpoint.safetensors");
+    for written in [&a.output, &checkpoint] {
+        csflow::io::remove_stale_temporaries(written);
+    }
     let resumed = if a.resume {
         let m = load_model(&checkpoint)
             .with_context(|| format!("--resume needs the checkpoint {} of an earlier run", checkpoint.display()))?;

@@ -38,6 +38,35 @@ pub(crate) fn check_finite<'a, N: std::fmt::Display>(
     Ok(())
 }
 
+/// Removes what [`atomic_write`]s of `path` by processes no longer running left behind (a run stopped by a
+/// signal mid-write leaves its temporary file: hundreds of MB for a paper-size checkpoint). Best effort; on
+/// systems without `/proc` nothing is removed.
+pub fn remove_stale_temporaries(path: &Path) {
+    let (Some(name), dir) = (path.file_name(), path.parent().filter(|d| !d.as_os_str().is_empty())) else {
+        return;
+    };
+    let dir = dir.unwrap_or(Path::new("."));
+    if !Path::new("/proc/self").exists() {
+        return;
+    }
+    let mut prefix = std::ffi::OsString::from(".");
+    prefix.push(name);
+    prefix.push(".tmp-");
+    let prefix = prefix.as_encoded_bytes().to_vec();
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(rest) = file.as_encoded_bytes().strip_prefix(prefix.as_slice()) else { continue };
+        // `<pid>-<n>`: the writer's process id.
+        let pid = rest.split(|&b| b == b'-').next().and_then(|p| std::str::from_utf8(p).ok()?.parse::<u32>().ok());
+        if let Some(pid) = pid.filter(|&p| p != std::process::id()) {
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+}
+
 /// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = match path.parent() {
@@ -62,4 +91,27 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         return Err(Error::io(path, e));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A dead writer's temporary file of the path goes; a live process's, and other paths', stay.
+    #[test]
+    fn stale_temporaries_of_dead_writers_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.safetensors");
+        // Above Linux's largest process id (2^22): no such process.
+        let dead = dir.path().join(".m.safetensors.tmp-99999999-3");
+        let ours = dir.path().join(format!(".m.safetensors.tmp-{}-999999", std::process::id()));
+        let other = dir.path().join(".n.safetensors.tmp-99999999-0");
+        for p in [&dead, &ours, &other] {
+            std::fs::write(p, b"partial").unwrap();
+        }
+        atomic_write(&model, b"whole").unwrap();
+        remove_stale_temporaries(&model);
+        assert_eq!(dead.exists(), !Path::new("/proc/self").exists());
+        assert!(ours.exists() && other.exists() && model.exists());
+    }
 }
