@@ -684,10 +684,12 @@ impl Axis {
                 t
             }
         } else {
-            let step = nice_step((self.hi - self.lo) / self.n_ticks);
+            // The span in halves: hi - lo itself overflows for ends near ±f64::MAX.
+            let step = nice_step((self.hi * 0.5 - self.lo * 0.5) * 2.0 / self.n_ticks);
             let mut t = Vec::new();
             let mut k = (self.lo / step).ceil();
-            while k * step <= self.hi + step * 1e-9 {
+            // At most a few dozen ticks: past 2^53, k + 1 == k and the loop would not end.
+            while k * step <= self.hi + step * 1e-9 && t.len() < 64 {
                 let v = k * step;
                 t.push(if v.abs() < step * 1e-9 { 0.0 } else { v });
                 k += 1.0;
@@ -1336,7 +1338,7 @@ mod tests {
     /// without end.
     #[test]
     fn extreme_thresholds_draw_finite_axes() {
-        for t in [1e300, f64::MAX, 1e-300] {
+        for t in [1e300, f64::MAX, 1e-300, -1.79e308, f64::MIN] {
             let mut input = full_input();
             input.threshold = Some(t);
             let html = render_html(&input);

@@ -206,7 +206,8 @@ fn mask_for(dir: &Path, image: &Path) -> Option<PathBuf> {
 /// Loads a ground-truth mask as `height x width` booleans (nonzero = defect), resized with nearest
 /// neighbour when its size differs from the image's.
 pub fn load_mask(path: &Path, height: usize, width: usize) -> Result<Vec<u8>> {
-    let img = image::open(path).map_err(|e| Error::format(path, format!("cannot read the mask ({e})")))?.to_luma8();
+    // As 16-bit: a 16-bit mask of 0 and 1 (Pillow reads it so) would lose its 1s in 8 bits.
+    let img = image::open(path).map_err(|e| Error::format(path, format!("cannot read the mask ({e})")))?.to_luma16();
     let (w0, h0) = (img.width() as usize, img.height() as usize);
     if w0 == 0 || h0 == 0 {
         return Err(Error::format(path, "the mask is empty"));
@@ -334,5 +335,19 @@ mod tests {
         let got = load_mask(&p, 4, 4).unwrap();
         let want = [0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0];
         assert_eq!(got, want);
+        // Nonzero is defect in any depth: 16-bit masks of 0 and 1 (in 8 bits the 1s became 0), 8-bit value 1,
+        // and a faint blue in an RGB mask.
+        let mut m16 = image::ImageBuffer::<image::Luma<u16>, Vec<u16>>::new(2, 2);
+        m16.put_pixel(1, 0, image::Luma([1]));
+        m16.save(&p).unwrap();
+        assert_eq!(load_mask(&p, 4, 4).unwrap(), want);
+        let mut m8 = image::GrayImage::new(2, 2);
+        m8.put_pixel(1, 0, image::Luma([1]));
+        m8.save(&p).unwrap();
+        assert_eq!(load_mask(&p, 4, 4).unwrap(), want);
+        let mut rgb = image::RgbImage::new(2, 2);
+        rgb.put_pixel(1, 0, image::Rgb([0, 0, 1]));
+        rgb.save(&p).unwrap();
+        assert_eq!(load_mask(&p, 4, 4).unwrap(), want);
     }
 }
