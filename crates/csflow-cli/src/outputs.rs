@@ -15,3 +15,33 @@ pub fn check_not_an_input(output: &Path, inputs: &[(&str, Option<&Path>)]) -> Re
     }
     Ok(())
 }
+
+/// `path` made absolute through its deepest existing ancestor's canonical form (symbolic links resolved),
+/// for comparing an output that may not exist yet with existing folders.
+fn canonical_lenient(path: &Path) -> Option<std::path::PathBuf> {
+    let abs = std::path::absolute(path).ok()?;
+    let mut existing = abs.as_path();
+    let mut rest = Vec::new();
+    while !existing.exists() {
+        rest.push(existing.file_name()?.to_owned());
+        existing = existing.parent()?;
+    }
+    let mut out = existing.canonicalize().ok()?;
+    out.extend(rest.iter().rev());
+    Some(out)
+}
+
+/// Refuses an output folder inside one of `data`'s `parts` (`test`, `train`, ...): a folder of results
+/// there would be read as data by the next run (an empty `test/results` is taken for a defect type).
+pub fn check_outside_data(out: &Path, data: &Path, parts: &[&str]) -> Result<()> {
+    let (Some(out_c), Ok(data_c)) = (canonical_lenient(out), data.canonicalize()) else { return Ok(()) };
+    if let Some(part) = parts.iter().find(|p| out_c.starts_with(data_c.join(p))) {
+        bail!(
+            "{}: is inside the data set's {part}/ folder, where the next run would read it as data; choose a \
+             folder outside {}",
+            out.display(),
+            data.display()
+        );
+    }
+    Ok(())
+}

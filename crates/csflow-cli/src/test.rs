@@ -45,6 +45,10 @@ pub struct TestArgs {
 }
 
 pub fn run(a: TestArgs) -> Result<()> {
+    for data in [&a.data, &a.normal, &a.abnormal, &a.mask_dir].into_iter().flatten() {
+        let parts: &[&str] = if a.data.is_some() { &["train", "test", "ground_truth"] } else { &[""] };
+        crate::outputs::check_outside_data(&a.out, data, parts)?;
+    }
     let (ds, shown) = match (&a.data, &a.normal) {
         (Some(d), _) => (Dataset::open(d)?, d.clone()),
         (None, Some(n)) => {

@@ -125,6 +125,11 @@ fn fit_resume_test_and_predict_on_images() {
     // --store-threshold writes the F1-optimal threshold of the test into (a copy of) the model.
     let stored = dir.path().join("stored.safetensors");
     std::fs::copy(&full, &stored).unwrap();
+    // Results inside the data set's test/ folder would be read as a defect type by the next run: refused.
+    let inside = root.join("test/results");
+    let o = csflow(&["test", "--model", s(&full), "--data", s(&root), "--out", s(&inside)]);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    assert!(stderr(&o).contains("inside the data set's test/ folder") && !inside.exists(), "{}", stderr(&o));
     let o = csflow(&["test", "--model", s(&stored), "--data", s(&root), "--out", s(&out), "--store-threshold"]);
     assert!(stderr(&o).contains("stored threshold"), "{}", stderr(&o));
     let meta = csflow::io::load_model(&stored).unwrap().meta;

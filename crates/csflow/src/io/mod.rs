@@ -67,8 +67,22 @@ pub fn remove_stale_temporaries(path: &Path) {
     }
 }
 
-/// Writes `bytes` to `path` through a temporary file in the same folder and a rename.
+/// Writes `bytes` to `path` through a temporary file in the same folder and a rename. A file replaced keeps
+/// its permissions, a symbolic link keeps pointing where it did (its target is rewritten), and a read-only
+/// file is refused, not replaced.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let resolved;
+    let path = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            resolved = std::fs::canonicalize(path).map_err(|e| Error::io(path, e))?;
+            resolved.as_path()
+        }
+        _ => path,
+    };
+    let replaced = std::fs::metadata(path).ok().filter(|m| m.is_file());
+    if replaced.as_ref().is_some_and(|m| m.permissions().readonly()) {
+        return Err(Error::format(path, "the file is read-only; not replaced"));
+    }
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
@@ -83,6 +97,9 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     let result = (|| -> std::io::Result<()> {
         let mut f = std::fs::File::create(&tmp)?;
         f.write_all(bytes)?;
+        if let Some(m) = &replaced {
+            f.set_permissions(m.permissions())?;
+        }
         f.sync_all()?;
         std::fs::rename(&tmp, path)
     })();
@@ -96,6 +113,30 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A replaced file keeps its permissions; a link's target is rewritten, the link kept; a read-only file
+    /// is refused and kept.
+    #[cfg(unix)]
+    #[test]
+    fn replacing_keeps_permissions_links_and_read_only_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let model = dir.path().join("m.safetensors");
+        std::fs::write(&model, b"old").unwrap();
+        std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o640)).unwrap();
+        atomic_write(&model, b"new").unwrap();
+        assert_eq!(std::fs::read(&model).unwrap(), b"new");
+        assert_eq!(std::fs::metadata(&model).unwrap().permissions().mode() & 0o777, 0o640);
+        let link = dir.path().join("link.safetensors");
+        std::os::unix::fs::symlink(&model, &link).unwrap();
+        atomic_write(&link, b"through the link").unwrap();
+        assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+        assert_eq!(std::fs::read(&model).unwrap(), b"through the link");
+        std::fs::set_permissions(&model, std::fs::Permissions::from_mode(0o444)).unwrap();
+        let err = atomic_write(&model, b"refused").unwrap_err().to_string();
+        assert!(err.contains("read-only") && err.contains("m.safetensors"), "{err}");
+        assert_eq!(std::fs::read(&model).unwrap(), b"through the link");
+    }
 
     /// A dead writer's temporary file of the path goes; a live process's, and other paths', stay.
     #[test]
