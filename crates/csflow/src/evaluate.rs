@@ -72,17 +72,17 @@ impl Metrics {
         };
         let mut note = |what: &str, e: crate::Error| notes.push(format!("{group}: no {what}: {e}"));
         match auroc(&scores, &labels) {
-            Ok(v) => m.image_auroc = Some(v),
-            Err(e) => {
-                // One reason covers all image metrics (a class is missing).
-                note("image metrics", e);
-                return m;
+            Ok(v) => {
+                m.image_auroc = Some(v);
+                m.image_ap = average_precision(&scores, &labels).ok();
+                if let Ok(f) = f1_max(&scores, &labels) {
+                    m.image_f1_max = Some(f.f1);
+                    m.threshold = Some(f.threshold);
+                }
             }
-        }
-        m.image_ap = average_precision(&scores, &labels).ok();
-        if let Ok(f) = f1_max(&scores, &labels) {
-            m.image_f1_max = Some(f.f1);
-            m.threshold = Some(f.threshold);
+            // One reason covers all image metrics (a class is missing); the pixel metrics may still be
+            // defined: defective images' masks have good pixels too.
+            Err(e) => note("image metrics", e),
         }
         let masked: Option<Vec<&[u8]>> = images.iter().map(|t| t.mask.as_deref()).collect();
         let Some(masks) = masked else {
@@ -229,4 +229,29 @@ pub fn report_input(det: &Detector, images: &[TestImage], report: &TestReport, t
         false_negatives,
         notes,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn image(kind: &str, score: f32, map: &[f32], mask: &[u8]) -> TestImage {
+        let sample = Sample { path: format!("{kind}.png").into(), kind: kind.into(), mask: None };
+        TestImage { sample, score, map: map.to_vec(), mask: Some(mask.to_vec()) }
+    }
+
+    /// Without good images the image metrics are undefined, but the masks still hold good pixels: the
+    /// pixel AUROC is computed (it was dropped with the image metrics). Hand-worked: defect pixels 0.9,
+    /// 0.6 and 0.8 against good pixels 0.1, 0.7, 0.2, 0.3, 0.5: 3 * 5 = 15 pairs, the defect pixel
+    /// ranks above in 14 (0.6 < 0.7 only): 14 / 15.
+    #[test]
+    fn pixel_metrics_without_good_images() {
+        let a = image("crack", 2.0, &[0.9, 0.1, 0.6, 0.7], &[1, 0, 1, 0]);
+        let b = image("crack", 3.0, &[0.2, 0.8, 0.3, 0.5], &[0, 1, 0, 0]);
+        let mut notes = Vec::new();
+        let m = Metrics::of(&[&a, &b], 2, "all", &mut notes);
+        assert_eq!((m.n_good, m.n_defect, m.image_auroc, m.image_ap), (0, 2, None, None));
+        assert!((m.pixel_auroc.unwrap() - 14.0 / 15.0).abs() < 1e-12, "{:?}", m.pixel_auroc);
+        assert!(notes.iter().any(|n| n.contains("no image metrics")), "{notes:?}");
+    }
 }
