@@ -94,7 +94,10 @@ fn prepare_output(output: &Path) -> Result<()> {
     if output.is_dir() {
         bail!("{}: is a folder; name the model file to write", output.display());
     }
-    // An earlier model is replaced (a run again); anything else there is kept.
+    // An earlier model is replaced (a run again) unless read-only; anything else there is kept.
+    if std::fs::metadata(output).is_ok_and(|m| m.permissions().readonly()) {
+        bail!("{}: the file is read-only; not replaced", output.display());
+    }
     if output.is_file() {
         if let Err(e) = load_model(output) {
             bail!("{}: exists and is not a csflow model ({e}); delete it or choose another -o", output.display());
