@@ -87,7 +87,6 @@ pub struct FitArgs {
     output: PathBuf,
 }
 
-/// `<model>.<suffix>` beside the model (`model.safetensors` -> `model.checkpoint.safetensors`).
 /// Makes the model's folder, and refuses an output that is a folder, before any work (else the model, and a
 /// checkpoint next to it, would fail to write after training).
 fn prepare_output(output: &Path) -> Result<()> {
@@ -112,6 +111,7 @@ fn prepare_output(output: &Path) -> Result<()> {
     Ok(())
 }
 
+/// `<model>.<suffix>` beside the model (`model.safetensors` -> `model.checkpoint.safetensors`).
 pub fn beside(model: &Path, suffix: &str) -> PathBuf {
     let stem = model.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     model.with_file_name(format!("{stem}.{suffix}"))
