@@ -87,8 +87,9 @@ pub struct FitArgs {
     output: PathBuf,
 }
 
-/// Makes the model's folder, and refuses an output that is a folder, before any work (else the model, and a
-/// checkpoint next to it, would fail to write after training).
+/// Refuses an output that is a folder, read-only, or a file that is no csflow model, and makes the model's
+/// folder, before any work (else writing the model, and a checkpoint next to it, would fail after training,
+/// or replace a file that is not ours).
 fn prepare_output(output: &Path) -> Result<()> {
     if output.is_dir() {
         bail!("{}: is a folder; name the model file to write", output.display());
