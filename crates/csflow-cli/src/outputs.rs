@@ -31,14 +31,16 @@ fn canonical_lenient(path: &Path) -> Option<std::path::PathBuf> {
     Some(out)
 }
 
-/// Refuses an output folder inside one of `data`'s `parts` (`test`, `train`, ...): a folder of results
-/// there would be read as data by the next run (an empty `test/results` is taken for a defect type).
+/// Refuses an output folder inside one of `data`'s `parts` (`test`, `train`, ...; `""` for `data` itself): a
+/// folder of results there would be read as data by the next run (an empty `test/results` is taken for a
+/// defect type).
 pub fn check_outside_data(out: &Path, data: &Path, parts: &[&str]) -> Result<()> {
     let (Some(out_c), Ok(data_c)) = (canonical_lenient(out), data.canonicalize()) else { return Ok(()) };
     if let Some(part) = parts.iter().find(|p| out_c.starts_with(data_c.join(p))) {
+        let inside =
+            if part.is_empty() { "the input folder".to_string() } else { format!("the data set's {part}/ folder") };
         bail!(
-            "{}: is inside the data set's {part}/ folder, where the next run would read it as data; choose a \
-             folder outside {}",
+            "{}: is inside {inside}, where the next run would read it as data; choose a folder outside {}",
             out.display(),
             data.display()
         );
