@@ -18,7 +18,7 @@ pub fn check_not_an_input(output: &Path, inputs: &[(&str, Option<&Path>)]) -> Re
 
 /// `path` made absolute through its deepest existing ancestor's canonical form (symbolic links resolved),
 /// for comparing an output that may not exist yet with existing folders.
-fn canonical_lenient(path: &Path) -> Option<std::path::PathBuf> {
+pub fn canonical_lenient(path: &Path) -> Option<std::path::PathBuf> {
     let abs = std::path::absolute(path).ok()?;
     let mut existing = abs.as_path();
     let mut rest = Vec::new();

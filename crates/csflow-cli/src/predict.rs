@@ -14,6 +14,7 @@ use csflow::Precision;
 use rayon::prelude::*;
 
 use crate::extract::progress_bar;
+use crate::outputs::canonical_lenient;
 
 #[derive(Args)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["inputs", "features"])))]
@@ -199,11 +200,14 @@ struct Outputs {
 /// Each file's heatmap `<name>.png` and mask `<name>_mask.png`, unique across both kinds (in one folder the
 /// mask of `a.png` and the heatmap of `a_mask.png` would be one file): a taken path gets `_1`, `_2`, ...
 fn plan_outputs(files: &[(PathBuf, PathBuf)], heatmaps: Option<&Path>, masks: Option<&Path>) -> Vec<Outputs> {
+    // Taken paths as canonical folders: `out` and `./out` are one folder.
+    let folder = |d: Option<&Path>| d.map(|d| (d.to_path_buf(), canonical_lenient(d).unwrap_or_else(|| d.into())));
+    let (heatmaps, masks) = (folder(heatmaps), folder(masks));
     let mut taken = std::collections::HashSet::new();
-    let mut place = |dir: Option<&Path>, rel: &Path, tail: &str| {
-        dir.map(|d| {
+    let mut place = |dir: &Option<(PathBuf, PathBuf)>, rel: &Path, tail: &str| {
+        dir.as_ref().map(|(d, key)| {
             let mut k = 0;
-            while !taken.insert(d.join(suffixed(rel, k, tail))) {
+            while !taken.insert(key.join(suffixed(rel, k, tail))) {
                 k += 1;
             }
             d.join(suffixed(rel, k, tail))
@@ -211,7 +215,7 @@ fn plan_outputs(files: &[(PathBuf, PathBuf)], heatmaps: Option<&Path>, masks: Op
     };
     files
         .iter()
-        .map(|(_, rel)| Outputs { heatmap: place(heatmaps, rel, ".png"), mask: place(masks, rel, "_mask.png") })
+        .map(|(_, rel)| Outputs { heatmap: place(&heatmaps, rel, ".png"), mask: place(&masks, rel, "_mask.png") })
         .collect()
 }
 

@@ -211,15 +211,20 @@ fn fit_resume_test_and_predict_on_images() {
     std::fs::copy(root.join("test/spot/000.png"), pair.join("a.png")).unwrap();
     std::fs::copy(root.join("test/good/000.png"), pair.join("a_mask.png")).unwrap();
     let both = dir.path().join("both");
-    let o = csflow(&["predict", "--model", s(&full), s(&pair), "--heatmaps", s(&both), "--masks", s(&both)]);
+    // The same folder reached two ways (through a symbolic link).
+    std::fs::create_dir(&both).unwrap();
+    let both_again = dir.path().join("both_link");
+    std::os::unix::fs::symlink(&both, &both_again).unwrap();
+    let o = csflow(&["predict", "--model", s(&full), s(&pair), "--heatmaps", s(&both), "--masks", s(&both_again)]);
     assert!(o.status.success(), "{}", stderr(&o));
     let written: Vec<String> = json_lines(&o)
         .iter()
         .flat_map(|l| [l["heatmap"].as_str().unwrap().to_string(), l["mask"].as_str().unwrap().to_string()])
         .collect();
-    let distinct: std::collections::HashSet<&String> = written.iter().collect();
-    assert_eq!((written.len(), distinct.len()), (4, 4), "{written:?}");
     assert!(written.iter().all(|p| Path::new(p).exists()), "{written:?}");
+    let distinct: std::collections::HashSet<PathBuf> =
+        written.iter().map(|p| Path::new(p).canonicalize().unwrap()).collect();
+    assert_eq!((written.len(), distinct.len()), (4, 4), "four files: {written:?}");
     // A heatmap folder that is a file, and a threshold that is not a finite number: refused with their names.
     let plain = dir.path().join("plain.txt");
     std::fs::write(&plain, b"a file").unwrap();
