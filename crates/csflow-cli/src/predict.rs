@@ -191,7 +191,6 @@ fn suffixed(base: &Path, k: usize, tail: &str) -> PathBuf {
 }
 
 /// Where one image's pictures go.
-#[derive(Default)]
 struct Outputs {
     heatmap: Option<PathBuf>,
     mask: Option<PathBuf>,

@@ -35,7 +35,7 @@ use std::time::Instant;
 use anyhow::Context;
 use axum::body::{Body, Bytes};
 use axum::extract::rejection::QueryRejection;
-use axum::extract::{DefaultBodyLimit, Query, State};
+use axum::extract::{Query, State};
 use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
@@ -165,9 +165,8 @@ const ROUTES: &str =
 /// person at the line, with nothing to install).
 const PAGE: &str = include_str!("index.html");
 
-/// The routes, with request bodies limited to the state's `max_body_bytes`.
+/// The routes (`POST /predict` reads its body within the state's `max_body_bytes` and `read_timeout`).
 pub fn router(state: Arc<AppState>) -> Router {
-    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/", get(|| async { Html(PAGE) }))
         .route("/health", get(health))
@@ -176,7 +175,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/metrics", get(metrics))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, ROUTES) })
         .method_not_allowed_fallback(|| async { ApiError::new(StatusCode::METHOD_NOT_ALLOWED, ROUTES) })
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .with_state(state)
 }
 

@@ -200,18 +200,11 @@ pub fn load_model(path: &Path) -> Result<ModelFile> {
         }
         None => ModelMeta::new(CsFlow::config_from_params(&params).map_err(wrap)?),
     };
-    super::check_finite(path, model_tensors(&params, &other))?;
+    // Every tensor: the flow's and the rest (backbone, optimizer state).
+    super::check_finite(path, params.iter().chain(&other))?;
     let model = ModelFile { meta, params, other };
     model.flow().map_err(wrap)?;
     Ok(model)
-}
-
-/// Every tensor of a model file: the flow's and the rest (backbone, optimizer state).
-fn model_tensors<'a>(
-    params: &'a ParamMap,
-    other: &'a BTreeMap<String, Tensor>,
-) -> impl Iterator<Item = (&'a String, &'a Tensor)> {
-    params.iter().chain(other.iter())
 }
 
 /// Writes a model atomically: the flow tensors under the authors' names, `extra` tensors (the backbone as
